@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA   ?= .mtrank/demo-logs
+DAYS   ?= 8
+ROWS   ?= 50000
+SEED   ?= 7
+
+.PHONY: venv train test bench bench-quick clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, exact pin, from the local CPU wheel: nothing may pull a CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	@if $(PY) -m pip list 2>/dev/null | grep -qi '^nvidia'; then echo "nvidia-* packages were installed: some dependency asked for another torch" >&2; exit 1; fi
+	touch $(STAMP)
+
+train: venv
+	$(VENV)/bin/mtrank generate --out $(DATA) --days $(DAYS) --rows-per-day $(ROWS) --seed $(SEED) --users 200000 --items 100000
+	$(VENV)/bin/mtrank validate --data $(DATA)
+
+test: venv
+	$(PY) -m pytest tests
+
+bench: venv
+	$(PY) -m bench.run_all
+
+bench-quick: venv
+	$(PY) -m bench.run_all --quick
+
+clean:
+	rm -rf .mtrank .pytest_cache

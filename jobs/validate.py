@@ -1,0 +1,55 @@
+"""`mtrank validate`: schema, row rules, accounting and hash collisions for a window of logs."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+import polars as pl
+
+from features.hashing import table_collisions
+from features.spec import FeatureSpec
+from pipeline.dataset import open_window
+from pipeline.reader import ImpressionReader
+
+log = logging.getLogger("mtrank")
+
+
+def validate(data: str | Path, spec: FeatureSpec, start: dt.date | None = None, end: dt.date | None = None,
+             quarantine_dir: str | Path | None = None, collisions: bool = True,
+             progress: bool | None = None) -> dict:
+    """Read every row once with the training reader's rules; raises BadInputError in fail mode."""
+    window = open_window(data, spec, start, end)
+    reader = ImpressionReader(window, spec, quarantine_dir=quarantine_dir, progress=progress)
+    for _ in reader.frames():
+        pass
+    report = {"window": window.describe(), "accounting": reader.accounting.as_dict(),
+              "spec_fingerprint": spec.fingerprint()}
+    if collisions and window.files:
+        lf = pl.scan_parquet(window.files, missing_columns="insert", extra_columns="ignore")
+        report["collisions"] = {k: v.as_dict() for k, v in table_collisions(lf, spec).items()}
+    return report
+
+
+def format_report(report: dict) -> str:
+    acc, win = report["accounting"], report["window"]
+    lines = [f"window {win['start'] or '*'} .. {win['end'] or '*'}: {win['files']} files, "
+             f"{win['row_groups']} row groups",
+             f"rows read {acc['rows_read']:,} = accepted {acc['rows_accepted']:,} + rejected {acc['rows_rejected']:,}"
+             f"  ({'balanced' if acc['balanced'] else 'NOT BALANCED'})"]
+    for reason, n in acc["rejected_by_reason"].items():
+        lines.append(f"  rejected {n:>10,}  {reason}")
+    if win["empty_partitions"]:
+        lines.append(f"empty partitions (allowed): {', '.join(win['empty_partitions'])}")
+    if "collisions" in report:
+        lines.append(f"{'table':<24}{'buckets':>10}{'values':>10}{'ids':>10}{'collide':>9}")
+        for c in report["collisions"].values():
+            lines.append(f"{c['table']:<24}{c['buckets']:>10,}{c['distinct_values']:>10,}"
+                         f"{c['distinct_ids']:>10,}{c['collision_rate']:>8.2%}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2, sort_keys=True))

@@ -1,0 +1,68 @@
+"""The tensors a model step consumes: columnar, one tensor per table, never one per field or row."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from features.featurize import FeatureArrays
+
+
+@dataclass
+class TableInput:
+    """Ids of every field of one table, EmbeddingBag layout (bag = row * k + slot).
+
+    offsets None means each bag holds exactly one id (values reshape to [rows, k]).
+    """
+
+    values: torch.Tensor
+    offsets: torch.Tensor | None
+    weights: torch.Tensor | None
+
+    def slice(self, start: int, stop: int, rows: int) -> "TableInput":
+        if self.offsets is None:
+            k = self.values.numel() // rows
+            return TableInput(self.values[start * k: stop * k], None, None)
+        k = self.offsets.numel() // rows
+        lo = int(self.offsets[start * k])
+        hi = int(self.offsets[stop * k]) if stop < rows else self.values.numel()
+        w = self.weights[lo:hi] if self.weights is not None else None
+        return TableInput(self.values[lo:hi], self.offsets[start * k: stop * k] - lo, w)
+
+
+@dataclass
+class Batch:
+    size: int
+    tables: dict[str, TableInput]
+    dense: torch.Tensor                 # float32 [B, n_dense]
+    labels: dict[str, torch.Tensor]     # task -> float32 [B]
+    masks: dict[str, torch.Tensor]      # task -> bool [B]
+    group: torch.Tensor                 # int64 [B]
+    truth: dict[str, torch.Tensor]      # task -> float32 [B]
+
+    @staticmethod
+    def from_arrays(a: FeatureArrays) -> "Batch":
+        """Zero-copy: the tensors share memory with the (read-only) numpy arrays polars hands out.
+
+        Batches are inputs and never written in place, so torch's non-writable warning is moot.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return Batch._from_arrays(a)
+
+    @staticmethod
+    def _from_arrays(a: FeatureArrays) -> "Batch":
+        t = torch.from_numpy
+        tables = {name: TableInput(t(x.values), None if x.offsets is None else t(x.offsets),
+                                   None if x.weights is None else t(x.weights)) for name, x in a.tables.items()}
+        return Batch(a.rows, tables, t(a.dense), {k: t(v) for k, v in a.labels.items()},
+                     {k: t(v) for k, v in a.masks.items()}, t(a.group), {k: t(v) for k, v in a.truth.items()})
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        stop = min(stop, self.size)
+        s = slice(start, stop)
+        return Batch(stop - start, {k: v.slice(start, stop, self.size) for k, v in self.tables.items()},
+                     self.dense[s], {k: v[s] for k, v in self.labels.items()},
+                     {k: v[s] for k, v in self.masks.items()}, self.group[s],
+                     {k: v[s] for k, v in self.truth.items()})

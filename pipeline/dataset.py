@@ -1,0 +1,134 @@
+"""Finding the Parquet to read: day partitions, their files and row groups, and each rank's share.
+
+Layout: ROOT/dt=YYYY-MM-DD/*.parquet. Only directories that match that pattern exactly and resolve
+inside ROOT are read (a partition name or symlink cannot point the reader elsewhere). The unit of
+work is a row group: small enough to balance ranks, large enough to read efficiently.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.rules import (EMPTY_PARTITION, MISSING_PARTITION, UNREADABLE, BadInputError,
+                            check_schema)
+from features.spec import FeatureSpec
+
+_PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: str
+    index: int
+    rows: int
+    date: dt.date
+
+
+@dataclass
+class DataWindow:
+    """The row groups of a date range, with what was found empty (when that is allowed)."""
+
+    root: str
+    start: dt.date | None
+    end: dt.date | None
+    row_groups: list[RowGroup]
+    files: list[str]
+    empty_partitions: list[str]
+    schema: pa.Schema | None  # of the first file; every file is checked against the spec
+
+    @property
+    def rows(self) -> int:
+        return sum(g.rows for g in self.row_groups)
+
+    def shard(self, rank: int, world_size: int) -> list[RowGroup]:
+        """Row groups of one rank: disjoint across ranks, together exactly the window."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
+        return self.row_groups[rank::world_size]
+
+    def describe(self) -> dict:
+        return {"root": self.root, "start": str(self.start) if self.start else None,
+                "end": str(self.end) if self.end else None, "files": len(self.files),
+                "row_groups": len(self.row_groups), "rows": self.rows,
+                "empty_partitions": self.empty_partitions}
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def list_partitions(root: str | Path) -> dict[dt.date, Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInputError(str(root), None, MISSING_PARTITION, "data directory does not exist")
+    base = root.resolve()
+    out: dict[dt.date, Path] = {}
+    for p in sorted(root.iterdir()):
+        m = _PARTITION.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        if not _inside(p, base):
+            raise BadInputError(str(p), None, UNREADABLE, "partition resolves outside the data root")
+        try:
+            out[dt.date.fromisoformat(m.group(1))] = p
+        except ValueError:
+            raise BadInputError(str(p), None, UNREADABLE, "partition name is not a valid date") from None
+    return out
+
+
+def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = None,
+                end: dt.date | None = None) -> DataWindow:
+    """Every row group of the days in [start, end] (all days when unset); schemas checked."""
+    parts = list_partitions(root)
+    days = sorted(d for d in parts if (start is None or d >= start) and (end is None or d <= end))
+    empty: list[str] = []
+    if start is not None and end is not None:
+        want = [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]
+        for d in want:
+            if d not in parts:
+                if not spec.allow_empty_partitions:
+                    raise BadInputError(f"{root}/dt={d}", None, MISSING_PARTITION,
+                                        "no partition for this day in the requested window "
+                                        "(set allow_empty_partitions: true to train without it)")
+                empty.append(f"dt={d}")
+    if not days and not empty:
+        raise BadInputError(str(root), None, MISSING_PARTITION,
+                            f"no dt=YYYY-MM-DD partitions between {start or '-inf'} and {end or '+inf'}")
+    base = Path(root).resolve()
+    groups: list[RowGroup] = []
+    files: list[str] = []
+    schema: pa.Schema | None = None
+    for d in days:
+        part = parts[d]
+        part_rows = 0
+        for f in sorted(part.glob("*.parquet")):
+            if not _inside(f, base):
+                raise BadInputError(str(f), None, UNREADABLE, "file resolves outside the data root")
+            try:
+                meta = pq.ParquetFile(f).metadata
+                file_schema = meta.schema.to_arrow_schema()
+            except (OSError, pa.ArrowException) as e:
+                raise BadInputError(str(f), None, UNREADABLE, f"not a readable Parquet file ({e})") from None
+            check_schema(file_schema, spec, str(f))
+            schema = schema or file_schema
+            files.append(str(f))
+            for i in range(meta.num_row_groups):
+                n = meta.row_group(i).num_rows
+                part_rows += n
+                if n:
+                    groups.append(RowGroup(str(f), i, n, d))
+        if part_rows == 0:
+            if not spec.allow_empty_partitions:
+                raise BadInputError(str(part), None, EMPTY_PARTITION,
+                                    "partition holds no rows (set allow_empty_partitions: true to allow)")
+            empty.append(part.name)
+    return DataWindow(str(root), start, end, groups, files, sorted(empty), schema)

@@ -1,0 +1,234 @@
+"""Streaming Parquet -> validated rows -> training tensors, with memory bounded by the buffer.
+
+One pass reads this rank's row groups (optionally in a seeded random order), validates every chunk
+with the spec's rules, sets bad rows aside (fail or quarantine), and turns accepted rows into
+Batches through a bounded shuffle buffer. Every pass keeps a RowAccounting that always balances:
+rows read = rows accepted (yielded) + rows rejected.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.featurize import Featurizer
+from features.numeric import NumericStats
+from features.rules import (REASON, UNREADABLE, BadInputError, float_columns, reject_reason_expr,
+                            row_rules)
+from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature
+from pipeline.batch import Batch
+from pipeline.dataset import DataWindow, RowGroup
+from pipeline.progress import Progress
+
+
+@dataclass
+class RowAccounting:
+    rows_read: int = 0
+    rows_accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)  # "column:rule" -> rows
+    row_groups: int = 0
+    quarantine_files: list[str] = field(default_factory=list)
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def balanced(self) -> bool:
+        return self.rows_read == self.rows_accepted + self.rows_rejected
+
+    def merge(self, other: "RowAccounting") -> "RowAccounting":
+        return RowAccounting(self.rows_read + other.rows_read, self.rows_accepted + other.rows_accepted,
+                             self.rejected + other.rejected, self.row_groups + other.row_groups,
+                             self.quarantine_files + other.quarantine_files)
+
+    def as_dict(self) -> dict:
+        return {"rows_read": self.rows_read, "rows_accepted": self.rows_accepted,
+                "rows_rejected": self.rows_rejected, "rejected_by_reason": dict(sorted(self.rejected.items())),
+                "row_groups": self.row_groups, "quarantine_files": len(self.quarantine_files),
+                "balanced": self.balanced}
+
+
+def _read_columns(spec: FeatureSpec, schema: pa.Schema) -> list[str]:
+    cols = list(spec.required_columns) + [c for c in spec.ground_truth.values() if c in schema.names]
+    return list(dict.fromkeys(cols))
+
+
+class RowValidator:
+    """Applies the spec's row rules to chunks of one file; fails or quarantines the bad rows."""
+
+    def __init__(self, spec: FeatureSpec, quarantine_dir: str | Path | None):
+        self.spec = spec
+        self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
+        if spec.on_bad_row == "quarantine" and self.quarantine_dir is None:
+            raise ValueError("on_bad_row: quarantine needs a quarantine directory")
+        self._rules: dict[frozenset, pl.Expr] = {}
+
+    def _reason(self, schema: pa.Schema) -> pl.Expr:
+        floats = float_columns(schema)
+        if floats not in self._rules:
+            self._rules[floats] = reject_reason_expr(row_rules(self.spec, floats))
+        return self._rules[floats]
+
+    def split(self, df: pl.DataFrame, schema: pa.Schema, group: RowGroup, chunk: int,
+              acc: RowAccounting) -> pl.DataFrame:
+        """The accepted rows of a chunk; bad rows are counted and raised or quarantined."""
+        acc.rows_read += df.height
+        reason = df.select(self._reason(schema)).to_series()
+        bad = reason.is_not_null()
+        n_bad = int(bad.sum())
+        if n_bad == 0:
+            acc.rows_accepted += df.height
+            return df
+        if self.spec.on_bad_row == "fail":
+            self._fail(group.file, schema)
+        rejected = df.filter(bad).with_columns(reason.filter(bad), pl.lit(group.file).alias("_source_file"))
+        counts = rejected.get_column(REASON).value_counts()
+        for r, c in counts.iter_rows():
+            acc.rejected[r] += c
+        acc.quarantine_files.append(self._quarantine(rejected, group, chunk))
+        good = df.filter(~bad)
+        acc.rows_accepted += good.height
+        return good
+
+    def _fail(self, file: str, schema: pa.Schema) -> None:
+        """Count every bad row of the whole file, then raise naming the most common problem."""
+        cols = _read_columns(self.spec, schema)
+        reasons = (pl.from_arrow(pq.read_table(file, columns=cols)).select(self._reason(schema))
+                   .to_series().drop_nulls().value_counts(sort=True))
+        (top, n), others = reasons.row(0), reasons.height - 1
+        column, rule = top.rsplit(":", 1)
+        more = f"; {others} other problem(s) in this file" if others else ""
+        raise BadInputError(file, column, rule, f"rows of this file break this rule{more} "
+                            "(set on_bad_row: quarantine to set bad rows aside)", count=int(n))
+
+    def _quarantine(self, rows: pl.DataFrame, group: RowGroup, chunk: int) -> str:
+        out_dir = self.quarantine_dir / f"dt={group.date}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{Path(group.file).stem}.rg{group.index}.c{chunk}.parquet"
+        tmp = path.with_suffix(".tmp")
+        rows.write_parquet(tmp)
+        os.replace(tmp, path)  # a rerun overwrites the same name: idempotent, never half-written
+        return str(path)
+
+
+def _unify(frames: list[pl.DataFrame], spec: FeatureSpec) -> pl.DataFrame:
+    """Concatenate chunks; files may store ids as int in one day and string in another.
+
+    Hashing canonicalises ids to text, so casting such columns to String preserves every id.
+    """
+    if len(frames) == 1:
+        return frames[0]
+    try:
+        return pl.concat(frames, how="vertical_relaxed")
+    except (pl.exceptions.SchemaError, pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError):
+        ids = [f.name for f in spec.features if isinstance(f, CategoricalFeature)] + [spec.group_key,
+                                                                                        spec.request_id]
+        lists = [f.name for f in spec.features if isinstance(f, MultiHotFeature)]
+        casts = [pl.col(c).cast(pl.String) for c in dict.fromkeys(ids)] + \
+                [pl.col(c).cast(pl.List(pl.String)) for c in lists]
+        return pl.concat([f.with_columns(casts) for f in frames], how="vertical_relaxed")
+
+
+class ImpressionReader:
+    """Streams one rank's share of a data window as Batches (or as accepted raw frames)."""
+
+    def __init__(self, window: DataWindow, spec: FeatureSpec, featurizer: Featurizer | None = None, *,
+                 batch_size: int = 4096,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = False, shuffle_buffer: int = 262_144,
+                 seed: int = 0, chunk_rows: int = 65_536, quarantine_dir: str | Path | None = None,
+                 progress: bool | None = None):
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        if featurizer is not None and featurizer.spec is not spec:
+            raise ValueError("featurizer was built for another FeatureSpec")
+        self.window, self.featurizer, self.spec = window, featurizer, spec
+        self.groups = window.shard(rank, world_size)
+        self.batch_size, self.shuffle, self.seed, self.chunk_rows = batch_size, shuffle, seed, chunk_rows
+        self.buffer_rows = max(batch_size, shuffle_buffer if shuffle else 65_536)
+        self.validator = RowValidator(self.spec, quarantine_dir)
+        self.progress = progress
+        self.accounting = RowAccounting()
+
+    @property
+    def rows(self) -> int:
+        """Rows this rank will read per pass (before validation)."""
+        return sum(g.rows for g in self.groups)
+
+    def _order(self, epoch: int) -> list[RowGroup]:
+        if not self.shuffle:
+            return list(self.groups)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 0]))
+        return [self.groups[i] for i in rng.permutation(len(self.groups))]
+
+    def frames(self, epoch: int = 0) -> Iterator[pl.DataFrame]:
+        """Accepted raw rows, one chunk at a time; resets `accounting` for this pass."""
+        acc = self.accounting = RowAccounting()
+        open_file: tuple[str, pq.ParquetFile, pa.Schema, list[str]] | None = None
+        bar = Progress("read", total=self.rows, enabled=self.progress) if self.progress is not False else None
+        try:
+            for group in self._order(epoch):
+                if open_file is None or open_file[0] != group.file:
+                    try:
+                        pf = pq.ParquetFile(group.file)
+                    except (OSError, pa.ArrowException) as e:
+                        raise BadInputError(group.file, None, UNREADABLE, f"cannot open ({e})") from None
+                    schema = pf.schema_arrow
+                    open_file = (group.file, pf, schema, _read_columns(self.spec, schema))
+                _, pf, schema, cols = open_file
+                acc.row_groups += 1
+                try:
+                    chunks = pf.iter_batches(batch_size=self.chunk_rows, row_groups=[group.index], columns=cols)
+                    for i, rb in enumerate(chunks):
+                        good = self.validator.split(pl.from_arrow(rb), schema, group, i, acc)
+                        if bar is not None:
+                            bar.update(rb.num_rows)
+                        if good.height:
+                            yield good
+                except (OSError, pa.ArrowException) as e:
+                    raise BadInputError(group.file, None, UNREADABLE,
+                                        f"row group {group.index} cannot be read ({e})") from None
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def batches(self, epoch: int = 0) -> Iterator[Batch]:
+        """Batches of `batch_size` rows (the last may be smaller); every accepted row exactly once."""
+        if self.featurizer is None:
+            raise ValueError("batches() needs a Featurizer (spec + fitted numeric statistics)")
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 1]))
+        pending: list[pl.DataFrame] = []
+        pending_rows = 0
+        for df in self.frames(epoch):
+            pending.append(df)
+            pending_rows += df.height
+            if pending_rows >= self.buffer_rows:
+                rest = yield from self._emit(_unify(pending, self.spec), rng, final=False)
+                pending, pending_rows = ([rest], rest.height) if rest.height else ([], 0)
+        if pending_rows:
+            yield from self._emit(_unify(pending, self.spec), rng, final=True)
+
+    def _emit(self, frame: pl.DataFrame, rng: np.random.Generator, final: bool):
+        if self.shuffle:
+            frame = frame[rng.permutation(frame.height)]
+        n = frame.height if final else frame.height - frame.height % self.batch_size
+        if n:
+            big = Batch.from_arrays(self.featurizer.transform(frame[:n] if n < frame.height else frame))
+            for start in range(0, n, self.batch_size):
+                yield big.slice(start, start + self.batch_size)
+        return frame[n:]
+
+
+def fit_numeric_stats(reader: ImpressionReader) -> NumericStats:
+    """One pass over accepted rows: the standardisation moments of the training window."""
+    stats = NumericStats()
+    for df in reader.frames():
+        stats = stats.merge(NumericStats.of_frame(df, reader.spec))
+    return stats

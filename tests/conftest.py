@@ -1,0 +1,38 @@
+import numpy as np
+import polars as pl
+import pytest
+
+from features.spec import load_spec
+
+
+@pytest.fixture(scope="session")
+def spec():
+    return load_spec()
+
+
+def make_frame(spec, n: int, seed: int = 0) -> pl.DataFrame:
+    """A small valid frame for the given spec, built by hand (no generator): edge cases included."""
+    rng = np.random.default_rng(seed)
+    cols: dict[str, pl.Series] = {spec.request_id: pl.Series([f"r{i // 5}" for i in range(n)])}
+    for f in spec.categorical:
+        vals = rng.integers(0, 50, n)
+        if f.name in ("user_id", "item_id", "category_id"):
+            s = pl.Series(f.name, vals, dtype=pl.Int64)
+        else:
+            s = pl.Series(f.name, [f"v{v}" for v in vals])
+        cols[f.name] = s.scatter([0], [None]) if n > 1 and f.name != spec.group_key else s  # null id
+    for f in spec.multi_hot:
+        lists = [[str(x) for x in rng.integers(0, 30, rng.integers(0, 6))] for _ in range(n)]
+        if n > 2:
+            lists[1] = None
+            lists[2] = ["7", None]
+        cols[f.name] = pl.Series(f.name, lists, dtype=pl.List(pl.String))
+    for f in spec.numeric:
+        cols[f.name] = pl.Series(f.name, rng.gamma(2.0, 3.0, n))
+    click = (rng.random(n) < 0.3).astype(np.int8)
+    cols["click"] = pl.Series(click)
+    for lab in ("conversion", "collect", "cart"):
+        cols[lab] = pl.Series((click * (rng.random(n) < 0.5)).astype(np.int8))
+    cols["stay_seconds"] = pl.Series((click * rng.exponential(30, n)).astype(np.float32))
+    cols["true_p_click"] = pl.Series(rng.random(n))
+    return pl.DataFrame(cols)

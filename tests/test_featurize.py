@@ -1,0 +1,113 @@
+"""Featurizer output layout, checked against the row-at-a-time hashing path."""
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from features.featurize import Featurizer
+from features.hashing import NULL_ID, hash_value
+from features.numeric import Moments, NumericStats, pre_standardize_expr
+from features.spec import parse_spec
+from pipeline.batch import Batch
+from tests.conftest import make_frame
+
+
+def _stats(spec, df):
+    return NumericStats.of_frame(df, spec)
+
+
+def _expected_bags(spec, df, table):
+    """Row path: bag per (row, field) in table order, as python lists."""
+    tab = spec.embedding_tables[table]
+    bags = []
+    for row in df.iter_rows(named=True):
+        for field in tab.fields:
+            v = row[field]
+            if isinstance(v, list) or (v is None and spec.feature_by_name[field].kind == "multi_hot"):
+                bags.append([hash_value(x, table, spec.hash_seed, tab.buckets) for x in (v or [])])
+            else:
+                bags.append([hash_value(v, table, spec.hash_seed, tab.buckets)])
+    return bags
+
+
+def test_layout_matches_row_path(spec):
+    df = make_frame(spec, 40)
+    arr = Featurizer(spec, _stats(spec, df)).transform(df)
+    assert arr.rows == 40
+    for name, tab in spec.embedding_tables.items():
+        t = arr.tables[name]
+        expected = _expected_bags(spec, df, name)
+        if t.offsets is None:
+            assert [[int(x)] for x in t.values] == expected
+            assert t.weights is None
+        else:
+            ends = np.append(t.offsets[1:], t.values.size)
+            got = [t.values[s:e].tolist() for s, e in zip(t.offsets, ends)]
+            assert got == expected
+    # shared table: the int64 category_id and the string list of categories hash alike
+    cat = spec.embedding_tables["category"]
+    assert hash_value(7, "category", spec.hash_seed, cat.buckets) == hash_value("7", "category", spec.hash_seed, cat.buckets)
+    # null id and null list
+    assert arr.tables["user_gender"].values[0] == NULL_ID
+    tags = arr.tables["item_tags"]
+    assert tags.offsets[1] == tags.offsets[2]  # row 1 has a null list -> empty bag
+
+
+def test_mean_pooling_weights(spec):
+    df = make_frame(spec, 30)
+    t = Featurizer(spec, _stats(spec, df)).transform(df).tables["category"]  # [category_id, recent]
+    ends = np.append(t.offsets[1:], t.values.size)
+    for b, (s, e) in enumerate(zip(t.offsets, ends)):
+        w = t.weights[s:e]
+        if b % 2 == 0:  # category_id: single id, weight 1
+            assert w.tolist() == [1.0]
+        elif e > s:  # mean-pooled bag: weights sum to 1
+            assert np.isclose(w.sum(), 1.0)
+
+
+def test_dense_standardised_and_labels_masks(spec):
+    df = make_frame(spec, 500)
+    stats = _stats(spec, df)
+    arr = Featurizer(spec, stats).transform(df)
+    assert arr.dense.shape == (500, 8) and arr.dense.dtype == np.float32 and arr.dense.flags.c_contiguous
+    assert np.allclose(arr.dense.mean(0), 0, atol=1e-4) and np.allclose(arr.dense.std(0), 1, atol=1e-3)
+    price = df.select(pre_standardize_expr(spec.feature_by_name["price"])).to_series().to_numpy()
+    m = stats.moments["price"]
+    assert np.allclose(arr.dense[:, 0], (price - m.mean) / m.std, atol=1e-5)
+    assert np.array_equal(arr.masks["ctr"], np.ones(500, bool))
+    assert np.array_equal(arr.masks["cvr"], df["click"].to_numpy() == 1)
+    assert np.array_equal(arr.labels["stay"], df["stay_seconds"].to_numpy())
+    assert set(arr.truth) == {"ctr"}
+
+
+def test_missing_stats_is_an_error(spec):
+    with pytest.raises(ValueError, match="numeric statistics missing"):
+        Featurizer(spec, NumericStats()).transform(make_frame(spec, 5))
+
+
+def test_moments_merge_equals_whole():
+    x = np.random.default_rng(0).normal(3, 2, 1001)
+    df = pl.DataFrame({"a": x})
+    spec = parse_spec({"hash_seed": 1, "features": [{"name": "a", "kind": "numeric", "standardize": True}],
+                       "tasks": [{"name": "ctr", "label": "click", "type": "binary"}]})
+    whole = NumericStats.of_frame(df, spec).moments["a"]
+    parts = NumericStats.of_frame(df[:300], spec).merge(NumericStats.of_frame(df[300:], spec)).moments["a"]
+    assert parts.count == whole.count == 1001
+    assert np.isclose(parts.mean, x.mean()) and np.isclose(parts.std, x.std())
+    assert Moments(5, 2.0, 0.0).std == 1.0  # constant column never divides by zero
+
+
+def test_batch_slices_are_consistent(spec):
+    df = make_frame(spec, 50)
+    big = Batch.from_arrays(Featurizer(spec, _stats(spec, df)).transform(df))
+    for start, stop in [(0, 16), (16, 32), (32, 50)]:
+        small = Batch.from_arrays(Featurizer(spec, _stats(spec, df)).transform(df[start:stop]))
+        sl = big.slice(start, stop)
+        assert sl.size == small.size
+        for name in spec.embedding_tables:
+            a, b = sl.tables[name], small.tables[name]
+            assert torch.equal(a.values, b.values)
+            assert (a.offsets is None) == (b.offsets is None)
+            if a.offsets is not None:
+                assert torch.equal(a.offsets, b.offsets)
+        assert torch.equal(sl.dense, big.dense[start:stop]) and torch.equal(sl.labels["ctr"], small.labels["ctr"])

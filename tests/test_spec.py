@@ -1,0 +1,80 @@
+"""FeatureSpec loading: the default spec, and clear errors that name the offending key."""
+import copy
+
+import pytest
+import yaml
+
+from features.spec import SpecError, load_spec, parse_spec
+
+
+@pytest.fixture
+def raw():
+    with open("features/default_spec.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def test_default_spec_shape():
+    spec = load_spec()
+    assert len(spec.categorical) == 26 and len(spec.multi_hot) == 2 and len(spec.dense) == 8
+    tabs = spec.embedding_tables
+    assert tabs["category"].fields == ("category_id", "user_recent_categories")
+    assert tabs["user_id"].buckets == 1048576 and tabs["user_id"].dim == 16
+    assert [t.name for t in spec.tasks] == ["ctr", "cvr", "stay", "collect", "cart"]
+    assert spec.space_label(spec.task_by_name["cvr"]) == "click"
+    assert spec.space_label(spec.task_by_name["ctr"]) is None
+    assert spec.fingerprint() == load_spec().fingerprint()
+
+
+def test_spec_roundtrips_through_yaml(tmp_path):
+    spec = load_spec()
+    p = tmp_path / "s.yaml"
+    p.write_text(spec.to_yaml())
+    assert load_spec(p) == spec and load_spec(p).fingerprint() == spec.fingerprint()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["features"][3].update(bukets=3), "features[3](user_level).bukets: unknown key"),
+    (lambda r: r["features"][3].update(kind="cat"), "unknown kind 'cat'"),
+    (lambda r: r.update(learning_rate=1), "learning_rate: unknown key"),
+    (lambda r: r["features"].append(dict(r["features"][0])), "duplicate feature name 'user_id'"),
+    (lambda r: r["features"].append({"name": "click", "kind": "numeric"}),
+     "features.click: column is the label of task 'ctr'"),
+    (lambda r: r["features"].append({"name": "true_p_click", "kind": "numeric", "fill": 0}),
+     "features.true_p_click: column is the ground-truth column of task 'ctr'"),
+    (lambda r: r["tasks"][1].update(parent="nope"), "tasks.cvr.parent: unknown task 'nope'"),
+    (lambda r: r["tasks"][1].update(space="all"), "entire-space child must be trained on its parent"),
+    (lambda r: r["tasks"][2].update(loss="bce"), "regression task needs loss"),
+    (lambda r: r["features"][7].update(table="nope"), "features.category_id.table: unknown table 'nope'"),
+    (lambda r: r["features"][0].pop("buckets"), "features.user_id.buckets: required"),
+    (lambda r: r["features"][7].update(buckets=9), "set buckets/dim on table 'category'"),
+    (lambda r: r["features"][-1].update(clip=[1.0, 0.0]), "clip lower bound"),
+    (lambda r: r["features"][-1].update(boundaries=[0.5, 0.1], standardize=False), "strictly increasing"),
+    (lambda r: r.update(on_bad_row="ignore"), "on_bad_row"),
+    (lambda r: r["ground_truth"].update(ltv="true_ltv"), "ground_truth.ltv: unknown task"),
+])
+def test_bad_specs_name_the_key(raw, mutate, message):
+    bad = copy.deepcopy(raw)
+    mutate(bad)
+    with pytest.raises(SpecError) as e:
+        parse_spec(bad, "my_spec.yaml")
+    assert "my_spec.yaml" in str(e.value) and message in str(e.value)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("features: [\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(p)
+    p.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(SpecError):  # safe_load refuses to construct Python objects
+        load_spec(p)
+
+
+def test_bucketized_numeric_gets_its_own_table(raw):
+    r = copy.deepcopy(raw)
+    r["features"].append({"name": "item_score", "kind": "numeric", "fill": 0.0, "boundaries": [0.1, 0.5], "dim": 4})
+    spec = parse_spec(r)
+    tab = spec.embedding_tables["item_score"]
+    assert tab.buckets == 4 and tab.dim == 4 and spec.dense[-1].name != "item_score"

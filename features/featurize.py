@@ -2,9 +2,13 @@
 
 Layout per embedding table (the EmbeddingBag convention): the fields sharing a table form k bags
 per row, bag b = row * k + slot, so one lookup serves every field of the table. A table whose
-fields are all single-valued needs no offsets (every bag holds exactly one id) and the model can
-use a plain gather; mean-pooled multi-hot bags carry per-id weights 1/len so one 'sum' lookup
-pools every field. Null multi-hot lists are empty bags; null ids are NULL_ID.
+fields are all single-valued needs no offsets (every bag holds exactly one id; values reshape to
+[rows, k]); mean-pooled multi-hot bags carry per-id weights 1/len so one 'sum' lookup pools every
+field. Null multi-hot lists are empty bags; null ids are NULL_ID.
+
+Speed: string columns read as Arrow dictionaries are hashed once per distinct value and gathered
+by index, so the cost per row is a gather, not a hash; other columns are hashed in one parallel
+polars query.
 """
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from features.hashing import group_key_expr, hash_expr, table_seed
+from features.hashing import NULL_ID, group_key_expr, hash_expr, table_seed
 from features.numeric import NumericStats, bucket_expr, dense_expr
 from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, NumericFeature
 
@@ -24,6 +30,44 @@ class TableArrays:
     offsets: np.ndarray | None       # int64 [rows * k] bag starts; None: one id per bag
     weights: np.ndarray | None       # float32 [n_ids] per-id pooling weights; None: all 1
 
+    def bag_lengths(self, rows: int) -> np.ndarray:
+        """[rows, k] ids per bag."""
+        k = self.offsets.size // rows
+        return np.diff(np.append(self.offsets, self.values.size)).reshape(rows, k)
+
+    def slice(self, start: int, stop: int, rows: int) -> "TableArrays":
+        if self.offsets is None:
+            k = self.values.size // rows
+            return TableArrays(self.values[start * k: stop * k], None, None)
+        k = self.offsets.size // rows
+        lo = int(self.offsets[start * k]) if start < rows else self.values.size
+        hi = int(self.offsets[stop * k]) if stop < rows else self.values.size
+        w = None if self.weights is None else self.weights[lo:hi]
+        return TableArrays(self.values[lo:hi], self.offsets[start * k: stop * k] - lo, w)
+
+    def take(self, perm: np.ndarray, rows: int) -> "TableArrays":
+        if self.offsets is None:
+            k = self.values.size // rows
+            return TableArrays(self.values.reshape(rows, k)[perm].reshape(-1), None, None)
+        lengths = self.bag_lengths(rows)
+        row_len = lengths.sum(1)
+        row_start = self.offsets[:: lengths.shape[1]]
+        new_len = row_len[perm]
+        new_start = np.cumsum(new_len) - new_len
+        src = np.arange(int(new_len.sum()), dtype=np.int64) + np.repeat(row_start[perm] - new_start, new_len)
+        return TableArrays(self.values[src], _starts(lengths[perm].reshape(-1)),
+                           None if self.weights is None else self.weights[src])
+
+    @staticmethod
+    def concat(parts: list["TableArrays"]) -> "TableArrays":
+        values = np.concatenate([p.values for p in parts])
+        if parts[0].offsets is None:
+            return TableArrays(values, None, None)
+        base = np.cumsum([0] + [p.values.size for p in parts[:-1]])
+        offsets = np.concatenate([p.offsets + b for p, b in zip(parts, base)])
+        weights = None if parts[0].weights is None else np.concatenate([p.weights for p in parts])
+        return TableArrays(values, offsets, weights)
+
 
 @dataclass
 class FeatureArrays:
@@ -32,56 +76,143 @@ class FeatureArrays:
     dense: np.ndarray                # float32 [rows, n_dense]
     labels: dict[str, np.ndarray]    # task -> float32 [rows]
     masks: dict[str, np.ndarray]     # task -> bool [rows]: row belongs to the task's training space
-    group: np.ndarray                # int64 [rows] GAUC group key (hashed user)
-    truth: dict[str, np.ndarray]     # task -> float32 [rows], only for truth columns present
+    group: np.ndarray | None         # int64 [rows] GAUC group key (hashed user); evaluation reads only
+    truth: dict[str, np.ndarray]     # task -> float32 [rows], evaluation reads with truth columns only
+
+    def _rowwise(self, f) -> "FeatureArrays":
+        return FeatureArrays(0, {}, f(self.dense), {k: f(v) for k, v in self.labels.items()},
+                             {k: f(v) for k, v in self.masks.items()},
+                             None if self.group is None else f(self.group), {k: f(v) for k, v in self.truth.items()})
+
+    def slice(self, start: int, stop: int) -> "FeatureArrays":
+        stop = min(stop, self.rows)
+        out = self._rowwise(lambda a: a[start:stop])
+        out.rows = stop - start
+        out.tables = {k: t.slice(start, stop, self.rows) for k, t in self.tables.items()}
+        return out
+
+    def take(self, perm: np.ndarray) -> "FeatureArrays":
+        out = self._rowwise(lambda a: a[perm])
+        out.rows = perm.size
+        out.tables = {k: t.take(perm, self.rows) for k, t in self.tables.items()}
+        return out
+
+    @staticmethod
+    def concat(parts: list["FeatureArrays"]) -> "FeatureArrays":
+        if len(parts) == 1:
+            return parts[0]
+        cat = np.concatenate
+        p0 = parts[0]
+        return FeatureArrays(
+            sum(p.rows for p in parts),
+            {k: TableArrays.concat([p.tables[k] for p in parts]) for k in p0.tables},
+            cat([p.dense for p in parts]), {k: cat([p.labels[k] for p in parts]) for k in p0.labels},
+            {k: cat([p.masks[k] for p in parts]) for k in p0.masks},
+            None if p0.group is None else cat([p.group for p in parts]),
+            {k: cat([p.truth[k] for p in parts]) for k in p0.truth})
+
+
+def _pl_dtype(arr: pa.Array) -> pl.DataType:
+    return pl.from_arrow(arr.slice(0, 0)).dtype
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(lengths.size, np.int64)
+    np.cumsum(lengths[:-1], out=out[1:])
+    return out
 
 
 class Featurizer:
     """A FeatureSpec with its fitted numeric statistics: everything needed to hash and transform."""
 
     def __init__(self, spec: FeatureSpec, stats: NumericStats | None = None):
-        missing = (stats or NumericStats()).missing(spec)
-        if missing:
-            raise ValueError(f"numeric statistics missing for standardized features: {missing}")
         self.spec, self.stats = spec, stats or NumericStats()
-        self._seeds = {t: table_seed(t, spec.hash_seed) for t in spec.embedding_tables}
-        self._table_of: dict[str, str] = {f: t.name for t in spec.embedding_tables.values() for f in t.fields}
+        self._missing = self.stats.missing(spec)
+        self._table_of: dict[str, tuple[str, int, int]] = {}  # field -> (table, seed, buckets)
+        for t in spec.embedding_tables.values():
+            for f in t.fields:
+                self._table_of[f] = (t.name, table_seed(t.name, spec.hash_seed), t.buckets)
+
+    def input_columns(self, names: list[str], with_labels: bool = True, with_eval: bool = False) -> list[str]:
+        """Columns a transform reads from data whose columns are `names`."""
+        cols = [f.name for f in self.spec.features]
+        if with_labels:
+            cols += [t.label for t in self.spec.tasks]
+        if with_eval:
+            cols += [self.spec.group_key] + [c for c in self.spec.ground_truth.values() if c in names]
+        return list(dict.fromkeys(cols))
+
+    def transform(self, data: pa.Table | pa.RecordBatch | pl.DataFrame, with_labels: bool = True,
+                  with_eval: bool = False) -> FeatureArrays:
+        """Arrays for every row; `with_eval` adds the GAUC group key and ground-truth columns."""
+        if self._missing:
+            raise ValueError(f"numeric statistics missing for standardized features: {self._missing}")
+        if isinstance(data, pl.DataFrame):
+            data = data.to_arrow()
+        batches = data.to_batches() if isinstance(data, pa.Table) else [data]
+        batches = [b for b in batches if b.num_rows] or batches[:1]
+        if not batches:
+            batches = [pa.RecordBatch.from_pylist([], schema=data.schema)]
+        return FeatureArrays.concat([self._transform(b, with_labels, with_eval) for b in batches])
 
     # ------------------------------------------------------------------------------------------
-    def _id_expr(self, f: CategoricalFeature | MultiHotFeature | NumericFeature, schema: pl.Schema) -> pl.Expr:
-        table = self.spec.embedding_tables[self._table_of[f.name]]
-        if isinstance(f, NumericFeature):
-            return bucket_expr(f)
-        col = pl.col(f.name)
-        dtype = schema[f.name]
-        if isinstance(f, MultiHotFeature):
-            col = col.explode(empty_as_null=False, keep_nulls=False)
-            dtype = dtype.inner
-        return hash_expr(col, dtype, self._seeds[table.name], table.buckets)
+    def _hash_query(self, arr: pa.Array, field: str) -> tuple[pl.LazyFrame, np.ndarray | None]:
+        """A query hashing `arr` (its dictionary only, when dictionary-encoded) + indices to gather."""
+        _, seed, buckets = self._table_of[field]
+        idx = None
+        if pa.types.is_dictionary(arr.type):
+            arr, idx = arr.dictionary, arr.indices
+            idx = (pc.fill_null(idx, len(arr)) if idx.null_count else idx).to_numpy()  # null -> appended NULL_ID
+        s = pl.from_arrow(arr)
+        return s.to_frame("v").lazy().select(hash_expr(pl.col("v"), s.dtype, seed, buckets)), idx
 
-    def transform(self, df: pl.DataFrame, with_labels: bool = True) -> FeatureArrays:
-        spec, schema, n = self.spec, df.schema, df.height
-        # One select for every row-aligned output: polars runs the columns in parallel.
-        exprs: list[pl.Expr] = [group_key_expr(pl.col(spec.group_key), schema[spec.group_key], spec.hash_seed)
-                                .alias("__group")]
+    def _transform(self, rb: pa.RecordBatch, with_labels: bool, with_eval: bool) -> FeatureArrays:
+        spec, n = self.spec, rb.num_rows
+        lengths: dict[str, np.ndarray] = {}   # multi-hot field -> ids per row
+        plain: dict[str, pa.Array] = {}       # row-aligned columns for the main query
+        exprs: list[pl.Expr] = []
+        side: list[tuple[str, pl.LazyFrame, np.ndarray | None]] = []  # dictionaries, multi-hot values
         for f in spec.features:
-            if isinstance(f, CategoricalFeature) or (isinstance(f, NumericFeature) and f.bucketized):
-                exprs.append(self._id_expr(f, schema).alias(f"__id/{f.name}"))
-            elif isinstance(f, MultiHotFeature):
-                exprs.append(pl.col(f.name).list.len().fill_null(0).cast(pl.Int64).alias(f"__len/{f.name}"))
+            if isinstance(f, NumericFeature):
+                plain[f.name] = rb.column(f.name)
+                if f.bucketized:
+                    exprs.append(bucket_expr(f).alias(f"__id/{f.name}"))
+                continue
+            arr = rb.column(f.name)
+            if isinstance(f, MultiHotFeature):
+                lengths[f.name] = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
+                side.append((f.name, *self._hash_query(pc.list_flatten(arr), f.name)))
+            elif pa.types.is_dictionary(arr.type):
+                side.append((f.name, *self._hash_query(arr, f.name)))
+            else:
+                _, seed, buckets = self._table_of[f.name]
+                plain[f.name] = arr
+                exprs.append(hash_expr(pl.col(f.name), _pl_dtype(arr), seed, buckets).alias(f"__id/{f.name}"))
         exprs += [dense_expr(f, self.stats).alias(f"__dense/{f.name}") for f in spec.dense]
         if with_labels:
             for t in spec.tasks:
+                plain[t.label] = rb.column(t.label)
                 exprs.append(pl.col(t.label).cast(pl.Float32).alias(f"__label/{t.name}"))
-        truth = {t: c for t, c in spec.ground_truth.items() if c in schema}
-        exprs += [pl.col(c).cast(pl.Float32).alias(f"__truth/{t}") for t, c in truth.items()]
-        out = df.select(exprs)
-        # Variable-length outputs (exploded multi-hot ids) cannot share that frame.
-        flat = {f.name: df.select(self._id_expr(f, schema)).to_series().to_numpy()
-                for f in spec.multi_hot}
-
+        truth: dict[str, str] = {}
+        if with_eval:
+            g = rb.column(spec.group_key)
+            if pa.types.is_dictionary(g.type):
+                g = g.dictionary_decode()
+            plain[spec.group_key] = g
+            exprs.append(group_key_expr(pl.col(spec.group_key), _pl_dtype(g), spec.hash_seed).alias("__group"))
+            truth = {t: c for t, c in spec.ground_truth.items() if c in rb.schema.names}
+            for t, c in truth.items():
+                plain[c] = rb.column(c)
+                exprs.append(pl.col(c).cast(pl.Float32).alias(f"__truth/{t}"))
+        main = pl.from_arrow(pa.table(plain)).lazy().select(exprs)
+        out, *hashed = pl.collect_all([main] + [q for _, q, _ in side])  # one parallel round-trip
         col = lambda name: out.get_column(name).to_numpy()  # noqa: E731
-        tables = {name: self._table(tab.fields, n, col, flat) for name, tab in spec.embedding_tables.items()}
+        ids = {name[5:]: col(name) for name in out.columns if name.startswith("__id/")}
+        for (field, _, idx), h in zip(side, hashed):
+            v = h.to_series().to_numpy()
+            ids[field] = v if idx is None else np.append(v, NULL_ID)[idx]
+
+        tables = {name: self._table(tab.fields, n, ids, lengths) for name, tab in spec.embedding_tables.items()}
         dense = (np.ascontiguousarray(out.select([f"__dense/{f.name}" for f in spec.dense]).to_numpy(),
                                       dtype=np.float32) if spec.dense else np.zeros((n, 0), np.float32))
         labels, masks = {}, {}
@@ -90,36 +221,32 @@ class Featurizer:
             for t in spec.tasks:
                 space = spec.task_by_name.get(t.space)
                 masks[t.name] = np.ones(n, bool) if space is None else labels[space.name] > 0
-        return FeatureArrays(n, tables, dense, labels, masks, col("__group"),
+        return FeatureArrays(n, tables, dense, labels, masks, col("__group") if with_eval else None,
                              {t: col(f"__truth/{t}") for t in truth})
 
-    def _table(self, fields: tuple[str, ...], n: int, col, flat: dict[str, np.ndarray]) -> TableArrays:
+    def _table(self, fields: tuple[str, ...], n: int, ids: dict[str, np.ndarray],
+               lengths: dict[str, np.ndarray]) -> TableArrays:
         feats = [self.spec.feature_by_name[f] for f in fields]
         k = len(feats)
         if not any(isinstance(f, MultiHotFeature) for f in feats):
-            ids = np.stack([col(f"__id/{f.name}") for f in feats], axis=1) if k > 1 else col(f"__id/{fields[0]}")
-            return TableArrays(np.ascontiguousarray(ids, dtype=np.int64).reshape(-1), None, None)
-        lengths = np.stack([col(f"__len/{f.name}") if isinstance(f, MultiHotFeature) else np.ones(n, np.int64)
-                            for f in feats], axis=1)                       # [n, k]
-        bag_len = lengths.reshape(-1)
-        offsets = np.zeros(n * k, np.int64)
-        np.cumsum(bag_len[:-1], out=offsets[1:])
-        total = int(bag_len.sum())
-        values = np.empty(total, np.int64)
+            if k == 1:
+                return TableArrays(np.asarray(ids[fields[0]], dtype=np.int64), None, None)
+            return TableArrays(np.stack([ids[f] for f in fields], axis=1).astype(np.int64).reshape(-1), None, None)
+        lens = np.stack([lengths[f.name] if isinstance(f, MultiHotFeature) else np.ones(n, np.int64)
+                         for f in feats], axis=1)                       # [n, k]
+        offsets = _starts(lens.reshape(-1))
+        values = np.empty(int(lens.sum()), np.int64)
         need_weights = any(isinstance(f, MultiHotFeature) and f.pooling == "mean" for f in feats)
-        weights = np.ones(total, np.float32) if need_weights else None
+        weights = np.ones(values.size, np.float32) if need_weights else None
         rows = np.arange(n, dtype=np.int64)
         for slot, f in enumerate(feats):
             starts = offsets[rows * k + slot]
             if not isinstance(f, MultiHotFeature):
-                values[starts] = col(f"__id/{f.name}")
+                values[starts] = ids[f.name]
                 continue
-            ln = lengths[:, slot]
-            v = flat[f.name]
-            row_of = np.repeat(rows, ln)
-            rank = np.arange(v.size, dtype=np.int64) - np.repeat(np.cumsum(ln) - ln, ln)
-            dest = starts[row_of] + rank
-            values[dest] = v
+            ln = lens[:, slot]
+            dest = np.repeat(starts - (np.cumsum(ln) - ln), ln) + np.arange(int(ln.sum()), dtype=np.int64)
+            values[dest] = ids[f.name]
             if f.pooling == "mean":
-                weights[dest] = (1.0 / ln[row_of]).astype(np.float32)
+                weights[dest] = np.repeat((1.0 / np.maximum(ln, 1)).astype(np.float32), ln)
         return TableArrays(values, offsets, weights)

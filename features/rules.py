@@ -58,10 +58,7 @@ def _is_number(t: pa.DataType) -> bool:
 
 def _kind_check(spec: FeatureSpec) -> dict[str, tuple[str, callable]]:
     """column -> (expected description, predicate over the Arrow type)."""
-    checks: dict[str, tuple[str, callable]] = {
-        spec.request_id: ("string or integer", _is_id_type),
-        spec.group_key: ("string or integer", _is_id_type),
-    }
+    checks: dict[str, tuple[str, callable]] = {spec.group_key: ("string or integer", _is_id_type)}
     for f in spec.features:
         if isinstance(f, CategoricalFeature):
             checks[f.name] = ("string or integer (categorical)", _is_id_type)
@@ -124,8 +121,7 @@ def row_rules(spec: FeatureSpec, float_columns: frozenset[str] = frozenset()) ->
             rules.append(RowRule(col, NON_FINITE, pl.col(col).is_nan().fill_null(False) |
                                  pl.col(col).is_infinite().fill_null(False)))
 
-    for col in (spec.request_id, spec.group_key):
-        rules.append(RowRule(col, NULL, pl.col(col).is_null()))
+    rules.append(RowRule(spec.group_key, NULL, pl.col(spec.group_key).is_null()))
     for f in spec.numeric:
         if f.fill is None:
             rules.append(RowRule(f.name, NULL, pl.col(f.name).is_null()))

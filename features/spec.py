@@ -243,7 +243,7 @@ class FeatureSpec(_Strict):
 
     @cached_property
     def required_columns(self) -> tuple[str, ...]:
-        cols = [self.request_id, self.group_key]
+        cols = [self.group_key]  # request_id matters to scoring only, not to training
         cols += [f.name for f in self.features] + [t.label for t in self.tasks]
         return tuple(dict.fromkeys(cols))
 

@@ -20,16 +20,6 @@ class TableInput:
     offsets: torch.Tensor | None
     weights: torch.Tensor | None
 
-    def slice(self, start: int, stop: int, rows: int) -> "TableInput":
-        if self.offsets is None:
-            k = self.values.numel() // rows
-            return TableInput(self.values[start * k: stop * k], None, None)
-        k = self.offsets.numel() // rows
-        lo = int(self.offsets[start * k])
-        hi = int(self.offsets[stop * k]) if stop < rows else self.values.numel()
-        w = self.weights[lo:hi] if self.weights is not None else None
-        return TableInput(self.values[lo:hi], self.offsets[start * k: stop * k] - lo, w)
-
 
 @dataclass
 class Batch:
@@ -38,7 +28,7 @@ class Batch:
     dense: torch.Tensor                 # float32 [B, n_dense]
     labels: dict[str, torch.Tensor]     # task -> float32 [B]
     masks: dict[str, torch.Tensor]      # task -> bool [B]
-    group: torch.Tensor                 # int64 [B]
+    group: torch.Tensor | None          # int64 [B], evaluation reads only
     truth: dict[str, torch.Tensor]      # task -> float32 [B]
 
     @staticmethod
@@ -57,12 +47,4 @@ class Batch:
         tables = {name: TableInput(t(x.values), None if x.offsets is None else t(x.offsets),
                                    None if x.weights is None else t(x.weights)) for name, x in a.tables.items()}
         return Batch(a.rows, tables, t(a.dense), {k: t(v) for k, v in a.labels.items()},
-                     {k: t(v) for k, v in a.masks.items()}, t(a.group), {k: t(v) for k, v in a.truth.items()})
-
-    def slice(self, start: int, stop: int) -> "Batch":
-        stop = min(stop, self.size)
-        s = slice(start, stop)
-        return Batch(stop - start, {k: v.slice(start, stop, self.size) for k, v in self.tables.items()},
-                     self.dense[s], {k: v[s] for k, v in self.labels.items()},
-                     {k: v[s] for k, v in self.masks.items()}, self.group[s],
-                     {k: v[s] for k, v in self.truth.items()})
+                     {k: t(v) for k, v in a.masks.items()}, None if a.group is None else t(a.group), {k: t(v) for k, v in a.truth.items()})

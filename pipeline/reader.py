@@ -16,9 +16,10 @@ from typing import Iterator
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.featurize import Featurizer
+from features.featurize import FeatureArrays, Featurizer
 from features.numeric import NumericStats
 from features.rules import (REASON, UNREADABLE, BadInputError, float_columns, reject_reason_expr,
                             row_rules)
@@ -56,9 +57,28 @@ class RowAccounting:
                 "balanced": self.balanced}
 
 
-def _read_columns(spec: FeatureSpec, schema: pa.Schema) -> list[str]:
-    cols = list(spec.required_columns) + [c for c in spec.ground_truth.values() if c in schema.names]
+def rule_columns(spec: FeatureSpec) -> list[str]:
+    """Columns the row rules look at (small, numeric: cheap to validate on their own)."""
+    return list(dict.fromkeys([spec.group_key, *(f.name for f in spec.numeric), *(t.label for t in spec.tasks)]))
+
+
+def read_columns(spec: FeatureSpec, schema: pa.Schema, with_eval: bool) -> list[str]:
+    cols = rule_columns(spec) + [f.name for f in spec.features]
+    if with_eval:
+        cols += [c for c in spec.ground_truth.values() if c in schema.names]
     return list(dict.fromkeys(cols))
+
+
+def dictionary_paths(pf: pq.ParquetFile, spec: FeatureSpec) -> list[str]:
+    """Parquet column paths of the string id columns, read as Arrow dictionaries (hash once per value)."""
+    ids = {f.name for f in spec.features if isinstance(f, (CategoricalFeature, MultiHotFeature))}
+    schema = pf.metadata.schema
+    out = []
+    for i in range(len(schema)):
+        c = schema.column(i)
+        if c.path.split(".", 1)[0] in ids and c.physical_type == "BYTE_ARRAY":
+            out.append(c.path)
+    return out
 
 
 class RowValidator:
@@ -70,6 +90,7 @@ class RowValidator:
         if spec.on_bad_row == "quarantine" and self.quarantine_dir is None:
             raise ValueError("on_bad_row: quarantine needs a quarantine directory")
         self._rules: dict[frozenset, pl.Expr] = {}
+        self._cols = rule_columns(spec)
 
     def _reason(self, schema: pa.Schema) -> pl.Expr:
         floats = float_columns(schema)
@@ -77,31 +98,30 @@ class RowValidator:
             self._rules[floats] = reject_reason_expr(row_rules(self.spec, floats))
         return self._rules[floats]
 
-    def split(self, df: pl.DataFrame, schema: pa.Schema, group: RowGroup, chunk: int,
-              acc: RowAccounting) -> pl.DataFrame:
+    def split(self, rb: pa.RecordBatch, schema: pa.Schema, group: RowGroup, chunk: int,
+              acc: RowAccounting) -> pa.RecordBatch:
         """The accepted rows of a chunk; bad rows are counted and raised or quarantined."""
-        acc.rows_read += df.height
-        reason = df.select(self._reason(schema)).to_series()
+        acc.rows_read += rb.num_rows
+        reason = pl.from_arrow(rb.select(self._cols)).select(self._reason(schema)).to_series()
         bad = reason.is_not_null()
-        n_bad = int(bad.sum())
-        if n_bad == 0:
-            acc.rows_accepted += df.height
-            return df
+        if not bad.any():
+            acc.rows_accepted += rb.num_rows
+            return rb
         if self.spec.on_bad_row == "fail":
             self._fail(group.file, schema)
-        rejected = df.filter(bad).with_columns(reason.filter(bad), pl.lit(group.file).alias("_source_file"))
-        counts = rejected.get_column(REASON).value_counts()
-        for r, c in counts.iter_rows():
+        mask = bad.to_arrow()
+        rejected = pl.from_arrow(pa.Table.from_batches([rb.filter(mask)])).with_columns(
+            reason.filter(bad), pl.lit(group.file).alias("_source_file"))
+        for r, c in rejected.get_column(REASON).value_counts().iter_rows():
             acc.rejected[r] += c
         acc.quarantine_files.append(self._quarantine(rejected, group, chunk))
-        good = df.filter(~bad)
-        acc.rows_accepted += good.height
+        good = rb.filter(pc.invert(mask))
+        acc.rows_accepted += good.num_rows
         return good
 
     def _fail(self, file: str, schema: pa.Schema) -> None:
         """Count every bad row of the whole file, then raise naming the most common problem."""
-        cols = _read_columns(self.spec, schema)
-        reasons = (pl.from_arrow(pq.read_table(file, columns=cols)).select(self._reason(schema))
+        reasons = (pl.from_arrow(pq.read_table(file, columns=self._cols)).select(self._reason(schema))
                    .to_series().drop_nulls().value_counts(sort=True))
         (top, n), others = reasons.row(0), reasons.height - 1
         column, rule = top.rsplit(":", 1)
@@ -119,24 +139,6 @@ class RowValidator:
         return str(path)
 
 
-def _unify(frames: list[pl.DataFrame], spec: FeatureSpec) -> pl.DataFrame:
-    """Concatenate chunks; files may store ids as int in one day and string in another.
-
-    Hashing canonicalises ids to text, so casting such columns to String preserves every id.
-    """
-    if len(frames) == 1:
-        return frames[0]
-    try:
-        return pl.concat(frames, how="vertical_relaxed")
-    except (pl.exceptions.SchemaError, pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError):
-        ids = [f.name for f in spec.features if isinstance(f, CategoricalFeature)] + [spec.group_key,
-                                                                                        spec.request_id]
-        lists = [f.name for f in spec.features if isinstance(f, MultiHotFeature)]
-        casts = [pl.col(c).cast(pl.String) for c in dict.fromkeys(ids)] + \
-                [pl.col(c).cast(pl.List(pl.String)) for c in lists]
-        return pl.concat([f.with_columns(casts) for f in frames], how="vertical_relaxed")
-
-
 class ImpressionReader:
     """Streams one rank's share of a data window as Batches (or as accepted raw frames)."""
 
@@ -144,7 +146,7 @@ class ImpressionReader:
                  batch_size: int = 4096,
                  rank: int = 0, world_size: int = 1, shuffle: bool = False, shuffle_buffer: int = 262_144,
                  seed: int = 0, chunk_rows: int = 65_536, quarantine_dir: str | Path | None = None,
-                 progress: bool | None = None):
+                 with_eval: bool = False, progress: bool | None = None):
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if featurizer is not None and featurizer.spec is not spec:
@@ -154,7 +156,7 @@ class ImpressionReader:
         self.batch_size, self.shuffle, self.seed, self.chunk_rows = batch_size, shuffle, seed, chunk_rows
         self.buffer_rows = max(batch_size, shuffle_buffer if shuffle else 65_536)
         self.validator = RowValidator(self.spec, quarantine_dir)
-        self.progress = progress
+        self.progress, self.with_eval = progress, with_eval
         self.accounting = RowAccounting()
 
     @property
@@ -168,7 +170,7 @@ class ImpressionReader:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 0]))
         return [self.groups[i] for i in rng.permutation(len(self.groups))]
 
-    def frames(self, epoch: int = 0) -> Iterator[pl.DataFrame]:
+    def frames(self, epoch: int = 0) -> Iterator[pa.RecordBatch]:
         """Accepted raw rows, one chunk at a time; resets `accounting` for this pass."""
         acc = self.accounting = RowAccounting()
         open_file: tuple[str, pq.ParquetFile, pa.Schema, list[str]] | None = None
@@ -178,19 +180,20 @@ class ImpressionReader:
                 if open_file is None or open_file[0] != group.file:
                     try:
                         pf = pq.ParquetFile(group.file)
+                        pf = pq.ParquetFile(group.file, read_dictionary=dictionary_paths(pf, self.spec))
                     except (OSError, pa.ArrowException) as e:
                         raise BadInputError(group.file, None, UNREADABLE, f"cannot open ({e})") from None
                     schema = pf.schema_arrow
-                    open_file = (group.file, pf, schema, _read_columns(self.spec, schema))
+                    open_file = (group.file, pf, schema, read_columns(self.spec, schema, self.with_eval))
                 _, pf, schema, cols = open_file
                 acc.row_groups += 1
                 try:
                     chunks = pf.iter_batches(batch_size=self.chunk_rows, row_groups=[group.index], columns=cols)
                     for i, rb in enumerate(chunks):
-                        good = self.validator.split(pl.from_arrow(rb), schema, group, i, acc)
+                        good = self.validator.split(rb, schema, group, i, acc)
                         if bar is not None:
                             bar.update(rb.num_rows)
-                        if good.height:
+                        if good.num_rows:
                             yield good
                 except (OSError, pa.ArrowException) as e:
                     raise BadInputError(group.file, None, UNREADABLE,
@@ -204,31 +207,31 @@ class ImpressionReader:
         if self.featurizer is None:
             raise ValueError("batches() needs a Featurizer (spec + fitted numeric statistics)")
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 1]))
-        pending: list[pl.DataFrame] = []
+        pending: list[FeatureArrays] = []
         pending_rows = 0
-        for df in self.frames(epoch):
-            pending.append(df)
-            pending_rows += df.height
+        for rb in self.frames(epoch):
+            pending.append(self.featurizer.transform(rb, with_eval=self.with_eval))
+            pending_rows += rb.num_rows
             if pending_rows >= self.buffer_rows:
-                rest = yield from self._emit(_unify(pending, self.spec), rng, final=False)
-                pending, pending_rows = ([rest], rest.height) if rest.height else ([], 0)
+                rest = yield from self._emit(FeatureArrays.concat(pending), rng, final=False)
+                pending, pending_rows = ([rest], rest.rows) if rest.rows else ([], 0)
         if pending_rows:
-            yield from self._emit(_unify(pending, self.spec), rng, final=True)
+            yield from self._emit(FeatureArrays.concat(pending), rng, final=True)
 
-    def _emit(self, frame: pl.DataFrame, rng: np.random.Generator, final: bool):
+    def _emit(self, arrays: FeatureArrays, rng: np.random.Generator, final: bool):
+        """Yield full batches from a buffer (shuffled first); return the rows left over."""
         if self.shuffle:
-            frame = frame[rng.permutation(frame.height)]
-        n = frame.height if final else frame.height - frame.height % self.batch_size
-        if n:
-            big = Batch.from_arrays(self.featurizer.transform(frame[:n] if n < frame.height else frame))
-            for start in range(0, n, self.batch_size):
-                yield big.slice(start, start + self.batch_size)
-        return frame[n:]
+            arrays = arrays.take(rng.permutation(arrays.rows))
+        n = arrays.rows if final else arrays.rows - arrays.rows % self.batch_size
+        for start in range(0, n, self.batch_size):
+            yield Batch.from_arrays(arrays.slice(start, min(start + self.batch_size, n)))
+        return arrays.slice(n, arrays.rows)
 
 
 def fit_numeric_stats(reader: ImpressionReader) -> NumericStats:
     """One pass over accepted rows: the standardisation moments of the training window."""
     stats = NumericStats()
-    for df in reader.frames():
-        stats = stats.merge(NumericStats.of_frame(df, reader.spec))
+    cols = [f.name for f in reader.spec.dense if f.standardize]
+    for rb in reader.frames():
+        stats = stats.merge(NumericStats.of_frame(pl.from_arrow(rb.select(cols)), reader.spec))
     return stats

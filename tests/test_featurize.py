@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 import torch
 
-from features.featurize import Featurizer
+from features.featurize import FeatureArrays, Featurizer
 from features.hashing import NULL_ID, hash_value
 from features.numeric import Moments, NumericStats, pre_standardize_expr
 from features.spec import parse_spec
@@ -68,7 +68,7 @@ def test_mean_pooling_weights(spec):
 def test_dense_standardised_and_labels_masks(spec):
     df = make_frame(spec, 500)
     stats = _stats(spec, df)
-    arr = Featurizer(spec, stats).transform(df)
+    arr = Featurizer(spec, stats).transform(df, with_eval=True)
     assert arr.dense.shape == (500, 8) and arr.dense.dtype == np.float32 and arr.dense.flags.c_contiguous
     assert np.allclose(arr.dense.mean(0), 0, atol=1e-4) and np.allclose(arr.dense.std(0), 1, atol=1e-3)
     price = df.select(pre_standardize_expr(spec.feature_by_name["price"])).to_series().to_numpy()
@@ -97,17 +97,45 @@ def test_moments_merge_equals_whole():
     assert Moments(5, 2.0, 0.0).std == 1.0  # constant column never divides by zero
 
 
-def test_batch_slices_are_consistent(spec):
-    df = make_frame(spec, 50)
-    big = Batch.from_arrays(Featurizer(spec, _stats(spec, df)).transform(df))
-    for start, stop in [(0, 16), (16, 32), (32, 50)]:
-        small = Batch.from_arrays(Featurizer(spec, _stats(spec, df)).transform(df[start:stop]))
-        sl = big.slice(start, stop)
-        assert sl.size == small.size
-        for name in spec.embedding_tables:
-            a, b = sl.tables[name], small.tables[name]
-            assert torch.equal(a.values, b.values)
-            assert (a.offsets is None) == (b.offsets is None)
-            if a.offsets is not None:
-                assert torch.equal(a.offsets, b.offsets)
-        assert torch.equal(sl.dense, big.dense[start:stop]) and torch.equal(sl.labels["ctr"], small.labels["ctr"])
+def _bags(t, rows):
+    if t.offsets is None:
+        return t.values.reshape(rows, -1).tolist()
+    ends = np.append(t.offsets[1:], t.values.size)
+    return [t.values[s:e].tolist() for s, e in zip(t.offsets, ends)]
+
+
+def _same(a, b):
+    assert a.rows == b.rows
+    for name in a.tables:
+        assert _bags(a.tables[name], a.rows) == _bags(b.tables[name], b.rows), name
+        wa, wb = a.tables[name].weights, b.tables[name].weights
+        assert (wa is None) == (wb is None) and (wa is None or np.array_equal(wa, wb))
+    assert np.array_equal(a.dense, b.dense) and np.array_equal(a.group, b.group)
+    for k in a.labels:
+        assert np.array_equal(a.labels[k], b.labels[k]) and np.array_equal(a.masks[k], b.masks[k])
+
+
+def test_slice_take_concat_match_transform_of_rows(spec):
+    df = make_frame(spec, 60)
+    feat = Featurizer(spec, _stats(spec, df))
+    whole = feat.transform(df, with_eval=True)
+    parts = [feat.transform(df[a:b], with_eval=True) for a, b in [(0, 16), (16, 45), (45, 60)]]
+    _same(FeatureArrays.concat(parts), whole)
+    _same(whole.slice(16, 45), parts[1])
+    perm = np.random.default_rng(0).permutation(60)
+    _same(whole.take(perm), feat.transform(df[perm], with_eval=True))
+    batch = Batch.from_arrays(whole.slice(0, 16))
+    assert batch.size == 16 and torch.equal(batch.dense, torch.from_numpy(whole.dense[:16]))
+
+
+def test_dictionary_encoded_input_gives_the_same_ids(spec):
+    df = make_frame(spec, 40)
+    feat = Featurizer(spec, _stats(spec, df))
+    table = df.to_arrow()
+    enc = table
+    for i, name in enumerate(table.column_names):
+        col = table.column(name)
+        if str(col.type) in ("large_string", "string"):
+            enc = enc.set_column(i, name, col.dictionary_encode())
+    assert any(str(t).startswith("dictionary") for t in enc.schema.types)
+    _same(feat.transform(enc, with_eval=True), feat.transform(table, with_eval=True))

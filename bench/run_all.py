@@ -1,0 +1,11 @@
+"""`make bench`: every benchmark in turn (`--quick` for the development-sized variant)."""
+import subprocess
+import sys
+
+BENCHES = ["bench.reader_bench"]
+
+if __name__ == "__main__":
+    extra = sys.argv[1:]
+    for mod in BENCHES:
+        print(f"### {mod}", flush=True)
+        subprocess.run([sys.executable, "-m", mod, *extra], check=True)

@@ -25,8 +25,13 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     cfg = ImpressionConfig(seed=a.seed, start=a.start, days=a.days, rows_per_day=a.rows_per_day,
                            n_users=a.users, n_items=a.items, task_correlation=a.task_correlation,
                            popularity_drift=a.popularity_drift)
-    summary = generate_impressions(a.out, cfg)
-    print(summary)
+    s = generate_impressions(a.out, cfg)
+    print(f"wrote {s.rows:,} rows in {len(s.files)} files under {s.out_dir} ({s.rows_per_second:,.0f} rows/s)")
+    print(f"click {s.click_rate:.2%}  conversion|click {s.cvr_given_click:.2%}  collect {s.collect_rate:.2%}  "
+          f"cart {s.cart_rate:.2%}  mean stay|click {s.mean_stay_given_click:.1f}s")
+    if a.json:
+        from jobs.validate import write_json
+        write_json(s.to_dict(), a.json)
     return 0
 
 
@@ -61,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how strongly post-click tasks share the click signal (0..1)")
     g.add_argument("--popularity-drift", type=float, default=0.0,
                    help="fraction of item popularity reshuffled per day")
+    g.add_argument("--json", default=None, help="also write the generation summary as JSON here")
     g.set_defaults(func=_cmd_generate)
 
     v = sub.add_parser("validate", help="check logs against a FeatureSpec; row accounting and collisions")

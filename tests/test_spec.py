@@ -18,7 +18,7 @@ def test_default_spec_shape():
     assert len(spec.categorical) == 26 and len(spec.multi_hot) == 2 and len(spec.dense) == 8
     tabs = spec.embedding_tables
     assert tabs["category"].fields == ("category_id", "user_recent_categories")
-    assert tabs["user_id"].buckets == 1048576 and tabs["user_id"].dim == 16
+    assert tabs["user_id"].buckets == 1048576 and tabs["category"].buckets == 131072 and tabs["user_id"].dim == 16
     assert [t.name for t in spec.tasks] == ["ctr", "cvr", "stay", "collect", "cart"]
     assert spec.space_label(spec.task_by_name["cvr"]) == "click"
     assert spec.space_label(spec.task_by_name["ctr"]) is None

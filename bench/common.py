@@ -64,6 +64,17 @@ def machine() -> dict:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process image.
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child would
+    report its parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

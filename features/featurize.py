@@ -1,14 +1,15 @@
 """Raw columns -> model-ready numpy arrays, for a whole chunk of rows at once.
 
-Layout per embedding table (the EmbeddingBag convention): the fields sharing a table form k bags
-per row, bag b = row * k + slot, so one lookup serves every field of the table. A table whose
-fields are all single-valued needs no offsets (every bag holds exactly one id; values reshape to
-[rows, k]); mean-pooled multi-hot bags carry per-id weights 1/len so one 'sum' lookup pools every
-field. Null multi-hot lists are empty bags; null ids are NULL_ID.
+Layout: every single-valued id field (categoricals, bucketized numerics) is one column of an int64
+id matrix [rows, n_id_fields] (`spec.id_fields` order), so a model can look all of them up in one
+fused call and a shuffle moves each row with one gather. Multi-hot fields use the EmbeddingBag
+convention per table: the k multi-hot fields of a table form k bags per row (bag = row * k + slot)
+with offsets; mean-pooled bags carry per-id weights 1/len so one 'sum' lookup pools every field.
+Null lists are empty bags; null ids are NULL_ID.
 
 Speed: string columns read as Arrow dictionaries are hashed once per distinct value and gathered
-by index, so the cost per row is a gather, not a hash; other columns are hashed in one parallel
-polars query.
+by index, so the cost per row is a gather, not a hash; every other hash runs in one parallel
+polars round-trip per chunk.
 """
 from __future__ import annotations
 
@@ -26,19 +27,17 @@ from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, Nume
 
 @dataclass
 class TableArrays:
+    """Pooled bags of one table's multi-hot fields."""
+
     values: np.ndarray               # int64 [n_ids]
-    offsets: np.ndarray | None       # int64 [rows * k] bag starts; None: one id per bag
+    offsets: np.ndarray              # int64 [rows * k] bag starts
     weights: np.ndarray | None       # float32 [n_ids] per-id pooling weights; None: all 1
 
     def bag_lengths(self, rows: int) -> np.ndarray:
         """[rows, k] ids per bag."""
-        k = self.offsets.size // rows
-        return np.diff(np.append(self.offsets, self.values.size)).reshape(rows, k)
+        return np.diff(np.append(self.offsets, self.values.size)).reshape(rows, -1)
 
     def slice(self, start: int, stop: int, rows: int) -> "TableArrays":
-        if self.offsets is None:
-            k = self.values.size // rows
-            return TableArrays(self.values[start * k: stop * k], None, None)
         k = self.offsets.size // rows
         lo = int(self.offsets[start * k]) if start < rows else self.values.size
         hi = int(self.offsets[stop * k]) if stop < rows else self.values.size
@@ -46,9 +45,6 @@ class TableArrays:
         return TableArrays(self.values[lo:hi], self.offsets[start * k: stop * k] - lo, w)
 
     def take(self, perm: np.ndarray, rows: int) -> "TableArrays":
-        if self.offsets is None:
-            k = self.values.size // rows
-            return TableArrays(self.values.reshape(rows, k)[perm].reshape(-1), None, None)
         lengths = self.bag_lengths(rows)
         row_len = lengths.sum(1)
         row_start = self.offsets[:: lengths.shape[1]]
@@ -60,19 +56,17 @@ class TableArrays:
 
     @staticmethod
     def concat(parts: list["TableArrays"]) -> "TableArrays":
-        values = np.concatenate([p.values for p in parts])
-        if parts[0].offsets is None:
-            return TableArrays(values, None, None)
         base = np.cumsum([0] + [p.values.size for p in parts[:-1]])
-        offsets = np.concatenate([p.offsets + b for p, b in zip(parts, base)])
-        weights = None if parts[0].weights is None else np.concatenate([p.weights for p in parts])
-        return TableArrays(values, offsets, weights)
+        return TableArrays(np.concatenate([p.values for p in parts]),
+                           np.concatenate([p.offsets + b for p, b in zip(parts, base)]),
+                           None if parts[0].weights is None else np.concatenate([p.weights for p in parts]))
 
 
 @dataclass
 class FeatureArrays:
     rows: int
-    tables: dict[str, TableArrays]
+    ids: np.ndarray                  # int64 [rows, n_id_fields], columns = spec.id_fields
+    bags: dict[str, TableArrays]     # table -> bags of its multi-hot fields
     dense: np.ndarray                # float32 [rows, n_dense]
     labels: dict[str, np.ndarray]    # task -> float32 [rows]
     masks: dict[str, np.ndarray]     # task -> bool [rows]: row belongs to the task's training space
@@ -80,7 +74,7 @@ class FeatureArrays:
     truth: dict[str, np.ndarray]     # task -> float32 [rows], evaluation reads with truth columns only
 
     def _rowwise(self, f) -> "FeatureArrays":
-        return FeatureArrays(0, {}, f(self.dense), {k: f(v) for k, v in self.labels.items()},
+        return FeatureArrays(0, f(self.ids), {}, f(self.dense), {k: f(v) for k, v in self.labels.items()},
                              {k: f(v) for k, v in self.masks.items()},
                              None if self.group is None else f(self.group), {k: f(v) for k, v in self.truth.items()})
 
@@ -88,13 +82,13 @@ class FeatureArrays:
         stop = min(stop, self.rows)
         out = self._rowwise(lambda a: a[start:stop])
         out.rows = stop - start
-        out.tables = {k: t.slice(start, stop, self.rows) for k, t in self.tables.items()}
+        out.bags = {k: t.slice(start, stop, self.rows) for k, t in self.bags.items()}
         return out
 
     def take(self, perm: np.ndarray) -> "FeatureArrays":
         out = self._rowwise(lambda a: a[perm])
         out.rows = perm.size
-        out.tables = {k: t.take(perm, self.rows) for k, t in self.tables.items()}
+        out.bags = {k: t.take(perm, self.rows) for k, t in self.bags.items()}
         return out
 
     @staticmethod
@@ -104,8 +98,8 @@ class FeatureArrays:
         cat = np.concatenate
         p0 = parts[0]
         return FeatureArrays(
-            sum(p.rows for p in parts),
-            {k: TableArrays.concat([p.tables[k] for p in parts]) for k in p0.tables},
+            sum(p.rows for p in parts), cat([p.ids for p in parts]),
+            {k: TableArrays.concat([p.bags[k] for p in parts]) for k in p0.bags},
             cat([p.dense for p in parts]), {k: cat([p.labels[k] for p in parts]) for k in p0.labels},
             {k: cat([p.masks[k] for p in parts]) for k in p0.masks},
             None if p0.group is None else cat([p.group for p in parts]),
@@ -212,7 +206,10 @@ class Featurizer:
             v = h.to_series().to_numpy()
             ids[field] = v if idx is None else np.append(v, NULL_ID)[idx]
 
-        tables = {name: self._table(tab.fields, n, ids, lengths) for name, tab in spec.embedding_tables.items()}
+        id_matrix = np.empty((n, len(spec.id_fields)), np.int64)
+        for j, (field, _) in enumerate(spec.id_fields):
+            id_matrix[:, j] = ids[field]
+        bags = {table: self._bags(fields, n, ids, lengths) for table, fields in spec.bag_tables.items()}
         dense = (np.ascontiguousarray(out.select([f"__dense/{f.name}" for f in spec.dense]).to_numpy(),
                                       dtype=np.float32) if spec.dense else np.zeros((n, 0), np.float32))
         labels, masks = {}, {}
@@ -221,31 +218,21 @@ class Featurizer:
             for t in spec.tasks:
                 space = spec.task_by_name.get(t.space)
                 masks[t.name] = np.ones(n, bool) if space is None else labels[space.name] > 0
-        return FeatureArrays(n, tables, dense, labels, masks, col("__group") if with_eval else None,
+        return FeatureArrays(n, id_matrix, bags, dense, labels, masks, col("__group") if with_eval else None,
                              {t: col(f"__truth/{t}") for t in truth})
 
-    def _table(self, fields: tuple[str, ...], n: int, ids: dict[str, np.ndarray],
-               lengths: dict[str, np.ndarray]) -> TableArrays:
+    def _bags(self, fields: tuple[str, ...], n: int, ids: dict[str, np.ndarray],
+              lengths: dict[str, np.ndarray]) -> TableArrays:
         feats = [self.spec.feature_by_name[f] for f in fields]
         k = len(feats)
-        if not any(isinstance(f, MultiHotFeature) for f in feats):
-            if k == 1:
-                return TableArrays(np.asarray(ids[fields[0]], dtype=np.int64), None, None)
-            return TableArrays(np.stack([ids[f] for f in fields], axis=1).astype(np.int64).reshape(-1), None, None)
-        lens = np.stack([lengths[f.name] if isinstance(f, MultiHotFeature) else np.ones(n, np.int64)
-                         for f in feats], axis=1)                       # [n, k]
+        lens = np.stack([lengths[f] for f in fields], axis=1)       # [n, k]
         offsets = _starts(lens.reshape(-1))
         values = np.empty(int(lens.sum()), np.int64)
-        need_weights = any(isinstance(f, MultiHotFeature) and f.pooling == "mean" for f in feats)
-        weights = np.ones(values.size, np.float32) if need_weights else None
-        rows = np.arange(n, dtype=np.int64)
+        weights = np.ones(values.size, np.float32) if any(f.pooling == "mean" for f in feats) else None
+        starts_all = offsets.reshape(n, k)
         for slot, f in enumerate(feats):
-            starts = offsets[rows * k + slot]
-            if not isinstance(f, MultiHotFeature):
-                values[starts] = ids[f.name]
-                continue
             ln = lens[:, slot]
-            dest = np.repeat(starts - (np.cumsum(ln) - ln), ln) + np.arange(int(ln.sum()), dtype=np.int64)
+            dest = np.repeat(starts_all[:, slot] - (np.cumsum(ln) - ln), ln) + np.arange(int(ln.sum()), dtype=np.int64)
             values[dest] = ids[f.name]
             if f.pooling == "mean":
                 weights[dest] = np.repeat((1.0 / np.maximum(ln, 1)).astype(np.float32), ln)

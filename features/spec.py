@@ -230,6 +230,22 @@ class FeatureSpec(_Strict):
         return out
 
     @cached_property
+    def id_fields(self) -> tuple[tuple[str, str], ...]:
+        """(field, table) of every single-valued id field, grouped by table: the columns of the id matrix."""
+        return tuple((f, t.name) for t in self.embedding_tables.values() for f in t.fields
+                     if not isinstance(self.feature_by_name[f], MultiHotFeature))
+
+    @cached_property
+    def bag_tables(self) -> dict[str, tuple[str, ...]]:
+        """table -> its multi-hot fields (pooled bags), for tables that have any."""
+        out: dict[str, tuple[str, ...]] = {}
+        for t in self.embedding_tables.values():
+            bags = tuple(f for f in t.fields if isinstance(self.feature_by_name[f], MultiHotFeature))
+            if bags:
+                out[t.name] = bags
+        return out
+
+    @cached_property
     def feature_by_name(self) -> dict[str, Feature]:
         return {f.name: f for f in self.features}
 

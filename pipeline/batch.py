@@ -11,20 +11,18 @@ from features.featurize import FeatureArrays
 
 @dataclass
 class TableInput:
-    """Ids of every field of one table, EmbeddingBag layout (bag = row * k + slot).
-
-    offsets None means each bag holds exactly one id (values reshape to [rows, k]).
-    """
+    """Pooled bags of one table's multi-hot fields, EmbeddingBag layout (bag = row * k + slot)."""
 
     values: torch.Tensor
-    offsets: torch.Tensor | None
+    offsets: torch.Tensor
     weights: torch.Tensor | None
 
 
 @dataclass
 class Batch:
     size: int
-    tables: dict[str, TableInput]
+    ids: torch.Tensor                   # int64 [B, n_id_fields]: spec.id_fields, one fused lookup
+    bags: dict[str, TableInput]         # table -> its multi-hot fields
     dense: torch.Tensor                 # float32 [B, n_dense]
     labels: dict[str, torch.Tensor]     # task -> float32 [B]
     masks: dict[str, torch.Tensor]      # task -> bool [B]
@@ -39,12 +37,9 @@ class Batch:
         """
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return Batch._from_arrays(a)
-
-    @staticmethod
-    def _from_arrays(a: FeatureArrays) -> "Batch":
-        t = torch.from_numpy
-        tables = {name: TableInput(t(x.values), None if x.offsets is None else t(x.offsets),
-                                   None if x.weights is None else t(x.weights)) for name, x in a.tables.items()}
-        return Batch(a.rows, tables, t(a.dense), {k: t(v) for k, v in a.labels.items()},
-                     {k: t(v) for k, v in a.masks.items()}, None if a.group is None else t(a.group), {k: t(v) for k, v in a.truth.items()})
+            t = torch.from_numpy
+            bags = {name: TableInput(t(x.values), t(x.offsets), None if x.weights is None else t(x.weights))
+                    for name, x in a.bags.items()}
+            return Batch(a.rows, t(a.ids), bags, t(a.dense), {k: t(v) for k, v in a.labels.items()},
+                         {k: t(v) for k, v in a.masks.items()}, None if a.group is None else t(a.group),
+                         {k: t(v) for k, v in a.truth.items()})

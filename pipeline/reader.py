@@ -140,11 +140,16 @@ class RowValidator:
 
 
 class ImpressionReader:
-    """Streams one rank's share of a data window as Batches (or as accepted raw frames)."""
+    """Streams one rank's share of a data window as Batches (or as accepted raw frames).
+
+    Shuffling permutes the row groups of each epoch and the rows of a `shuffle_buffer` window. The
+    buffer's random gather is cache-bound: 64k rows keeps ~0.7M rows/s on 2 cores, 256k rows mixes
+    more but halves the rate (see bench/results/reader.md).
+    """
 
     def __init__(self, window: DataWindow, spec: FeatureSpec, featurizer: Featurizer | None = None, *,
                  batch_size: int = 4096,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = False, shuffle_buffer: int = 262_144,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = False, shuffle_buffer: int = 65_536,
                  seed: int = 0, chunk_rows: int = 65_536, quarantine_dir: str | Path | None = None,
                  with_eval: bool = False, progress: bool | None = None):
         if batch_size <= 0:

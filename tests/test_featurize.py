@@ -16,53 +16,47 @@ def _stats(spec, df):
     return NumericStats.of_frame(df, spec)
 
 
-def _expected_bags(spec, df, table):
-    """Row path: bag per (row, field) in table order, as python lists."""
-    tab = spec.embedding_tables[table]
-    bags = []
-    for row in df.iter_rows(named=True):
-        for field in tab.fields:
-            v = row[field]
-            if isinstance(v, list) or (v is None and spec.feature_by_name[field].kind == "multi_hot"):
-                bags.append([hash_value(x, table, spec.hash_seed, tab.buckets) for x in (v or [])])
-            else:
-                bags.append([hash_value(v, table, spec.hash_seed, tab.buckets)])
-    return bags
+def _row_ids(spec, row, field, table):
+    buckets = spec.embedding_tables[table].buckets
+    v = row[field]
+    if spec.feature_by_name[field].kind == "multi_hot":
+        return [hash_value(x, table, spec.hash_seed, buckets) for x in (v or [])]
+    return hash_value(v, table, spec.hash_seed, buckets)
+
+
+def _bag_lists(t, rows):
+    ends = np.append(t.offsets[1:], t.values.size)
+    return [t.values[s:e].tolist() for s, e in zip(t.offsets, ends)]
 
 
 def test_layout_matches_row_path(spec):
     df = make_frame(spec, 40)
     arr = Featurizer(spec, _stats(spec, df)).transform(df)
-    assert arr.rows == 40
-    for name, tab in spec.embedding_tables.items():
-        t = arr.tables[name]
-        expected = _expected_bags(spec, df, name)
-        if t.offsets is None:
-            assert [[int(x)] for x in t.values] == expected
-            assert t.weights is None
-        else:
-            ends = np.append(t.offsets[1:], t.values.size)
-            got = [t.values[s:e].tolist() for s, e in zip(t.offsets, ends)]
-            assert got == expected
+    assert arr.rows == 40 and arr.ids.shape == (40, 26) and arr.ids.dtype == np.int64
+    rows = list(df.iter_rows(named=True))
+    for j, (field, table) in enumerate(spec.id_fields):
+        assert arr.ids[:, j].tolist() == [_row_ids(spec, r, field, table) for r in rows], field
+    assert set(arr.bags) == {"category", "item_tags"}
+    for table, fields in spec.bag_tables.items():
+        expected = [_row_ids(spec, r, f, table) for r in rows for f in fields]
+        assert _bag_lists(arr.bags[table], 40) == expected
     # shared table: the int64 category_id and the string list of categories hash alike
     cat = spec.embedding_tables["category"]
     assert hash_value(7, "category", spec.hash_seed, cat.buckets) == hash_value("7", "category", spec.hash_seed, cat.buckets)
     # null id and null list
-    assert arr.tables["user_gender"].values[0] == NULL_ID
-    tags = arr.tables["item_tags"]
+    assert arr.ids[0, [f for f, _ in spec.id_fields].index("user_gender")] == NULL_ID
+    tags = arr.bags["item_tags"]
     assert tags.offsets[1] == tags.offsets[2]  # row 1 has a null list -> empty bag
 
 
 def test_mean_pooling_weights(spec):
     df = make_frame(spec, 30)
-    t = Featurizer(spec, _stats(spec, df)).transform(df).tables["category"]  # [category_id, recent]
+    t = Featurizer(spec, _stats(spec, df)).transform(df).bags["category"]
     ends = np.append(t.offsets[1:], t.values.size)
-    for b, (s, e) in enumerate(zip(t.offsets, ends)):
-        w = t.weights[s:e]
-        if b % 2 == 0:  # category_id: single id, weight 1
-            assert w.tolist() == [1.0]
-        elif e > s:  # mean-pooled bag: weights sum to 1
-            assert np.isclose(w.sum(), 1.0)
+    for s_, e in zip(t.offsets, ends):
+        if e > s_:  # mean-pooled bag: equal weights summing to 1
+            w = t.weights[s_:e]
+            assert np.isclose(w.sum(), 1.0) and np.allclose(w, w[0])
 
 
 def test_dense_standardised_and_labels_masks(spec):
@@ -97,18 +91,11 @@ def test_moments_merge_equals_whole():
     assert Moments(5, 2.0, 0.0).std == 1.0  # constant column never divides by zero
 
 
-def _bags(t, rows):
-    if t.offsets is None:
-        return t.values.reshape(rows, -1).tolist()
-    ends = np.append(t.offsets[1:], t.values.size)
-    return [t.values[s:e].tolist() for s, e in zip(t.offsets, ends)]
-
-
 def _same(a, b):
-    assert a.rows == b.rows
-    for name in a.tables:
-        assert _bags(a.tables[name], a.rows) == _bags(b.tables[name], b.rows), name
-        wa, wb = a.tables[name].weights, b.tables[name].weights
+    assert a.rows == b.rows and np.array_equal(a.ids, b.ids)
+    for name in a.bags:
+        assert _bag_lists(a.bags[name], a.rows) == _bag_lists(b.bags[name], b.rows), name
+        wa, wb = a.bags[name].weights, b.bags[name].weights
         assert (wa is None) == (wb is None) and (wa is None or np.array_equal(wa, wb))
     assert np.array_equal(a.dense, b.dense) and np.array_equal(a.group, b.group)
     for k in a.labels:
@@ -139,3 +126,15 @@ def test_dictionary_encoded_input_gives_the_same_ids(spec):
             enc = enc.set_column(i, name, col.dictionary_encode())
     assert any(str(t).startswith("dictionary") for t in enc.schema.types)
     _same(feat.transform(enc, with_eval=True), feat.transform(table, with_eval=True))
+
+
+def test_bucketized_numeric_becomes_an_id_column():
+    spec = parse_spec({"hash_seed": 1, "features": [
+        {"name": "age", "kind": "numeric", "fill": 0.0, "boundaries": [1.0, 7.0, 30.0], "dim": 4},
+        {"name": "x", "kind": "numeric", "clip": [0, 10], "standardize": True}],
+        "tasks": [{"name": "ctr", "label": "click", "type": "binary"}]})
+    df = pl.DataFrame({"age": [0.5, 1.0, 6.9, 7.0, 29.0, 30.0, 1e6, None], "x": [1.0] * 8,
+                       "click": [0] * 8})
+    arr = Featurizer(spec, NumericStats.of_frame(df, spec)).transform(df)
+    assert spec.id_fields == (("age", "age"),) and arr.dense.shape == (8, 1)
+    assert arr.ids[:, 0].tolist() == [1, 2, 2, 3, 3, 4, 4, 1]  # null filled with 0.0 -> first bucket

@@ -127,15 +127,6 @@ class Featurizer:
             for f in t.fields:
                 self._table_of[f] = (t.name, table_seed(t.name, spec.hash_seed), t.buckets)
 
-    def input_columns(self, names: list[str], with_labels: bool = True, with_eval: bool = False) -> list[str]:
-        """Columns a transform reads from data whose columns are `names`."""
-        cols = [f.name for f in self.spec.features]
-        if with_labels:
-            cols += [t.label for t in self.spec.tasks]
-        if with_eval:
-            cols += [self.spec.group_key] + [c for c in self.spec.ground_truth.values() if c in names]
-        return list(dict.fromkeys(cols))
-
     def transform(self, data: pa.Table | pa.RecordBatch | pl.DataFrame, with_labels: bool = True,
                   with_eval: bool = False) -> FeatureArrays:
         """Arrays for every row; `with_eval` adds the GAUC group key and ground-truth columns."""

@@ -92,11 +92,6 @@ def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> None:
                                                          f"found {schema.field(col).type}")
 
 
-def ground_truth_columns(schema: pa.Schema, spec: FeatureSpec) -> dict[str, str]:
-    """The truth columns present in this data (oracle metrics only where they exist)."""
-    return {task: col for task, col in spec.ground_truth.items() if col in schema.names}
-
-
 # ---------------------------------------------------------------------------------------------
 # Rows
 

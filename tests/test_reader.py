@@ -9,7 +9,7 @@ import pytest
 from features.featurize import Featurizer
 from features.rules import BadInputError
 from pipeline.dataset import open_window
-from pipeline.reader import ImpressionReader, fit_numeric_stats
+from pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats
 from tests.conftest import make_frame
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
@@ -120,11 +120,15 @@ def test_quarantine_mode_counts_and_sets_rows_aside(bad_logs, spec, tmp_path):
 
 def test_sharding_is_disjoint_and_complete(clean_logs, spec):
     window = open_window(clean_logs, spec)
-    seen = []
+    seen, total = [], RowAccounting()
     for rank in range(3):
         r = ImpressionReader(window, spec, rank=rank, world_size=3, progress=False)
         seen += [x for f in r.frames() for x in f.column("price").to_pylist()]  # unique floats
+        assert 0 < r.accounting.rows_read < 750
+        total = total.merge(r.accounting)
     assert len(seen) == len(set(seen)) == 750
+    assert total.rows_read == total.rows_accepted == 750 and total.balanced
+    assert total.row_groups == len(window.row_groups)
 
 
 def test_shuffle_is_a_seeded_permutation(clean_logs, spec):

@@ -1,0 +1,87 @@
+"""MultiTaskRanker: embeddings -> bottom -> one tower per task -> logits and probabilities.
+
+Tasks, their types and ESMM parents all come from `spec.tasks`; the model names no task itself.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from features.spec import FeatureSpec, TaskSpec
+from models.bottoms import MMoE, OMoE, PLE, BatchedMLP, SharedBottom
+from models.config import ModelConfig
+from models.embedding import FusedEmbeddings
+from pipeline.batch import Batch
+
+
+def product_key(task: TaskSpec) -> str:
+    """Name of the entire-space product p(parent & task): parent 'ctr' + 'cvr' -> 'ctcvr'.
+
+    The parent's trailing 'r' (rate) is dropped, so the chain reads like the ESMM paper's pCTCVR
+    and extends to 'ctcollect', 'ctcart'. Returns the name without the 'p_' / 'log_p_' prefix.
+    """
+    assert task.parent is not None
+    return task.parent.removesuffix("r") + task.name
+
+
+def build_bottom(cfg: ModelConfig, tasks: tuple[str, ...], in_dim: int) -> nn.Module:
+    if cfg.bottom == "shared_bottom":
+        return SharedBottom(tasks, in_dim, cfg.expert_mlp, cfg.dropout)
+    if cfg.bottom == "omoe":
+        return OMoE(tasks, in_dim, cfg.experts, cfg.expert_mlp, cfg.dropout)
+    if cfg.bottom == "mmoe":
+        return MMoE(tasks, in_dim, cfg.experts, cfg.expert_mlp, cfg.dropout)
+    return PLE(tasks, in_dim, cfg.experts, cfg.ple_task_experts, cfg.ple_levels, cfg.expert_mlp, cfg.dropout)
+
+
+class MultiTaskRanker(nn.Module):
+    """forward(batch) -> {'logits': {task: [B]}, 'gates': ..., 'p_<task>', 'p_<prod>', 'log_p_<prod>', '<regression task>'}.
+
+    Binary tasks: `p_<task>` = sigmoid(logit). ESMM children (`parent` set, cfg.esmm): also
+    `p_<prod>` = p_parent * p_task and `log_p_<prod>` = logsigmoid sum, finite for any logit, so
+    the entire-space BCE can be computed in log space. Regression tasks: the logit is the raw
+    prediction; with loss mse_log1p it is log1p(value) and `<task>` = expm1(clamp(raw, min=0)).
+    """
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        self.task_specs = spec.tasks
+        self.tasks = tuple(t.name for t in spec.tasks)
+        self.embeddings = FusedEmbeddings(spec)
+        self.bottom = build_bottom(cfg, self.tasks, self.embeddings.output_dim)
+        # All towers in one batched MLP: tower t reads bottom features t.
+        self.towers = BatchedMLP(len(self.tasks), self.bottom.out_dim, cfg.tower_mlp + (1,),
+                                 cfg.dropout, last_activation=False)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Embedding tables (sparse grads -> SparseAdam)."""
+        return self.embeddings.sparse_parameters()
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Everything else (dense grads -> Adam/AdamW)."""
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+    def forward(self, batch: Batch) -> dict:
+        x = self.embeddings(batch)
+        h, gates = self.bottom(x)                       # [T, B, H]
+        raw = self.towers(h).squeeze(-1)                # [T, B]
+        logits = {t: raw[i] for i, t in enumerate(self.tasks)}
+        out: dict = {"logits": logits, "gates": gates}
+        for t in self.task_specs:
+            z = logits[t.name]
+            if t.type == "binary":
+                out[f"p_{t.name}"] = torch.sigmoid(z)
+            elif t.loss == "mse_log1p":
+                out[t.name] = torch.expm1(z.clamp(min=0))
+            else:
+                out[t.name] = z
+        if self.cfg.esmm:
+            for t in self.task_specs:
+                if t.parent is not None:
+                    key = product_key(t)
+                    out[f"p_{key}"] = out[f"p_{t.parent}"] * out[f"p_{t.name}"]
+                    out[f"log_p_{key}"] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
+        return out

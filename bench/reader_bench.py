@@ -18,7 +18,7 @@ from bench.common import CACHE, machine, peak_rss_mb, repeat, run_child, write_r
 from features.featurize import Featurizer
 from features.spec import load_spec
 from pipeline.dataset import open_window
-from pipeline.reader import ImpressionReader, dictionary_paths, fit_numeric_stats, read_columns
+from pipeline.reader import ImpressionReader, fit_numeric_stats, open_parquet, read_columns
 
 START = dt.date(2026, 11, 1)
 
@@ -53,9 +53,7 @@ def pyarrow_pass(window, columns, dictionary: bool) -> int:
     files: dict[str, pq.ParquetFile] = {}
     for g in window.row_groups:
         if g.file not in files:
-            pf = pq.ParquetFile(g.file)
-            files[g.file] = pq.ParquetFile(g.file, read_dictionary=dictionary_paths(pf, load_spec())) \
-                if dictionary else pf
+            files[g.file] = open_parquet(g.file, load_spec()) if dictionary else pq.ParquetFile(g.file)
         pf = files[g.file]
         for rb in pf.iter_batches(batch_size=65_536, row_groups=[g.index], columns=columns):
             n += rb.num_rows

@@ -73,23 +73,20 @@ class FeatureArrays:
     group: np.ndarray | None         # int64 [rows] GAUC group key (hashed user); evaluation reads only
     truth: dict[str, np.ndarray]     # task -> float32 [rows], evaluation reads with truth columns only
 
-    def _rowwise(self, f) -> "FeatureArrays":
-        return FeatureArrays(0, f(self.ids), {}, f(self.dense), {k: f(v) for k, v in self.labels.items()},
+    def _rowwise(self, f, rows: int, bags: dict[str, TableArrays]) -> "FeatureArrays":
+        """Apply a row selection `f` to every row-aligned array; bags are selected by the caller."""
+        return FeatureArrays(rows, f(self.ids), bags, f(self.dense), {k: f(v) for k, v in self.labels.items()},
                              {k: f(v) for k, v in self.masks.items()},
                              None if self.group is None else f(self.group), {k: f(v) for k, v in self.truth.items()})
 
     def slice(self, start: int, stop: int) -> "FeatureArrays":
         stop = min(stop, self.rows)
-        out = self._rowwise(lambda a: a[start:stop])
-        out.rows = stop - start
-        out.bags = {k: t.slice(start, stop, self.rows) for k, t in self.bags.items()}
-        return out
+        return self._rowwise(lambda a: a[start:stop], stop - start,
+                             {k: t.slice(start, stop, self.rows) for k, t in self.bags.items()})
 
     def take(self, perm: np.ndarray) -> "FeatureArrays":
-        out = self._rowwise(lambda a: a[perm])
-        out.rows = perm.size
-        out.bags = {k: t.take(perm, self.rows) for k, t in self.bags.items()}
-        return out
+        return self._rowwise(lambda a: a[perm], perm.size,
+                             {k: t.take(perm, self.rows) for k, t in self.bags.items()})
 
     @staticmethod
     def concat(parts: list["FeatureArrays"]) -> "FeatureArrays":
@@ -122,10 +119,8 @@ class Featurizer:
     def __init__(self, spec: FeatureSpec, stats: NumericStats | None = None):
         self.spec, self.stats = spec, stats or NumericStats()
         self._missing = self.stats.missing(spec)
-        self._table_of: dict[str, tuple[str, int, int]] = {}  # field -> (table, seed, buckets)
-        for t in spec.embedding_tables.values():
-            for f in t.fields:
-                self._table_of[f] = (t.name, table_seed(t.name, spec.hash_seed), t.buckets)
+        self._hashing: dict[str, tuple[int, int]] = {  # field -> (table seed, buckets)
+            f: (table_seed(t.name, spec.hash_seed), t.buckets) for t in spec.embedding_tables.values() for f in t.fields}
 
     def transform(self, data: pa.Table | pa.RecordBatch | pl.DataFrame, with_labels: bool = True,
                   with_eval: bool = False) -> FeatureArrays:
@@ -134,16 +129,14 @@ class Featurizer:
             raise ValueError(f"numeric statistics missing for standardized features: {self._missing}")
         if isinstance(data, pl.DataFrame):
             data = data.to_arrow()
-        batches = data.to_batches() if isinstance(data, pa.Table) else [data]
-        batches = [b for b in batches if b.num_rows] or batches[:1]
-        if not batches:
-            batches = [pa.RecordBatch.from_pylist([], schema=data.schema)]
+        batches = [b for b in data.to_batches() if b.num_rows] if isinstance(data, pa.Table) else [data]
+        batches = batches or [pa.RecordBatch.from_pylist([], schema=data.schema)]
         return FeatureArrays.concat([self._transform(b, with_labels, with_eval) for b in batches])
 
     # ------------------------------------------------------------------------------------------
     def _hash_query(self, arr: pa.Array, field: str) -> tuple[pl.LazyFrame, np.ndarray | None]:
         """A query hashing `arr` (its dictionary only, when dictionary-encoded) + indices to gather."""
-        _, seed, buckets = self._table_of[field]
+        seed, buckets = self._hashing[field]
         idx = None
         if pa.types.is_dictionary(arr.type):
             arr, idx = arr.dictionary, arr.indices
@@ -170,7 +163,7 @@ class Featurizer:
             elif pa.types.is_dictionary(arr.type):
                 side.append((f.name, *self._hash_query(arr, f.name)))
             else:
-                _, seed, buckets = self._table_of[f.name]
+                seed, buckets = self._hashing[f.name]
                 plain[f.name] = arr
                 exprs.append(hash_expr(pl.col(f.name), _pl_dtype(arr), seed, buckets).alias(f"__id/{f.name}"))
         exprs += [dense_expr(f, self.stats).alias(f"__dense/{f.name}") for f in spec.dense]

@@ -24,6 +24,8 @@ import polars as pl
 import polars_hash  # noqa: F401  (registers the `nchash` expression namespace)
 import xxhash
 
+from features.spec import FeatureSpec, MultiHotFeature, NumericFeature
+
 NULL_ID = 0
 _TABLE_PREFIX = b"mtrank/table:"
 _GROUP_SEED_NAME = "mtrank/group"
@@ -92,10 +94,8 @@ class CollisionStats:
                 "distinct_ids": self.distinct_ids, "collision_rate": round(self.collision_rate, 6)}
 
 
-def table_collisions(frame: pl.LazyFrame, spec) -> dict[str, CollisionStats]:
+def table_collisions(frame: pl.LazyFrame, spec: FeatureSpec) -> dict[str, CollisionStats]:
     """Per table: distinct raw values (over all its fields) vs distinct ids; one lazy query each."""
-    from features.spec import MultiHotFeature, NumericFeature  # local: spec imports nothing from here
-
     schema = frame.collect_schema()
     out: dict[str, CollisionStats] = {}
     for tab in spec.embedding_tables.values():

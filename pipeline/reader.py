@@ -63,22 +63,22 @@ def rule_columns(spec: FeatureSpec) -> list[str]:
 
 
 def read_columns(spec: FeatureSpec, schema: pa.Schema, with_eval: bool) -> list[str]:
-    cols = rule_columns(spec) + [f.name for f in spec.features]
+    cols = list(spec.required_columns)
     if with_eval:
         cols += [c for c in spec.ground_truth.values() if c in schema.names]
-    return list(dict.fromkeys(cols))
+    return cols
 
 
-def dictionary_paths(pf: pq.ParquetFile, spec: FeatureSpec) -> list[str]:
-    """Parquet column paths of the string id columns, read as Arrow dictionaries (hash once per value)."""
+def open_parquet(path: str, spec: FeatureSpec) -> pq.ParquetFile:
+    """Open for reading with the string id columns decoded as Arrow dictionaries (hash once per value).
+
+    The footer is read once: the second handle reuses the first one's metadata.
+    """
+    meta = pq.read_metadata(path)
     ids = {f.name for f in spec.features if isinstance(f, (CategoricalFeature, MultiHotFeature))}
-    schema = pf.metadata.schema
-    out = []
-    for i in range(len(schema)):
-        c = schema.column(i)
-        if c.path.split(".", 1)[0] in ids and c.physical_type == "BYTE_ARRAY":
-            out.append(c.path)
-    return out
+    paths = [c.path for c in (meta.schema.column(i) for i in range(len(meta.schema)))
+             if c.path.split(".", 1)[0] in ids and c.physical_type == "BYTE_ARRAY"]
+    return pq.ParquetFile(path, metadata=meta, read_dictionary=paths)
 
 
 class RowValidator:
@@ -184,8 +184,7 @@ class ImpressionReader:
             for group in self._order(epoch):
                 if open_file is None or open_file[0] != group.file:
                     try:
-                        pf = pq.ParquetFile(group.file)
-                        pf = pq.ParquetFile(group.file, read_dictionary=dictionary_paths(pf, self.spec))
+                        pf = open_parquet(group.file, self.spec)
                     except (OSError, pa.ArrowException) as e:
                         raise BadInputError(group.file, None, UNREADABLE, f"cannot open ({e})") from None
                     schema = pf.schema_arrow

@@ -61,6 +61,10 @@ class Moments:
         return s if s > 1e-12 else 1.0
 
 
+def target_key(task: str) -> str:
+    return f"target/{task}"
+
+
 @dataclass
 class NumericStats:
     """Per-feature moments of the pre-standardisation values."""
@@ -74,17 +78,32 @@ class NumericStats:
 
     @staticmethod
     def of_frame(df: pl.DataFrame, spec: FeatureSpec) -> "NumericStats":
-        feats = [f for f in spec.dense if f.standardize]
-        if not feats or df.height == 0:
-            return NumericStats({f.name: Moments() for f in feats})
+        """Moments of every standardised feature, and of each task's target on its population
+        (key `target/<task>`, in loss space: positive rate for binary, log1p for mse_log1p) when the
+        label column is present."""
+        named = {f.name: pre_standardize_expr(f) for f in spec.dense if f.standardize}
+        for t in spec.tasks:
+            if t.label in df.columns:
+                y = pl.col(t.label).cast(pl.Float64)
+                if t.type == "binary":
+                    y = (y > 0).cast(pl.Float64)
+                elif t.loss == "mse_log1p":
+                    y = y.clip(lower_bound=0.0).log1p()
+                space = spec.space_label(t)
+                named[target_key(t.name)] = y if space is None else y.filter(pl.col(space) > 0)
+        if not named or df.height == 0:
+            return NumericStats({n: Moments() for n in named})
         exprs = []
-        for f in feats:
-            x = pre_standardize_expr(f)
-            exprs += [x.count().alias(f"{f.name}/n"), x.mean().alias(f"{f.name}/mean"),
-                      ((x - x.mean()) ** 2).sum().alias(f"{f.name}/m2")]
+        for n, x in named.items():
+            exprs += [x.count().alias(f"{n}/n"), x.mean().alias(f"{n}/mean"),
+                      ((x - x.mean()) ** 2).sum().alias(f"{n}/m2")]
         row = df.select(exprs).row(0, named=True)
-        return NumericStats({f.name: Moments(int(row[f"{f.name}/n"]), float(row[f"{f.name}/mean"] or 0.0),
-                                             float(row[f"{f.name}/m2"] or 0.0)) for f in feats})
+        return NumericStats({n: Moments(int(row[f"{n}/n"]), float(row[f"{n}/mean"] or 0.0),
+                                        float(row[f"{n}/m2"] or 0.0)) for n in named})
+
+    def target(self, task: str) -> Moments | None:
+        m = self.moments.get(target_key(task))
+        return m if m is not None and m.count else None
 
     def to_json(self) -> str:
         return json.dumps({k: vars(m) for k, m in self.moments.items()}, sort_keys=True)

@@ -17,5 +17,6 @@ class ModelConfig(BaseModel):
     tower_mlp: tuple[int, ...] = (64,)
     ple_levels: int = Field(default=2, gt=0)
     ple_task_experts: int = Field(default=1, gt=0)
-    esmm: bool = True
+    esmm: bool = Field(default=True, description="train children with a parent on the entire-space "
+                       "product (ESMM) instead of on clicked rows only")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)

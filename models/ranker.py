@@ -4,6 +4,8 @@ Tasks, their types and ESMM parents all come from `spec.tasks`; the model names 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +40,7 @@ def build_bottom(cfg: ModelConfig, tasks: tuple[str, ...], in_dim: int) -> nn.Mo
 class MultiTaskRanker(nn.Module):
     """forward(batch) -> {'logits': {task: [B]}, 'gates': ..., 'p_<task>', 'p_<prod>', 'log_p_<prod>', '<regression task>'}.
 
-    Binary tasks: `p_<task>` = sigmoid(logit). ESMM children (`parent` set, cfg.esmm): also
+    Binary tasks: `p_<task>` = sigmoid(logit). Children with a `parent`: also
     `p_<prod>` = p_parent * p_task and `log_p_<prod>` = logsigmoid sum, finite for any logit, so
     the entire-space BCE can be computed in log space. Regression tasks: the logit is the raw
     prediction; with loss mse_log1p it is log1p(value) and `<task>` = expm1(clamp(raw, min=0)).
@@ -54,6 +56,21 @@ class MultiTaskRanker(nn.Module):
         # All towers in one batched MLP: tower t reads bottom features t.
         self.towers = BatchedMLP(len(self.tasks), self.bottom.out_dim, cfg.tower_mlp + (1,),
                                  cfg.dropout, last_activation=False)
+
+    @torch.no_grad()
+    def init_heads(self, targets: dict[str, float]) -> None:
+        """Start each tower's output at its task's base level: logit(rate) for binary tasks, the mean
+        (in loss space) for regression. Without it a regression head starts ~3 units off target
+        (log1p of ~30 s dwell) and its gradients swamp the shared experts for the first steps."""
+        bias = self.towers.biases[-1]                   # [T, 1, 1]
+        for i, t in enumerate(self.task_specs):
+            if t.name not in targets:
+                continue
+            v = targets[t.name]
+            if t.type == "binary":
+                v = min(max(v, 1e-4), 1 - 1e-4)
+                v = math.log(v / (1 - v))
+            bias[i].fill_(v)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Embedding tables (sparse grads -> SparseAdam)."""
@@ -78,10 +95,9 @@ class MultiTaskRanker(nn.Module):
                 out[t.name] = torch.expm1(z.clamp(min=0))
             else:
                 out[t.name] = z
-        if self.cfg.esmm:
-            for t in self.task_specs:
-                if t.parent is not None:
-                    key = product_key(t)
-                    out[f"p_{key}"] = out[f"p_{t.parent}"] * out[f"p_{t.name}"]
-                    out[f"log_p_{key}"] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
+        for t in self.task_specs:  # products always exist: scoring and evaluation read them
+            if t.parent is not None:
+                key = product_key(t)
+                out[f"p_{key}"] = out[f"p_{t.parent}"] * out[f"p_{t.name}"]
+                out[f"log_p_{key}"] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
         return out

@@ -233,9 +233,14 @@ class ImpressionReader:
 
 
 def fit_numeric_stats(reader: ImpressionReader) -> NumericStats:
-    """One pass over accepted rows: the standardisation moments of the training window."""
+    """One pass over accepted rows: standardisation moments of the training window, and the
+    moments of each task's target (used to start its head at the base rate / target mean)."""
     stats = NumericStats()
-    cols = [f.name for f in reader.spec.dense if f.standardize]
+    spec = reader.spec
+    cols = [f.name for f in spec.dense if f.standardize]
+    for t in spec.tasks:
+        cols += [t.label] + ([spec.space_label(t)] if spec.space_label(t) else [])
+    cols = list(dict.fromkeys(cols))
     for rb in reader.frames():
         stats = stats.merge(NumericStats.of_frame(pl.from_arrow(rb.select(cols)), reader.spec))
     return stats

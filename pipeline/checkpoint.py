@@ -1,0 +1,103 @@
+"""Atomic, checksummed training checkpoints.
+
+A checkpoint is written to a temporary name, fsynced and renamed; only then is the manifest
+(`latest.json`, itself replaced atomically) updated with its SHA-256. A process killed at any
+moment leaves either the previous checkpoint or the new one, never a half-written file that
+`load` would pick. Loading uses `weights_only=True`: a checkpoint is data, never code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+MANIFEST = "latest.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """A directory of `step-<n>.pt` files; the manifest lists the newest `keep` with checksums."""
+
+    def __init__(self, directory: str | Path, keep: int = 2):
+        self.dir = Path(directory)
+        self.keep = max(1, keep)
+
+    def _manifest(self) -> list[dict]:
+        path = self.dir / MANIFEST
+        if not path.exists():
+            return []
+        try:
+            return json.loads(path.read_text())["checkpoints"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: unreadable checkpoint manifest ({e})") from None
+
+    def save(self, state: dict, step: int) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"step-{step:09d}.pt"
+        tmp = self.dir / f".{final.name}.tmp"
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        entry = {"file": final.name, "step": step, "sha256": sha256(final), "bytes": final.stat().st_size}
+        entries = [e for e in self._manifest() if e["file"] != final.name] + [entry]
+        entries.sort(key=lambda e: e["step"])
+        kept, dropped = entries[-self.keep:], entries[:-self.keep]
+        write_atomic(self.dir / MANIFEST, json.dumps({"checkpoints": kept}, indent=1).encode())
+        _fsync_dir(self.dir)
+        for e in dropped:  # only after the manifest no longer names them
+            (self.dir / e["file"]).unlink(missing_ok=True)
+        return final
+
+    def load_latest(self) -> dict | None:
+        """The newest checkpoint whose checksum matches; None when there is none at all.
+
+        A listed file that is missing or fails its checksum is skipped for the one before it; if
+        every listed checkpoint is broken that is an error, not a silent fresh start.
+        """
+        entries = self._manifest()
+        problems = []
+        for e in reversed(entries):
+            path = self.dir / e["file"]
+            if not path.exists():
+                problems.append(f"{path.name}: missing")
+                continue
+            if sha256(path) != e["sha256"]:
+                problems.append(f"{path.name}: checksum mismatch")
+                continue
+            return torch.load(path, map_location="cpu", weights_only=True)
+        if problems:
+            raise CheckpointError(f"{self.dir}: no intact checkpoint ({'; '.join(problems)})")
+        return None

@@ -1,0 +1,114 @@
+"""Predict over an evaluation window and score each task on its own population.
+
+CTR and the entire-space products (CTCVR, ...) are judged over all impressions; post-click tasks
+(CVR, collect, cart) over clicked rows; stay (regression) over clicked rows. Where the data carries
+the generator's true probabilities, the oracle AUC (truth as the score) is reported beside the
+model's, so "how good" has a ceiling to be read against.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from features.spec import FeatureSpec
+from models import MultiTaskRanker, product_key
+from pipeline.metrics import auc, logloss, r2, rmse
+from pipeline.reader import ImpressionReader
+
+
+@dataclass
+class Predictions:
+    outputs: dict[str, np.ndarray]      # p_<task>, p_<product>, <regression task>
+    labels: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+    truth: dict[str, np.ndarray]
+    group: np.ndarray | None
+    gate_means: dict[str, np.ndarray]   # task -> mean softmax weight per expert
+    rows: int
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+@torch.inference_mode()
+def predict(model: MultiTaskRanker, reader: ImpressionReader, max_rows: int | None = None,
+            precision: str = "fp32") -> Predictions:
+    """All outputs for the reader's rows (the first `max_rows` if given), as flat numpy arrays."""
+    was_training = model.training
+    model.eval()
+    outs: dict[str, list] = {}
+    labels: dict[str, list] = {}
+    masks: dict[str, list] = {}
+    truth: dict[str, list] = {}
+    groups: list = []
+    gate_sums: dict[str, torch.Tensor] = {}
+    rows = 0
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    for batch in reader.batches(0):
+        if max_rows is not None and rows >= max_rows:
+            break
+        take = batch.size if max_rows is None else min(batch.size, max_rows - rows)
+        with ctx:
+            out = model(batch)
+        for k, v in out.items():
+            if k in ("logits", "gates") or k.startswith("log_p_"):
+                continue
+            outs.setdefault(k, []).append(v[:take].float().numpy())
+        for name, src, dst in (("labels", batch.labels, labels), ("masks", batch.masks, masks),
+                               ("truth", batch.truth, truth)):
+            for k, v in src.items():
+                dst.setdefault(k, []).append(v[:take].numpy())
+        if batch.group is not None:
+            groups.append(batch.group[:take].numpy())
+        for t, g in (out["gates"] or {}).items():
+            s = g[:take].float().sum(0)
+            gate_sums[t] = gate_sums[t] + s if t in gate_sums else s
+        rows += take
+    model.train(was_training)
+    return Predictions({k: _cat(v) for k, v in outs.items()}, {k: _cat(v) for k, v in labels.items()},
+                       {k: _cat(v) for k, v in masks.items()}, {k: _cat(v) for k, v in truth.items()},
+                       _cat(groups) if groups else None,
+                       {t: (s / max(rows, 1)).numpy() for t, s in gate_sums.items()}, rows)
+
+
+def _binary(score: np.ndarray, y: np.ndarray, oracle: np.ndarray | None) -> dict:
+    m = {"rows": int(y.size), "positives": int((y > 0).sum()), "auc": auc(score, y),
+         "logloss": logloss(score, y) if score.size else float("nan"),
+         "mean_pred": float(score.mean()) if score.size else float("nan"),
+         "observed_rate": float((y > 0).mean()) if y.size else float("nan")}
+    if oracle is not None:
+        m["oracle_auc"] = auc(oracle, y)
+    return m
+
+
+def task_metrics(pred: Predictions, spec: FeatureSpec) -> dict[str, dict]:
+    """{name: metrics}: one entry per task on its population, plus one per entire-space product."""
+    res: dict[str, dict] = {}
+    for t in spec.tasks:
+        pop = pred.masks[t.name]
+        y = pred.labels[t.name][pop]
+        if t.type == "binary":
+            oracle = pred.truth[t.name][pop] if t.name in pred.truth else None
+            res[t.name] = {"population": t.space, **_binary(pred.outputs[f"p_{t.name}"][pop], y, oracle)}
+        else:
+            p = pred.outputs[t.name][pop]
+            m = {"population": t.space, "rows": int(y.size), "rmse": rmse(p, y), "r2": r2(p, y)}
+            if t.loss == "mse_log1p":
+                m["rmse_log1p"] = rmse(np.log1p(p), np.log1p(y))
+            if t.name in pred.truth:
+                m["oracle_rmse"] = rmse(pred.truth[t.name][pop], y)
+            res[t.name] = m
+        key = f"p_{product_key(t)}" if t.parent is not None else None
+        if key is not None and key in pred.outputs:
+            pop = pred.masks[t.parent]
+            y = ((pred.labels[t.parent] > 0) & (pred.labels[t.name] > 0))[pop]
+            oracle = None
+            if t.name in pred.truth and t.parent in pred.truth:
+                oracle = (pred.truth[t.parent] * pred.truth[t.name])[pop]
+            res[product_key(t)] = {"population": spec.task_by_name[t.parent].space,
+                                   **_binary(pred.outputs[key][pop], y.astype(np.int8), oracle)}
+    return res

@@ -1,0 +1,247 @@
+"""The multi-task training loop over the streaming reader.
+
+Everything task-specific lives in the loss terms built from the task records; the loop itself
+only runs forward, loss, backward, clip and the two optimizers (row-wise Adagrad or SparseAdam for
+the tables, Adam for the rest). It is deterministic on CPU for a given seed, and a checkpoint
+carries what is needed to continue exactly: weights, both optimizer states, the RNG, and the
+position in the epoch's (seeded) batch order.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from features.numeric import NumericStats
+from features.spec import FeatureSpec
+from models import ModelConfig, MultiTaskRanker
+from pipeline.checkpoint import CheckpointStore
+from pipeline.losses import MultiTaskLoss
+from pipeline.optim import dense_optimizer, sparse_optimizer
+from pipeline.progress import Progress
+from pipeline.reader import ImpressionReader, RowAccounting
+
+log = logging.getLogger("mtrank.train")
+
+
+class TrainConfig(BaseModel):
+    """Optimisation knobs; strict so that a misspelt key in a job config is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=4096, gt=0)
+    lr: float = Field(default=1e-3, gt=0, description="Adam, dense parameters")
+    weight_decay: float = Field(default=0.0, ge=0)
+    sparse_optimizer: Literal["rowwise_adagrad", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = Field(default=0.05, gt=0, description="embedding tables")
+    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    grad_clip: float | None = Field(default=10.0, gt=0, description="max L2 norm of dense gradients")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    shuffle: bool = True
+    shuffle_buffer: int = Field(default=65_536, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0 = epoch ends only")
+    checkpoint_keep: int = Field(default=2, gt=0)
+
+    def fingerprint_fields(self) -> dict:
+        """What must not change between a checkpoint and its resume (epochs may grow)."""
+        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep"})
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class ResumeMismatchError(RuntimeError):
+    pass
+
+
+def build_model(spec: FeatureSpec, cfg: ModelConfig, seed: int, stats: NumericStats | None = None) -> MultiTaskRanker:
+    """Seeded construction: the same seed gives the same initial weights in any process. With
+    fitted statistics the heads start at each task's base rate / target mean."""
+    torch.manual_seed(seed)
+    model = MultiTaskRanker(spec, cfg)
+    if stats is not None:
+        model.init_heads({t.name: m.mean for t in spec.tasks if (m := stats.target(t.name)) is not None})
+    return model
+
+
+def bf16_supported() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    rows: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    loss_sums: dict[str, float] = field(default_factory=dict)   # sum of batch loss * population
+    populations: dict[str, int] = field(default_factory=dict)
+
+    def add(self, losses: dict[str, float], counts: dict[str, int], rows: int) -> None:
+        self.rows += rows
+        self.steps += 1
+        for t, v in losses.items():
+            self.loss_sums[t] = self.loss_sums.get(t, 0.0) + v * counts[t]
+            self.populations[t] = self.populations.get(t, 0) + counts[t]
+
+    def losses(self) -> dict[str, float]:
+        return {t: self.loss_sums[t] / n for t, n in self.populations.items() if n}
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "rows": self.rows, "steps": self.steps, "seconds": self.seconds,
+                "samples_per_s": self.rows / self.seconds if self.seconds else 0.0,
+                "loss": self.losses(), "population": dict(self.populations),
+                "loss_sums": dict(self.loss_sums)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "EpochStats":
+        return EpochStats(d["epoch"], d["rows"], d["steps"], d["seconds"], dict(d["loss_sums"]),
+                          dict(d["population"]))
+
+
+@dataclass
+class TrainResult:
+    epochs: list[dict]
+    global_step: int
+    rows_trained: int
+    accounting: RowAccounting
+    resumed_from_step: int | None = None
+
+
+class Trainer:
+    """Owns the loss and optimizers for one model; `fit` runs (or resumes) the epochs."""
+
+    def __init__(self, model: MultiTaskRanker, spec: FeatureSpec, cfg: TrainConfig,
+                 checkpoints: CheckpointStore | None = None, fingerprint: dict | None = None):
+        if cfg.precision == "bf16" and not bf16_supported():
+            raise ValueError("precision: bf16 needs a CPU with avx512_bf16 or AMX; use fp32")
+        self.model, self.spec, self.cfg = model, spec, cfg
+        self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting)
+        self.sparse_opt = sparse_optimizer(model.sparse_parameters(), cfg.sparse_optimizer, cfg.sparse_lr)
+        self.dense_params = model.dense_parameters() + list(self.loss.parameters())
+        self.dense_opt = dense_optimizer(self.dense_params, cfg.lr, cfg.weight_decay)
+        self.checkpoints = checkpoints
+        self.fingerprint = self._fingerprint(fingerprint or {})
+        self.global_step = 0
+        self.rows_trained = 0
+
+    def _fingerprint(self, extra: dict) -> str:
+        blob = json.dumps({"spec": self.spec.fingerprint(), "model": self.model.cfg.model_dump(mode="json"),
+                           "train": self.cfg.fingerprint_fields(), **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    # -- one step -------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, batch) -> tuple[dict[str, float], dict[str, int]]:
+        with self._autocast():
+            out = self.model(batch)
+        total, losses, counts = self.loss(out, batch)
+        if not math.isfinite(total.item()):
+            bad = ", ".join(f"{t}={v:.4g}" for t, v in losses.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step + 1} (per task: {bad}); training stopped. "
+                "Lower lr/sparse_lr, enable grad_clip, or check the input rows of this batch.")
+        self.sparse_opt.zero_grad(set_to_none=True)
+        self.dense_opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.grad_clip)
+        self.sparse_opt.step()
+        self.dense_opt.step()
+        self.global_step += 1
+        self.rows_trained += batch.size
+        return losses, counts
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self, epoch: int, step_in_epoch: int, history: list[dict], current: EpochStats) -> dict:
+        return {"fingerprint": self.fingerprint, "model": self.model.state_dict(),
+                "loss": self.loss.state_dict(), "sparse_opt": self.sparse_opt.state_dict(),
+                "dense_opt": self.dense_opt.state_dict(), "rng": torch.get_rng_state(),
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.global_step,
+                "rows_trained": self.rows_trained, "history": history, "current": current.as_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ResumeMismatchError(
+                "checkpoint was written by a different spec, model, training config or data window; "
+                "refusing to resume (start without --resume, or use a fresh checkpoint directory)")
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.sparse_opt.load_state_dict(state["sparse_opt"])
+        self.dense_opt.load_state_dict(state["dense_opt"])
+        torch.set_rng_state(state["rng"])
+        self.global_step, self.rows_trained = state["global_step"], state["rows_trained"]
+
+    def _save(self, epoch: int, step_in_epoch: int, history: list[dict], current: EpochStats) -> None:
+        if self.checkpoints is not None:
+            path = self.checkpoints.save(self.state_dict(epoch, step_in_epoch, history, current), self.global_step)
+            log.info("checkpoint %s (epoch %d, step %d)", path, epoch, self.global_step)
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self, reader: ImpressionReader, resume: bool = False, progress: bool | None = None) -> TrainResult:
+        if reader.batch_size != self.cfg.batch_size:
+            raise ValueError(f"reader batch_size {reader.batch_size} != train.batch_size {self.cfg.batch_size}")
+        history: list[dict] = []
+        start_epoch, skip, resumed, current = 0, 0, None, None
+        if resume:
+            if self.checkpoints is None:
+                raise ValueError("resume needs a checkpoint directory")
+            state = self.checkpoints.load_latest()
+            if state is not None:
+                self.load_state_dict(state)
+                start_epoch, skip, history = state["epoch"], state["step_in_epoch"], list(state["history"])
+                current = EpochStats.from_dict(state["current"]) if skip else None
+                resumed = self.global_step
+                log.info("resuming at epoch %d, batch %d (step %d)", start_epoch, skip, self.global_step)
+        accounting = RowAccounting()
+        self.model.train()
+        for epoch in range(start_epoch, self.cfg.epochs):
+            stats = current if current is not None and epoch == start_epoch else EpochStats(epoch)
+            history_before = list(history)
+            t0 = time.perf_counter() - stats.seconds
+            bar = Progress(f"train epoch {epoch + 1}/{self.cfg.epochs}", total=reader.rows, enabled=progress)
+            batches = reader.batches(epoch)
+            for _ in range(skip):  # same seeded order as the interrupted run: skip what it trained
+                b = next(batches, None)
+                if b is None:
+                    break
+                bar.update(b.size)
+            step_in_epoch = skip
+            for batch in batches:
+                losses, counts = self.step(batch)
+                stats.add(losses, counts, batch.size)
+                step_in_epoch += 1
+                bar.update(batch.size, **{t: f"{v:.4f}" for t, v in losses.items()})
+                if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
+                    stats.seconds = time.perf_counter() - t0
+                    self._save(epoch, step_in_epoch, history_before, stats)
+            bar.close()
+            stats.seconds = time.perf_counter() - t0
+            accounting = accounting.merge(reader.accounting)
+            history = history_before + [stats.as_dict()]
+            log.info("epoch %d: %s rows, %.0f samples/s, loss %s", epoch + 1, f"{stats.rows:,}",
+                     stats.rows / max(stats.seconds, 1e-9),
+                     " ".join(f"{t}={v:.4f}" for t, v in stats.losses().items()))
+            skip, current = 0, None
+            self._save(epoch + 1, 0, history, EpochStats(epoch + 1))
+        return TrainResult(history, self.global_step, self.rows_trained, accounting, resumed)

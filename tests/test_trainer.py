@@ -1,0 +1,192 @@
+"""Training loop: learning on generated logs, determinism, NaN guard, checkpoints and resume."""
+import datetime as dt
+
+import numpy as np
+import pytest
+import torch
+
+from features.featurize import Featurizer
+from features.spec import load_spec
+from models import ModelConfig
+from pipeline.checkpoint import CheckpointError, CheckpointStore
+from pipeline.dataset import open_window
+from pipeline.evaluate import predict, task_metrics
+from pipeline.optim import RowWiseAdagrad
+from pipeline.reader import ImpressionReader, fit_numeric_stats
+from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+from pipeline.trainer import (NonFiniteLossError, ResumeMismatchError, TrainConfig, Trainer, bf16_supported,
+                              build_model)
+
+START = dt.date(2026, 11, 1)
+SMALL = ModelConfig(experts=4, expert_mlp=(32, 16), tower_mlp=(8,))
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("logs")
+    cfg = ImpressionConfig(seed=3, start=START, days=4, rows_per_day=30_000, n_users=1_000, n_items=400,
+                           n_brands=300, n_shops=500, n_categories=100)
+    generate_impressions(root, cfg, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def setup(logs):
+    spec = load_spec()
+    train = open_window(logs, spec, START, START + dt.timedelta(days=2))
+    stats = fit_numeric_stats(ImpressionReader(train, spec, progress=False))
+    return spec, train, stats, Featurizer(spec, stats)
+
+
+def reader(setup, cfg, **kw):
+    spec, train, _, fz = setup
+    return ImpressionReader(train, spec, fz, batch_size=cfg.batch_size, shuffle=cfg.shuffle,
+                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, progress=False, **kw)
+
+
+def train(setup, cfg, model_cfg=SMALL, store=None, resume=False):
+    spec, _, stats, _ = setup
+    model = build_model(spec, model_cfg, cfg.seed, stats)
+    trainer = Trainer(model, spec, cfg, store)
+    result = trainer.fit(reader(setup, cfg), resume=resume, progress=False)
+    return model, trainer, result
+
+
+@pytest.mark.parametrize("esmm", [False, True])
+def test_training_beats_constant_predictor_on_every_task(setup, logs, esmm):
+    """A constant predictor has AUC 0.5 and R^2 <= 0 on every population. Plain towers are judged
+    on their own populations; ESMM trains children only through the entire-space products, so
+    those are what it must get right (its conditional towers are compared in bench/quality)."""
+    spec, _, _, fz = setup
+    cfg = TrainConfig(epochs=2, batch_size=1024, shuffle_buffer=16_384, lr=3e-3)
+    model, _, result = train(setup, cfg, SMALL.model_copy(update={"esmm": esmm}))
+    assert result.rows_trained == 2 * 90_000 and result.accounting.balanced
+    assert result.accounting.rows_read == 2 * 90_000
+    ev = open_window(logs, spec, START + dt.timedelta(days=3), START + dt.timedelta(days=3))
+    m = task_metrics(predict(model, ImpressionReader(ev, spec, fz, batch_size=8192, with_eval=True,
+                                                     progress=False)), spec)
+    assert m["ctr"]["auc"] > 0.6, m["ctr"]
+    for t in ("ctcvr", "ctcollect", "ctcart"):
+        assert m[t]["auc"] > 0.62, (t, m[t])
+    if not esmm:
+        for t in ("cvr", "collect", "cart"):
+            assert m[t]["auc"] > 0.55, (t, m[t])
+    assert m["stay"]["r2"] > 0.02, m["stay"]
+    # the model's logloss beats the constant base-rate logloss on all impressions
+    rate = m["ctr"]["observed_rate"]
+    const = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+    assert m["ctr"]["logloss"] < const - 0.003
+    assert result.epochs[1]["loss"]["ctr"] < result.epochs[0]["loss"]["ctr"]
+
+
+def test_same_seed_same_weights(setup):
+    cfg = TrainConfig(batch_size=2048, shuffle_buffer=8192, seed=5)
+    a, _, _ = train(setup, cfg)
+    b, _, _ = train(setup, cfg)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    c, _, _ = train(setup, cfg.model_copy(update={"seed": 6}))
+    assert not torch.equal(a.towers.weights[0], c.towers.weights[0])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+    cfg = TrainConfig(epochs=2, batch_size=2048, shuffle_buffer=8192, checkpoint_every=7,
+                      loss_weighting="uncertainty", seed=11)
+    full, _, full_result = train(setup, cfg)
+    steps = full_result.global_step
+
+    store = CheckpointStore(tmp_path / "ck")
+    calls = {"n": 0}
+    real_step = Trainer.step
+
+    def crashing_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == steps - 10:  # mid second epoch, 3 steps after a checkpoint
+            raise Interrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "step", crashing_step)
+    with pytest.raises(Interrupt):
+        train(setup, cfg, store=store)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    resumed, trainer, result = train(setup, cfg, store=store, resume=True)
+    assert result.resumed_from_step is not None and 0 < result.resumed_from_step < steps - 10
+    assert result.global_step == steps and result.rows_trained == full_result.rows_trained
+    for (k, x), (_, y) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=k)
+    # per-epoch figures survive the interruption too
+    assert result.epochs[1]["rows"] == full_result.epochs[1]["rows"]
+    assert result.epochs[1]["loss"] == pytest.approx(full_result.epochs[1]["loss"], rel=1e-6)
+
+
+def test_resume_refuses_another_config(setup, tmp_path):
+    store = CheckpointStore(tmp_path / "ck")
+    train(setup, TrainConfig(batch_size=4096, seed=1), store=store)
+    with pytest.raises(ResumeMismatchError):
+        train(setup, TrainConfig(batch_size=4096, seed=1, lr=0.01), store=store, resume=True)
+    # more epochs is not a different run: it continues
+    _, _, r = train(setup, TrainConfig(batch_size=4096, seed=1, epochs=2), store=store, resume=True)
+    assert r.resumed_from_step is not None and len(r.epochs) == 2
+
+
+def test_checkpoint_store_skips_corrupt_and_never_loads_partial(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    store.save({"x": torch.tensor([1.0])}, 1)
+    store.save({"x": torch.tensor([2.0])}, 2)
+    store.save({"x": torch.tensor([3.0])}, 3)
+    assert sorted(p.name for p in tmp_path.glob("step-*.pt")) == ["step-000000002.pt", "step-000000003.pt"]
+    (tmp_path / ".step-000000004.pt.tmp").write_bytes(b"half a checkpoint")  # a crash mid-write
+    assert store.load_latest()["x"].item() == 3.0
+    newest = tmp_path / "step-000000003.pt"
+    newest.write_bytes(newest.read_bytes()[:-20])  # truncated after the fact
+    assert store.load_latest()["x"].item() == 2.0
+    (tmp_path / "step-000000002.pt").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        store.load_latest()
+    assert CheckpointStore(tmp_path / "empty").load_latest() is None
+
+
+def test_nan_loss_stops_with_clear_error(setup):
+    spec, _, stats, _ = setup
+    cfg = TrainConfig(batch_size=1024, shuffle=False)
+    model = build_model(spec, SMALL, 0, stats)
+    with torch.no_grad():
+        model.towers.biases[-1][0].fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 1.*ctr=nan"):
+        Trainer(model, spec, cfg).fit(reader(setup, cfg), progress=False)
+
+
+def test_rowwise_adagrad_updates_only_touched_rows():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(10, 4))
+    before = w.detach().clone()
+    opt = RowWiseAdagrad([w], lr=0.1)
+    ids = torch.tensor([1, 3, 3, 7])
+    torch.nn.functional.embedding(ids, w, sparse=True).sum().backward()
+    opt.step()
+    changed = (w.detach() != before).any(1).nonzero().squeeze(1).tolist()
+    assert changed == [1, 3, 7]
+    # row 3 appeared twice: one update with the summed gradient (2 per element): step = lr * g/sqrt(g^2)
+    torch.testing.assert_close(w.detach()[3], before[3] - 0.1 * torch.ones(4) * 2 / (2 + 1e-8))
+    acc = opt.state[w]["sum"]
+    assert acc[3].item() == pytest.approx(4.0) and acc[1].item() == pytest.approx(1.0) and acc[0].item() == 0.0
+
+
+def test_train_config_is_strict():
+    with pytest.raises(ValueError, match="lrr"):
+        TrainConfig(lrr=0.1)
+    with pytest.raises(ValueError):
+        TrainConfig(precision="fp16")
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="CPU without avx512_bf16/AMX")
+def test_bf16_trains_like_fp32(setup):
+    cfg = TrainConfig(batch_size=2048, shuffle_buffer=8192)
+    _, _, r32 = train(setup, cfg)
+    _, _, r16 = train(setup, cfg.model_copy(update={"precision": "bf16"}))
+    for t, v in r32.epochs[0]["loss"].items():
+        assert r16.epochs[0]["loss"][t] == pytest.approx(v, rel=0.05), t

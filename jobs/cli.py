@@ -8,6 +8,8 @@ import sys
 
 from features.rules import BadInputError
 from features.spec import SpecError, load_spec
+from pipeline.checkpoint import CheckpointError
+from pipeline.trainer import NonFiniteLossError, ResumeMismatchError
 
 log = logging.getLogger("mtrank")
 
@@ -49,6 +51,22 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(a: argparse.Namespace) -> int:
+    from jobs.config import load_config
+    from jobs.train import format_metrics, train
+
+    cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
+    out = train(cfg, a.date, resume=a.resume)
+    rows = out.summary["rows"]
+    last = out.summary["epochs"][-1]
+    print(f"trained {rows['trained']:,} rows (read {rows['read']:,}, rejected {rows['rejected']:,}) "
+          f"in {out.summary['train_seconds']:.0f}s, {last['samples_per_s']:,.0f} samples/s in the last epoch"
+          + (f", resumed from step {out.result.resumed_from_step}" if out.result.resumed_from_step else ""))
+    print(format_metrics(out.metrics))
+    print(f"run directory: {out.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrank", description="Multi-task ranking training pipeline.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -79,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", default=None, help="also write the report as JSON here")
     v.add_argument("--no-collisions", action="store_true", help="skip the per-table collision count")
     v.set_defaults(func=_cmd_validate)
+
+    t = sub.add_parser("train", help="train on the window before --date, evaluate on --date")
+    t.add_argument("--config", default=None, help="job YAML (default: the embedded demo job)")
+    t.add_argument("--date", type=_date, required=True, help="evaluation day D; trains on the days before it")
+    t.add_argument("--resume", action="store_true", help="continue from the run's last intact checkpoint")
+    t.add_argument("--data", default=None, help="override the config's data root")
+    t.add_argument("--work-dir", default=None, help="override the config's work_dir")
+    t.set_defaults(func=_cmd_train)
     return p
 
 
@@ -88,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (BadInputError, SpecError) as e:
+    except (BadInputError, SpecError, NonFiniteLossError, ResumeMismatchError, CheckpointError) as e:
         print(f"mtrank {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,83 @@
+"""Job configuration: one strict YAML document per scheduled job.
+
+Unknown keys anywhere are errors naming the key path, so a typo never silently falls back to a
+default. Paths are data, resolved against the config file's directory when relative.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from features.spec import SpecError
+from models import ModelConfig
+from pipeline.trainer import TrainConfig
+
+DEFAULT_JOB = "default_job.yaml"
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_rows: int | None = Field(default=None, gt=0, description="evaluate on the first N rows of the day")
+    batch_size: int = Field(default=16_384, gt=0)
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(default="mtrank-ranker", min_length=1, description="registered model name")
+    data: str = Field(description="root of dt=YYYY-MM-DD/ impression partitions")
+    spec: str | None = Field(default=None, description="FeatureSpec YAML; null = the embedded default")
+    window_days: int = Field(default=7, gt=0, description="train on [D - window_days, D - 1], evaluate on D")
+    work_dir: str = ".mtrank/work"
+    quarantine_dir: str | None = None
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _resolve(cfg: JobConfig, base: Path | None) -> JobConfig:
+    if base is None:
+        return cfg
+    fix = lambda p: p if p is None or Path(p).is_absolute() else str(base / p)  # noqa: E731
+    return cfg.model_copy(update={"data": fix(cfg.data), "spec": fix(cfg.spec), "work_dir": fix(cfg.work_dir),
+                                  "quarantine_dir": fix(cfg.quarantine_dir)})
+
+
+def parse_config(raw: object, source: str, base: Path | None = None) -> JobConfig:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a job config is a mapping, got {type(raw).__name__}")
+    try:
+        return _resolve(JobConfig.model_validate(raw), base)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{loc}: {msg}")
+        raise SpecError(f"{source}: invalid job config: " + "; ".join(lines)) from None
+
+
+def load_config(path: str | Path | None = None, **overrides: object) -> JobConfig:
+    """The YAML at `path` (relative paths inside resolve against its folder), or the embedded
+    default job (paths relative to the current directory). `overrides` replace top-level keys."""
+    if path is None:
+        text = resources.files("jobs").joinpath(DEFAULT_JOB).read_text()
+        source, base = f"<embedded {DEFAULT_JOB}>", None
+    else:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise SpecError(f"{p}: cannot read job config ({e.strerror})") from None
+        source, base = str(p), p.resolve().parent
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: not valid YAML ({e})") from None
+    if isinstance(raw, dict):
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(raw, source, base)

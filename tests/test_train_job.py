@@ -1,0 +1,75 @@
+"""`mtrank train` as a scheduled job runs it: real processes, a real kill -9, then --resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from jobs.config import load_config
+from features.spec import SpecError
+
+MTRANK = [sys.executable, "-m", "jobs.cli"]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    base = tmp_path_factory.mktemp("job")
+    subprocess.run([*MTRANK, "generate", "--out", str(base / "logs"), "--days", "3", "--rows-per-day", "40000",
+                    "--seed", "5", "--users", "3000", "--items", "1000", "--start", "2026-11-01"],
+                   check=True, capture_output=True)
+    cfg = {"name": "t", "data": "logs", "window_days": 2, "work_dir": "work",
+           "model": {"experts": 3, "expert_mlp": [64, 32], "tower_mlp": [16]},
+           "train": {"batch_size": 512, "checkpoint_every": 20, "epochs": 2}}
+    path = base / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(job, *extra):
+    return subprocess.run([*MTRANK, "train", "--config", job, "--date", "2026-11-03", *extra],
+                          capture_output=True, text=True)
+
+
+def test_kill_9_then_resume_finishes_the_run(job):
+    run = job.parent / "work" / "runs" / "t" / "2026-11-03"
+    proc = subprocess.Popen([*MTRANK, "train", "--config", job, "--date", "2026-11-03"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = run / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text())["checkpoints"][-1]["step"] >= 40:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; make the job longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists()
+    r = train(job, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step" in r.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["rows"]["trained"] == 2 * 80_000 and metrics["rows"]["read"] == 2 * 80_000
+    assert metrics["resumed_from_step"] >= 40
+    assert metrics["tasks"]["ctr"]["auc"] > 0.55
+    assert (run / "model" / "weights.pt").exists() and (run / "model" / "feature_spec.yaml").exists()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x\ntrain: {epochs: 1, learning_rate: 0.1}\nmodel: {bottom: moe}\n")
+    with pytest.raises(SpecError) as e:
+        load_config(bad)
+    assert "train.learning_rate: unknown key" in str(e.value) and "model.bottom" in str(e.value)
+    r = subprocess.run([*MTRANK, "train", "--config", bad, "--date", "2026-11-03"], capture_output=True, text=True)
+    assert r.returncode == 2 and "train.learning_rate: unknown key" in r.stderr
+    cfg = load_config()
+    assert cfg.model.bottom == "mmoe" and cfg.train.batch_size == 4096
+
+
+def test_missing_eval_day_is_a_clear_error(job):
+    r = subprocess.run([*MTRANK, "train", "--config", job, "--date", "2026-11-04"], capture_output=True, text=True)
+    assert r.returncode == 2 and "dt=2026-11-04" in r.stderr and "missing_partition" in r.stderr

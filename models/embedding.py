@@ -32,7 +32,7 @@ class FusedEmbeddings(nn.Module):
         self.table_dim = {name: t.dim for name, t in tables.items()}
         self.table_base = dict(base)
         self.weights = nn.ParameterList(
-            nn.Parameter(torch.randn(rows[d], d) * init_std) for d in dims)
+            nn.Parameter(torch.empty(rows[d], d).normal_(0.0, init_std)) for d in dims)  # in place: no 2nd copy
         # Id columns grouped by dim: which columns of Batch.ids, and the row base to add to each.
         self._id_groups: list[tuple[int, str, str]] = []  # (dim index, cols buffer, base buffer)
         for gi, d in enumerate(dims):
@@ -62,19 +62,41 @@ class FusedEmbeddings(nn.Module):
         return list(self.weights)
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        """One `embedding_bag` per weight: id columns are bags of one (weight 1), multi-hot bags
+        keep their pooling weights. One call per weight means one sparse gradient per weight,
+        instead of an id gradient and a bag gradient that autograd must add every step."""
         b = batch.ids.shape[0]
-        parts: list[torch.Tensor] = []
-        for gi, cols_name, base_name in self._id_groups:
-            cols, base = getattr(self, cols_name), getattr(self, base_name)
-            ids = batch.ids.index_select(1, cols) + base                      # [B, S_g]
-            parts.append(F.embedding(ids, self.weights[gi], sparse=True).reshape(b, -1))
-        for name, k in self.bag_tables.items():
-            x = batch.bags[name]
-            d = self.table_dim[name]
-            w = self.weights[self.dims.index(d)]
-            pooled = F.embedding_bag(x.values + self.table_base[name], w, x.offsets, mode="sum",
-                                     per_sample_weights=x.weights, sparse=True)  # [B*k, D]
-            parts.append(pooled.reshape(b, k * d))
+        id_parts: list[torch.Tensor] = []
+        bag_parts: dict[str, torch.Tensor] = {}
+        groups = {gi: (getattr(self, c), getattr(self, s)) for gi, c, s in self._id_groups}
+        for gi, d in enumerate(self.dims):
+            values, offsets, weights, sizes = [], [], [], []
+            n = 0
+            if gi in groups:
+                cols, base = groups[gi]
+                ids = (batch.ids.index_select(1, cols) + base).reshape(-1)    # [B * S_g]
+                values.append(ids)
+                offsets.append(torch.arange(ids.numel(), dtype=torch.long))
+                weights.append(torch.ones(ids.numel()))
+                sizes.append(ids.numel())
+                n = ids.numel()
+            bag_names = [name for name in self.bag_tables if self.table_dim[name] == d]
+            for name in bag_names:
+                x = batch.bags[name]
+                values.append(x.values + self.table_base[name])
+                offsets.append(x.offsets + n)
+                weights.append(x.weights if x.weights is not None else torch.ones(x.values.numel()))
+                sizes.append(x.offsets.numel())
+                n += x.values.numel()
+            pooled = F.embedding_bag(torch.cat(values), self.weights[gi], torch.cat(offsets), mode="sum",
+                                     per_sample_weights=torch.cat(weights), sparse=True)
+            chunks = pooled.split(sizes)
+            if gi in groups:
+                id_parts.append(chunks[0].reshape(b, -1))
+                chunks = chunks[1:]
+            for name, c in zip(bag_names, chunks):
+                bag_parts[name] = c.reshape(b, -1)
+        parts = id_parts + [bag_parts[name] for name in self.bag_tables]
         if self.n_dense:
             parts.append(batch.dense)
         return torch.cat(parts, dim=1)

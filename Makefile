@@ -8,7 +8,7 @@ DAYS   ?= 8
 ROWS   ?= 50000
 SEED   ?= 7
 
-.PHONY: venv train test bench bench-quick clean
+.PHONY: venv train test bench bench-quick bench-venv clean
 
 venv: $(STAMP)
 
@@ -28,11 +28,15 @@ train: venv
 test: venv
 	$(PY) -m pytest tests
 
-bench: venv
+bench: venv bench-venv
 	$(PY) -m bench.run_all
 
-bench-quick: venv
+bench-quick: venv bench-venv
 	$(PY) -m bench.run_all --quick
+
+# Separate venv for the peer trainers (torch-rechub, deepctr-torch), torch kept at 2.13.0 CPU.
+bench-venv:
+	bash bench/peers/setup_venv.sh
 
 clean:
 	rm -rf .mtrank .pytest_cache

@@ -17,7 +17,7 @@ import torch
 
 from bench.common import CACHE, peak_rss_mb
 from features.featurize import Featurizer
-from features.spec import load_spec
+from features.spec import FeatureSpec, load_spec
 from models import ModelConfig
 from pipeline.dataset import open_window
 from pipeline.evaluate import Predictions, predict, task_metrics
@@ -53,8 +53,8 @@ def first_rows(window, rows: int | None):
 
 
 def train_eval(rows: int | None, eval_rows: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
-               root: str | None = None) -> tuple[dict, Predictions]:
-    spec = load_spec()
+               root: str | None = None, spec: FeatureSpec | None = None) -> tuple[dict, Predictions]:
+    spec = spec or load_spec()
     root = root or ensure_data()
     window = first_rows(open_window(root, spec, TRAIN_DAY, TRAIN_DAY), rows)
     t0 = time.perf_counter()

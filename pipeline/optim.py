@@ -48,10 +48,11 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         return None
 
 
-def sparse_optimizer(params: list[nn.Parameter], kind: Literal["rowwise_adagrad", "adam"], lr: float):
+def sparse_optimizer(params: list[nn.Parameter], kind: Literal["rowwise_adagrad", "adam"], lr: float,
+                     initial_accumulator: float = 0.0):
     if kind == "adam":
         return torch.optim.SparseAdam(params, lr=lr)
-    return RowWiseAdagrad(params, lr=lr)
+    return RowWiseAdagrad(params, lr=lr, initial_accumulator=initial_accumulator)
 
 
 def dense_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

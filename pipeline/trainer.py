@@ -44,6 +44,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0)
     sparse_optimizer: Literal["rowwise_adagrad", "adam"] = "rowwise_adagrad"
     sparse_lr: float = Field(default=0.05, gt=0, description="embedding tables")
+    sparse_initial_accumulator: float = Field(default=0.0, ge=0, description="row-wise Adagrad's starting sum")
     loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
     grad_clip: float | None = Field(default=10.0, gt=0, description="max L2 norm of dense gradients")
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -133,7 +134,8 @@ class Trainer:
             raise ValueError("precision: bf16 needs a CPU with avx512_bf16 or AMX; use fp32")
         self.model, self.spec, self.cfg = model, spec, cfg
         self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting)
-        self.sparse_opt = sparse_optimizer(model.sparse_parameters(), cfg.sparse_optimizer, cfg.sparse_lr)
+        self.sparse_opt = sparse_optimizer(model.sparse_parameters(), cfg.sparse_optimizer, cfg.sparse_lr,
+                                           cfg.sparse_initial_accumulator)
         self.dense_params = model.dense_parameters() + list(self.loss.parameters())
         self.dense_opt = dense_optimizer(self.dense_params, cfg.lr, cfg.weight_decay)
         self.checkpoints = checkpoints

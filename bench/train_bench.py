@@ -1,0 +1,104 @@
+"""Training speed on the standard workload: mtrank vs torch-rechub, deepctr-torch and the compute
+reference, all measured in this run (BENCHMARKS.md).
+
+Every runner is a child process printing one JSON line (so peak RSS is its own); repetitions are
+interleaved (A B C ... A B C ...) so a slow minute on the shared machine hits every runner alike.
+Figures are samples/s of the training epoch with data loading included, median (min-max) over the
+repetitions; ratios are of medians. Peers run in the bench venv (`make bench-venv`).
+
+    .venv/bin/python -m bench.train_bench [--quick] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.common import machine, write_results
+from bench.mtrank_run import ensure_data
+
+BENCH_PY = Path(".mtrank/bench-venv/bin/python")
+
+RUNNERS = [  # (key, python, module, extra args)
+    ("reference fp32", sys.executable, "bench.peers.reference", []),
+    ("reference bf16", sys.executable, "bench.peers.reference", ["--bf16"]),
+    ("mtrank fp32", sys.executable, "bench.mtrank_run", []),
+    ("mtrank bf16", sys.executable, "bench.mtrank_run", ["--bf16"]),
+    ("torch-rechub 0.9.0", str(BENCH_PY), "bench.peers.rechub_mmoe", []),
+    ("deepctr-torch 0.3.0", str(BENCH_PY), "bench.peers.deepctr_mmoe", []),
+]
+AUC_TASKS = ("ctr", "cvr", "ctcvr", "collect", "cart")
+
+
+def run(python: str, module: str, args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([python, "-m", module, *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fmt_rate(rates: list[float]) -> str:
+    return f"{statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="200k training rows, 50k evaluation rows")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=None, help="runner keys to include")
+    a = ap.parse_args()
+    rows, eval_rows = (200_000, 50_000) if a.quick else (1_000_000, 200_000)
+    ensure_data()
+    if not BENCH_PY.exists():
+        subprocess.run(["bash", "bench/peers/setup_venv.sh"], check=True)
+    runners = [r for r in RUNNERS if a.only is None or r[0] in a.only]
+    results: dict[str, list[dict]] = {r[0]: [] for r in runners}
+    loads = []
+    for rep in range(a.reps):
+        for key, py, module, extra in runners:
+            res = run(py, module, ["--rows", str(rows), *(["--eval-rows", str(eval_rows)] if "reference" not in key else []), *extra])
+            results[key].append(res)
+            loads.append(os.getloadavg()[0])
+            print(f"rep {rep + 1}/{a.reps} {key}: {res['samples_per_s']:,.0f} samples/s, "
+                  f"peak RSS {res['peak_rss_mb']:,.0f} MB", flush=True)
+
+    med = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in results.items()}
+    ref = med.get("reference fp32")
+    rechub = med.get("torch-rechub 0.9.0")
+    md = ["## Training throughput, standard workload (one epoch, data loading included)\n",
+          f"machine: {machine()}; {rows:,} training rows, AUC on the first {eval_rows:,} rows of the next day; "
+          f"median (min-max) of {a.reps} interleaved repetitions; 1-min load average during the run "
+          f"{min(loads):.2f}-{max(loads):.2f}\n",
+          "| trainer | samples/s | vs reference fp32 | vs torch-rechub | peak RSS MB | "
+          + " | ".join(f"AUC {t}" for t in AUC_TASKS) + " |",
+          "|---|---|---|---|---|" + "---|" * len(AUC_TASKS)]
+    for key, runs in results.items():
+        rates = [r["samples_per_s"] for r in runs]
+        auc = runs[-1].get("auc", {})
+        md.append(f"| {key} | {fmt_rate(rates)} | {med[key] / ref:.2f}x | "
+                  f"{med[key] / rechub:.2f}x | {max(r['peak_rss_mb'] for r in runs):,.0f} | "
+                  + " | ".join(f"{auc[t]:.4f}" if t in auc else "-" for t in AUC_TASKS) + " |"
+                  if ref and rechub else f"| {key} | {fmt_rate(rates)} | | | | |")
+    oracle = next((r[-1]["oracle_auc"] for k, r in results.items() if r and "oracle_auc" in r[-1]), {})
+    if oracle:
+        md.append("| oracle (true probabilities) | | | | | "
+                  + " | ".join(f"{oracle[t]:.4f}" if t in oracle else "-" for t in AUC_TASKS) + " |")
+    if "mtrank fp32" in med and "mtrank bf16" in med:
+        f32, b16 = results["mtrank fp32"][-1]["auc"], results["mtrank bf16"][-1]["auc"]
+        worst = max(abs(f32[t] - b16[t]) for t in f32)
+        md.append(f"\nbf16 vs fp32 AUC: largest per-task difference {worst:.4f}.")
+    md.append("\nPeer settings (what had to change to run them on this workload):\n")
+    for key, runs in results.items():
+        if "settings" in runs[-1] and ("rechub" in key or "deepctr" in key):
+            md.append(f"- **{key}**: " + "; ".join(f"{k}: {v}" for k, v in runs[-1]["settings"].items()))
+    write_results("train", {"machine": machine(), "rows": rows, "results": results, "medians": med},
+                  "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -70,7 +70,7 @@ def train_eval(rows: int | None, eval_rows: int, model_cfg: ModelConfig, train_c
     seconds = time.perf_counter() - t0
     ev = ImpressionReader(open_window(root, spec, EVAL_DAY, EVAL_DAY), spec, fz, batch_size=16_384,
                           with_eval=True, progress=False)
-    pred = predict(model, ev, eval_rows, train_cfg.precision)
+    pred = predict(model, ev, eval_rows)  # fp32 inference: bf16 logits would tie many rows
     metrics = task_metrics(pred, spec)
     out = {"rows_trained": result.rows_trained, "seconds": round(seconds, 3),
            "samples_per_s": round(result.rows_trained / seconds, 1), "prep_seconds": round(prep, 3),

@@ -96,7 +96,7 @@ def main() -> None:
     for key, runs in results.items():
         if "settings" in runs[-1] and ("rechub" in key or "deepctr" in key):
             md.append(f"- **{key}**: " + "; ".join(f"{k}: {v}" for k, v in runs[-1]["settings"].items()))
-    write_results("train", {"machine": machine(), "rows": rows, "results": results, "medians": med},
+    write_results("train" if a.only is None else "train-subset", {"machine": machine(), "rows": rows, "results": results, "medians": med},
                   "\n".join(md) + "\n")
 
 

@@ -67,6 +67,20 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from jobs.evaluate import evaluate
+    from jobs.train import format_metrics
+
+    out = a.out or f".mtrank/reports/{a.date}"
+    html, ev, base = evaluate(a.model, a.data, a.date, out, a.baseline, a.max_rows)
+    print(format_metrics(ev.metrics))
+    if base is not None:
+        print("baseline:")
+        print(format_metrics(base.metrics))
+    print(f"report: {html}  (metrics: {html.with_name('metrics.json')})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrank", description="Multi-task ranking training pipeline.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -105,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None, help="override the config's data root")
     t.add_argument("--work-dir", default=None, help="override the config's work_dir")
     t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="offline report for a saved model on one day")
+    e.add_argument("--model", required=True, help="saved model directory (a run's model/)")
+    e.add_argument("--data", required=True, help="root of the day partitions")
+    e.add_argument("--date", type=_date, required=True)
+    e.add_argument("--baseline", default=None, help="second model to compare against")
+    e.add_argument("--out", default=None, help="report directory (default .mtrank/reports/DATE)")
+    e.add_argument("--max-rows", type=int, default=None)
+    e.set_defaults(func=_cmd_evaluate)
     return p
 
 

@@ -2,27 +2,26 @@
 
 The run directory (`work_dir/runs/<name>/<date>/`) holds everything a later step needs without
 retraining: checkpoints (for `--resume`), the fitted statistics, the final weights with the spec
-and configs, and `metrics.json`. Tracking and registration read from there.
+and configs (`model/`), the evaluation report (`report/report.html`) and `metrics.json`. Tracking and registration read from there.
 """
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from features.featurize import Featurizer
 from features.numeric import NumericStats
 from features.spec import FeatureSpec, load_spec
 from jobs.config import JobConfig
+from jobs.model_io import save_model
+from jobs.report import write_report
 from pipeline.checkpoint import CheckpointStore, write_atomic
 from pipeline.dataset import open_window
-from pipeline.evaluate import predict, task_metrics
+from pipeline.evaluate import predict, task_curves, task_metrics
 from pipeline.reader import ImpressionReader, fit_numeric_stats
 from pipeline.trainer import TrainResult, Trainer, build_model
 
@@ -72,28 +71,22 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     train_s = time.perf_counter() - t0
     ev_reader = ImpressionReader(eval_window, spec, featurizer, batch_size=cfg.eval.batch_size,
                                  quarantine_dir=cfg.quarantine_dir, with_eval=True, progress=False)
-    pred = predict(model, ev_reader, cfg.eval.max_rows, tc.precision)
+    pred = predict(model, ev_reader, cfg.eval.max_rows)  # fp32: bf16 logits would tie rows
     metrics = task_metrics(pred, spec)
+    curves = task_curves(pred, spec)
     summary = {"date": date.isoformat(), "train_window": window.describe(), "eval_window": eval_window.describe(),
                "rows": {"read": result.accounting.rows_read, "trained": result.rows_trained,
                         "rejected": result.accounting.rows_rejected,
                         "rejected_by_reason": dict(result.accounting.rejected)},
                "eval_rows": pred.rows, "epochs": result.epochs, "global_step": result.global_step,
                "resumed_from_step": result.resumed_from_step, "train_seconds": train_s}
-    _save_model(out / "model", model, spec, stats, cfg)
+    save_model(out / "model", model, spec, stats)
+    write_report(out / "report", f"{cfg.name}: trained on {window.start}..{window.end}, evaluated on {date}",
+                 {"date": date.isoformat(), "train window": window.describe(), "rows": summary["rows"],
+                  "evaluation rows": pred.rows, "model": cfg.model.model_dump(mode="json")},
+                 metrics, curves, {t: g.tolist() for t, g in pred.gate_means.items()})
     write_atomic(out / "metrics.json", json.dumps({"tasks": metrics, **summary}, indent=1, default=str).encode())
     return TrainOutcome(out, result, metrics, summary)
-
-
-def _save_model(path: Path, model, spec: FeatureSpec, stats: NumericStats, cfg: JobConfig) -> None:
-    """Weights as a plain state dict (loadable with weights_only=True) beside the spec and configs."""
-    path.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    write_atomic(path / "weights.pt", buf.getvalue())
-    write_atomic(path / "feature_spec.yaml", spec.to_yaml().encode())
-    write_atomic(path / "numeric_stats.json", stats.to_json().encode())
-    write_atomic(path / "model_config.json", cfg.model.model_dump_json(indent=1).encode())
 
 
 def format_metrics(metrics: dict) -> str:

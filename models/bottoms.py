@@ -53,7 +53,7 @@ class BatchedMLP(nn.Module):
     def _act(self, x: torch.Tensor, act: bool) -> torch.Tensor:
         if not act:
             return x
-        x = F.relu(x)
+        x = F.relu_(x)  # in place: the pre-activation is not needed by any backward
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
 

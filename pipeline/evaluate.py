@@ -15,7 +15,7 @@ import torch
 
 from features.spec import FeatureSpec
 from models import MultiTaskRanker, product_key
-from pipeline.metrics import auc, logloss, r2, rmse
+from pipeline.metrics import auc, calibration_bins, gauc, logloss, normalized_entropy, r2, rmse, roc_points
 from pipeline.reader import ImpressionReader
 
 
@@ -75,14 +75,44 @@ def predict(model: MultiTaskRanker, reader: ImpressionReader, max_rows: int | No
                        {t: (s / max(rows, 1)).numpy() for t, s in gate_sums.items()}, rows)
 
 
-def _binary(score: np.ndarray, y: np.ndarray, oracle: np.ndarray | None) -> dict:
+def _binary(score: np.ndarray, y: np.ndarray, oracle: np.ndarray | None, group: np.ndarray | None) -> dict:
+    empty = score.size == 0
     m = {"rows": int(y.size), "positives": int((y > 0).sum()), "auc": auc(score, y),
-         "logloss": logloss(score, y) if score.size else float("nan"),
-         "mean_pred": float(score.mean()) if score.size else float("nan"),
-         "observed_rate": float((y > 0).mean()) if y.size else float("nan")}
+         "logloss": float("nan") if empty else logloss(score, y),
+         "ne": float("nan") if empty else normalized_entropy(score, y),
+         "mean_pred": float("nan") if empty else float(score.mean()),
+         "observed_rate": float("nan") if empty else float((y > 0).mean())}
+    m["pcoc"] = m["mean_pred"] / m["observed_rate"] if m["observed_rate"] else float("nan")
+    if group is not None:
+        m["gauc"], m["gauc_groups"] = gauc(score, y, group)
     if oracle is not None:
         m["oracle_auc"] = auc(oracle, y)
+        if group is not None:
+            m["oracle_gauc"] = gauc(oracle, y, group)[0]
     return m
+
+
+def task_curves(pred: Predictions, spec: FeatureSpec, points: int = 200) -> dict[str, dict]:
+    """ROC points, reliability bins and a prediction histogram per binary task/product (for plots)."""
+    curves = {}
+    for name, score, y in _binary_sets(pred, spec):
+        hist, edges = np.histogram(score, bins=50, range=(0.0, 1.0))
+        curves[name] = {"roc": roc_points(score, y, points), "calibration": calibration_bins(score, y),
+                        "histogram": {"counts": hist.tolist(), "edges": edges.tolist()}}
+    return curves
+
+
+def _binary_sets(pred: Predictions, spec: FeatureSpec):
+    """(name, score, label) on each binary task's population and each product's, for plots."""
+    for t in spec.tasks:
+        if t.type != "binary":
+            continue
+        pop = pred.masks[t.name]
+        yield t.name, pred.outputs[f"p_{t.name}"][pop], pred.labels[t.name][pop]
+        if t.parent is not None and f"p_{product_key(t)}" in pred.outputs:
+            pop = pred.masks[t.parent]
+            y = ((pred.labels[t.parent] > 0) & (pred.labels[t.name] > 0))[pop]
+            yield product_key(t), pred.outputs[f"p_{product_key(t)}"][pop], y
 
 
 def task_metrics(pred: Predictions, spec: FeatureSpec) -> dict[str, dict]:
@@ -93,7 +123,8 @@ def task_metrics(pred: Predictions, spec: FeatureSpec) -> dict[str, dict]:
         y = pred.labels[t.name][pop]
         if t.type == "binary":
             oracle = pred.truth[t.name][pop] if t.name in pred.truth else None
-            res[t.name] = {"population": t.space, **_binary(pred.outputs[f"p_{t.name}"][pop], y, oracle)}
+            group = pred.group[pop] if pred.group is not None else None
+            res[t.name] = {"population": t.space, **_binary(pred.outputs[f"p_{t.name}"][pop], y, oracle, group)}
         else:
             p = pred.outputs[t.name][pop]
             m = {"population": t.space, "rows": int(y.size), "rmse": rmse(p, y), "r2": r2(p, y)}
@@ -109,6 +140,7 @@ def task_metrics(pred: Predictions, spec: FeatureSpec) -> dict[str, dict]:
             oracle = None
             if t.name in pred.truth and t.parent in pred.truth:
                 oracle = (pred.truth[t.parent] * pred.truth[t.name])[pop]
+            group = pred.group[pop] if pred.group is not None else None
             res[product_key(t)] = {"population": spec.task_by_name[t.parent].space,
-                                   **_binary(pred.outputs[key][pop], y.astype(np.int8), oracle)}
+                                   **_binary(pred.outputs[key][pop], y.astype(np.int8), oracle, group)}
     return res

@@ -1,4 +1,5 @@
 """`mtrank train` as a scheduled job runs it: real processes, a real kill -9, then --resume."""
+import datetime as dt
 import json
 import os
 import signal
@@ -73,3 +74,46 @@ def test_config_errors_name_the_key(tmp_path):
 def test_missing_eval_day_is_a_clear_error(job):
     r = subprocess.run([*MTRANK, "train", "--config", job, "--date", "2026-11-04"], capture_output=True, text=True)
     assert r.returncode == 2 and "dt=2026-11-04" in r.stderr and "missing_partition" in r.stderr
+
+
+def test_saved_model_reloads_in_another_process_and_evaluates(job, tmp_path):
+    """The CLI process trained and scored the day; this process loads the saved weights
+    (weights_only) and must reproduce its metrics exactly; `mtrank evaluate` writes the report."""
+    from html.parser import HTMLParser
+
+    from jobs.evaluate import evaluate_model
+    from jobs.model_io import load_model
+
+    run = job.parent / "work" / "runs" / "t" / "2026-11-03"
+    if not (run / "metrics.json").exists():
+        assert train(job).returncode == 0
+    trained = json.loads((run / "metrics.json").read_text())["tasks"]
+    ev, pred = evaluate_model(load_model(run / "model"), str(job.parent / "logs"), dt.date(2026, 11, 3))
+    for task in ("ctr", "cvr", "ctcvr", "collect", "cart"):
+        assert ev.metrics[task]["auc"] == pytest.approx(trained[task]["auc"], abs=1e-12), task
+        assert ev.metrics[task]["gauc_groups"] > 0 and 0 < ev.metrics[task]["gauc"] < 1
+    assert set(ev.gates) == {"ctr", "cvr", "stay", "collect", "cart"}
+    assert all(abs(sum(g) - 1) < 1e-4 and len(g) == 3 for g in ev.gates.values())
+
+    out = tmp_path / "report"
+    r = subprocess.run([*MTRANK, "evaluate", "--model", run / "model", "--data", job.parent / "logs",
+                        "--date", "2026-11-03", "--baseline", run / "model", "--out", out],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ctcvr" in r.stdout and "report:" in r.stdout
+
+    class Images(HTMLParser):
+        imgs: list = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.imgs.append(dict(attrs)["src"])
+
+    p = Images()
+    p.feed((out / "report.html").read_text())
+    assert len(p.imgs) == 4 and all(s.startswith("data:image/png;base64,") and len(s) > 1000 for s in p.imgs)
+    page = (out / "report.html").read_text()
+    assert "GAUC" in page and "oracle AUC" in page and "Δ" in page and "+0.0000" in page
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tasks"]["ctr"]["auc"] == pytest.approx(trained["ctr"]["auc"], abs=1e-12)
+    assert (run / "report" / "report.html").exists()

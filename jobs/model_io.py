@@ -1,0 +1,57 @@
+"""A trained model on disk: weights as a plain state dict beside the spec, statistics and config.
+
+Everything needed to score raw rows travels together (the FeatureSpec carries the hash seed), and
+loading never unpickles code: weights go through `torch.load(weights_only=True)`, the rest is YAML
+(safe-loaded) and JSON.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from features.numeric import NumericStats
+from features.spec import FeatureSpec, SpecError, parse_spec
+from models import ModelConfig, MultiTaskRanker
+from pipeline.checkpoint import write_atomic
+
+FILES = ("weights.pt", "feature_spec.yaml", "numeric_stats.json", "model_config.json")
+
+
+@dataclass
+class SavedModel:
+    spec: FeatureSpec
+    stats: NumericStats
+    config: ModelConfig
+    model: MultiTaskRanker
+
+
+def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stats: NumericStats) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    write_atomic(path / "weights.pt", buf.getvalue())
+    write_atomic(path / "feature_spec.yaml", spec.to_yaml().encode())
+    write_atomic(path / "numeric_stats.json", stats.to_json().encode())
+    write_atomic(path / "model_config.json", model.cfg.model_dump_json(indent=1).encode())
+    return path
+
+
+def load_model(path: str | Path) -> SavedModel:
+    path = Path(path)
+    missing = [f for f in FILES if not (path / f).exists()]
+    if missing:
+        raise SpecError(f"{path}: not a saved mtrank model (missing {', '.join(missing)})")
+    spec = parse_spec(yaml.safe_load((path / "feature_spec.yaml").read_text()), str(path / "feature_spec.yaml"))
+    stats = NumericStats.from_json((path / "numeric_stats.json").read_text())
+    config = ModelConfig.model_validate(json.loads((path / "model_config.json").read_text()))
+    model = MultiTaskRanker(spec, config)
+    state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    return SavedModel(spec, stats, config, model)

@@ -1,0 +1,168 @@
+"""The offline evaluation report: one self-contained HTML file (plots embedded) + metrics.json.
+
+Every figure is on its task's population (CTR and the entire-space products over all impressions,
+post-click tasks over clicked rows), with the population size beside it and the oracle figure
+where the data carries the generator's true probabilities. With a baseline the two models are
+shown side by side with deltas.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline.checkpoint import write_atomic  # noqa: E402
+
+BINARY_COLS = [("rows", "rows", "{:,}"), ("positives", "positives", "{:,}"), ("auc", "AUC", "{:.4f}"),
+               ("oracle_auc", "oracle AUC", "{:.4f}"), ("gauc", "GAUC (user)", "{:.4f}"),
+               ("oracle_gauc", "oracle GAUC", "{:.4f}"), ("logloss", "logloss", "{:.4f}"), ("ne", "NE", "{:.4f}"),
+               ("mean_pred", "mean pred", "{:.4f}"), ("observed_rate", "observed", "{:.4f}"),
+               ("pcoc", "PCOC", "{:.3f}")]
+REGRESSION_COLS = [("rows", "rows", "{:,}"), ("rmse", "RMSE (s)", "{:.2f}"), ("r2", "R²", "{:.4f}"),
+                   ("rmse_log1p", "RMSE log1p", "{:.4f}"), ("oracle_rmse", "oracle RMSE (s)", "{:.2f}")]
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(fmt: str, v) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return fmt.format(v)
+
+
+def _population(m: dict) -> str:
+    return "all impressions" if m.get("population") == "all" else f"{m.get('population')} positives"
+
+
+def metrics_table(metrics: dict, baseline: dict | None = None) -> str:
+    rows = []
+    for kind, cols in (("binary", BINARY_COLS), ("regression", REGRESSION_COLS)):
+        names = [n for n, m in metrics.items() if ("auc" in m) == (kind == "binary")]
+        if not names:
+            continue
+        head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in cols)
+        rows.append(f"<h3>{'Binary tasks and entire-space products' if kind == 'binary' else 'Regression'}</h3>"
+                    f"<table><tr><th>task</th><th>population</th>{head}</tr>")
+        for n in names:
+            m = metrics[n]
+            cells = "".join(f"<td>{_fmt(fmt, m.get(k))}</td>" for k, _, fmt in cols)
+            rows.append(f"<tr><td><b>{html.escape(n)}</b></td><td>{_population(m)}</td>{cells}</tr>")
+            if baseline and n in baseline:
+                b = baseline[n]
+                cells = "".join(f"<td>{_fmt(fmt, b.get(k))}</td>" for k, _, fmt in cols)
+                rows.append(f"<tr class=base><td>baseline</td><td></td>{cells}</tr>")
+                delta = "".join(
+                    f"<td>{_fmt('{:+.4f}', m[k] - b[k]) if isinstance(m.get(k), float) and isinstance(b.get(k), float) else ''}</td>"
+                    for k, _, _ in cols)
+                rows.append(f"<tr class=delta><td>Δ</td><td></td>{delta}</tr>")
+        rows.append("</table>")
+    return "\n".join(rows)
+
+
+def roc_figure(curves: dict) -> str:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, c in curves.items():
+        if c["roc"]["fpr"]:
+            ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=name)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (each on its population)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def reliability_figure(curves: dict) -> str:
+    n = len(curves)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (name, c) in zip(axes.flat, curves.items()):
+        cal = c["calibration"]
+        hi = max(cal["mean_pred"] + cal["observed"] + [1e-6])
+        ax.plot([0, hi], [0, hi], "k:", lw=0.8)
+        ax.plot(cal["mean_pred"], cal["observed"], "o-", ms=3)
+        ax.set(title=name, xlabel="mean prediction", ylabel="observed rate")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle("Reliability (equal-count bins)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def histogram_figure(curves: dict) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, c in curves.items():
+        h = c["histogram"]
+        centers = (np.array(h["edges"][:-1]) + np.array(h["edges"][1:])) / 2
+        ax.plot(centers, np.maximum(h["counts"], 0.5), label=name)
+    ax.set(yscale="log", xlabel="predicted probability", ylabel="rows", title="Prediction histograms")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def gates_figure(gates: dict[str, list[float]]) -> str | None:
+    if not gates:
+        return None
+    tasks = list(gates)
+    mat = np.array([gates[t] for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * mat.shape[1], 0.6 + 0.45 * len(tasks)))
+    im = ax.imshow(mat, cmap="viridis", aspect="auto", vmin=0)
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xticks(range(mat.shape[1]), [f"e{i}" for i in range(mat.shape[1])])
+    for i in range(mat.shape[0]):
+        for j in range(mat.shape[1]):
+            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="w" if mat[i, j] < mat.max() / 2 else "k")
+    ax.set_title("Mean gate weight per task and expert")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return _png(fig)
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}th{background:#f3f3f3}
+tr.base td{color:#666}tr.delta td{color:#036;font-style:italic}img{max-width:100%}code{background:#f3f3f3}"""
+
+
+def render(title: str, meta: dict, metrics: dict, curves: dict, gates: dict | None,
+           baseline: dict | None = None) -> str:
+    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td style='text-align:left'>"
+                                 f"<code>{html.escape(json.dumps(v, default=str))}</code></td></tr>"
+                                 for k, v in meta.items()) + "</table>",
+             "<h2>Metrics</h2>", metrics_table(metrics, baseline),
+             "<p>AUC is exact over the whole evaluation set (ties averaged). GAUC: per-user AUC weighted by "
+             "impressions, users with one class excluded. NE: logloss / entropy of the observed rate. "
+             "PCOC: mean prediction / observed rate. Oracle: the generator's true probabilities as the score.</p>",
+             "<h2>ROC</h2>", f"<img src='{roc_figure(curves)}'>",
+             "<h2>Calibration</h2>", f"<img src='{reliability_figure(curves)}'>",
+             "<h2>Predictions</h2>", f"<img src='{histogram_figure(curves)}'>"]
+    g = gates_figure(gates or {})
+    if g:
+        parts += ["<h2>Expert utilisation</h2>", f"<img src='{g}'>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str | Path, title: str, meta: dict, metrics: dict, curves: dict,
+                 gates: dict | None, baseline: dict | None = None) -> tuple[Path, Path]:
+    """report.html + metrics.json, each written atomically (never half a file under the name)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    page = render(title, meta, metrics, curves, gates, baseline)
+    write_atomic(out / "report.html", page.encode())
+    payload = {"meta": meta, "tasks": metrics, "baseline": baseline, "gates": gates}
+    write_atomic(out / "metrics.json", json.dumps(payload, indent=1, default=str).encode())
+    return out / "report.html", out / "metrics.json"

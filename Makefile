@@ -7,6 +7,7 @@ DATA   ?= .mtrank/demo-logs
 DAYS   ?= 8
 ROWS   ?= 50000
 SEED   ?= 7
+EVAL_DATE ?= 2026-11-08
 
 .PHONY: venv train test bench bench-quick bench-venv clean
 
@@ -24,6 +25,7 @@ $(STAMP): pyproject.toml
 train: venv
 	$(VENV)/bin/mtrank generate --out $(DATA) --days $(DAYS) --rows-per-day $(ROWS) --seed $(SEED) --users 200000 --items 100000
 	$(VENV)/bin/mtrank validate --data $(DATA)
+	$(VENV)/bin/mtrank train --date $(EVAL_DATE) --data $(DATA)
 
 test: venv
 	$(PY) -m pytest tests

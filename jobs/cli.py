@@ -57,14 +57,28 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
     out = train(cfg, a.date, resume=a.resume)
+    track = None if a.no_track else _track(cfg, out)
     rows = out.summary["rows"]
     last = out.summary["epochs"][-1]
     print(f"trained {rows['trained']:,} rows (read {rows['read']:,}, rejected {rows['rejected']:,}) "
           f"in {out.summary['train_seconds']:.0f}s, {last['samples_per_s']:,.0f} samples/s in the last epoch"
           + (f", resumed from step {out.result.resumed_from_step}" if out.result.resumed_from_step else ""))
     print(format_metrics(out.metrics))
-    print(f"run directory: {out.run_dir}")
+    print(f"run directory: {out.run_dir}  (report: {out.run_dir / 'report' / 'report.html'})")
+    if track:
+        print(track)
     return 0
+
+
+def _track(cfg, out) -> str:
+    from features.spec import load_spec
+    from jobs.tracking import log_training, tracking_uri
+
+    spec = load_spec(cfg.spec)
+    run_id, version = log_training(cfg, out.run_dir, out.summary, out.metrics, spec.to_yaml(), spec.fingerprint())
+    uri = tracking_uri(cfg)
+    return (f"MLflow run {run_id}; registered {cfg.name} version {version} (alias challenger) in {uri}\n"
+            f"open the UI: mlflow ui --backend-store-uri {uri}")
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
@@ -118,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run's last intact checkpoint")
     t.add_argument("--data", default=None, help="override the config's data root")
     t.add_argument("--work-dir", default=None, help="override the config's work_dir")
+    t.add_argument("--no-track", action="store_true", help="keep the outcome on disk only (no MLflow run)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="offline report for a saved model on one day")

@@ -33,6 +33,8 @@ class JobConfig(BaseModel):
     spec: str | None = Field(default=None, description="FeatureSpec YAML; null = the embedded default")
     window_days: int = Field(default=7, gt=0, description="train on [D - window_days, D - 1], evaluate on D")
     work_dir: str = ".mtrank/work"
+    tracking_uri: str | None = Field(default=None, description="MLflow URI; default $MLFLOW_TRACKING_URI, "
+                                     "else sqlite in work_dir")
     quarantine_dir: str | None = None
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -117,3 +118,41 @@ def test_saved_model_reloads_in_another_process_and_evaluates(job, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["tasks"]["ctr"]["auc"] == pytest.approx(trained["ctr"]["auc"], abs=1e-12)
     assert (run / "report" / "report.html").exists()
+
+
+def test_run_logged_and_registered_model_scores_raw_rows(job):
+    """The CLI's MLflow run (embedded sqlite store) registered a pyfunc that scores raw columns with
+    the model's own hashing; loaded here (another process) it matches the saved model's outputs."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    from jobs.evaluate import evaluate_model
+    from jobs.model_io import load_model
+
+    work = job.parent / "work"
+    run = work / "runs" / "t" / "2026-11-03"
+    if not (work / "mlflow.db").exists():
+        assert train(job).returncode == 0
+    uri = f"sqlite:///{(work / 'mlflow.db').resolve()}"
+    client = mlflow.MlflowClient(uri, uri)
+    version = client.get_model_version_by_alias("t", "challenger")
+    assert version.tags["mtrank.date"] == "2026-11-03" and version.tags["mtrank.window"] == "2026-11-01..2026-11-02"
+    assert float(version.tags["auc.ctr"]) > 0.55 and len(version.tags["mtrank.git_commit"]) >= 7
+    r = client.get_run(version.run_id)
+    assert r.data.metrics["rows_read"] == r.data.metrics["rows_trained"] + r.data.metrics["rows_rejected"]
+    assert "eval.ctcvr.auc" in r.data.metrics and "train_loss.ctr" in r.data.metrics
+    assert r.data.params["model.bottom"] == "mmoe"
+    arts = {a.path for a in client.list_artifacts(version.run_id)}
+    assert {"report", "feature_spec.yaml", "config.json", "data.json", "environment.json"} <= arts
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/t@challenger")
+    day = job.parent / "logs" / "dt=2026-11-03"
+    raw = pq.read_table(next(day.glob("*.parquet"))).slice(0, 3000).to_pandas()
+    raw = raw.drop(columns=["click", "conversion", "stay_seconds", "collect", "cart"])  # labels not needed
+    out = pyfunc.predict(raw)
+    assert {"p_ctr", "p_cvr", "p_ctcvr", "stay", "p_collect", "p_cart", "p_ctcart"} <= set(out.columns)
+    _, pred = evaluate_model(load_model(run / "model"), str(job.parent / "logs"), dt.date(2026, 11, 3), max_rows=3000)
+    for col in ("p_ctr", "p_ctcvr", "stay"):
+        np.testing.assert_allclose(out[col].to_numpy(), pred.outputs[col], rtol=1e-5, atol=1e-7)

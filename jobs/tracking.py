@@ -1,0 +1,111 @@
+"""MLflow tracking and registry: the only module that imports mlflow (besides the pyfunc entry).
+
+A training outcome lives in its run directory first; this module logs it as one MLflow run and
+registers the model, so a tracking server that is down costs a re-log, never a retrain.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from jobs.config import JobConfig
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def tracking_uri(cfg: JobConfig) -> str:
+    """Config, else $MLFLOW_TRACKING_URI, else an embedded sqlite store in the work dir."""
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(Path(cfg.work_dir) / 'mlflow.db').resolve()}"
+
+
+def _client(cfg: JobConfig):
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow, mlflow.MlflowClient(uri, uri)
+
+
+def _experiment(mlflow, client, cfg: JobConfig) -> str:
+    exp = client.get_experiment_by_name(cfg.name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri(cfg).startswith("sqlite:"):  # embedded store: artifacts beside it, not in ./mlruns
+        location = (Path(cfg.work_dir) / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(cfg.name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _finite(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
+
+
+def log_training(cfg: JobConfig, run_dir: Path, summary: dict, metrics: dict, spec_yaml: str,
+                 spec_hash: str) -> tuple[str, str]:
+    """One MLflow run for a finished training outcome; registers the model as `challenger`.
+
+    Returns (run_id, model version).
+    """
+    import torch
+
+    mlflow, client = _client(cfg)
+    exp_id = _experiment(mlflow, client, cfg)
+    date = summary["date"]
+    tags = {"mtrank.date": date, "mtrank.window": f"{summary['train_window']['start']}..{summary['train_window']['end']}",
+            "mtrank.git_commit": git_commit(), "mtrank.spec_hash": spec_hash}
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{date}", tags=tags) as run:
+        params = flatten("", cfg.model_dump(mode="json"), {})
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+        mlflow.log_text(spec_yaml, "feature_spec.yaml")
+        mlflow.log_dict({k: summary[k] for k in ("train_window", "eval_window", "rows")}, "data.json")
+        rows = summary["rows"]
+        mlflow.log_metrics({"rows_read": rows["read"], "rows_trained": rows["trained"],
+                            "rows_rejected": rows["rejected"], "eval_rows": summary["eval_rows"],
+                            "train_seconds": summary["train_seconds"]})
+        for ep in summary["epochs"]:
+            mlflow.log_metrics({**{f"train_loss.{t}": v for t, v in ep["loss"].items()},
+                                "samples_per_s": ep["samples_per_s"]}, step=ep["epoch"] + 1)
+        flat = {}
+        for task, m in metrics.items():
+            flat.update({f"eval.{task}.{k}": v for k, v in m.items() if k != "population"})
+        mlflow.log_metrics(_finite(flat))
+        mlflow.log_dict({"python": platform.python_version(), "torch": torch.__version__,
+                         "mlflow": mlflow.__version__, "git_commit": tags["mtrank.git_commit"]}, "environment.json")
+        if (run_dir / "report").exists():
+            mlflow.log_artifacts(str(run_dir / "report"), "report")
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
+                                       artifacts={"model": str(run_dir / "model")},
+                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        run_id = run.info.run_id
+    version = mlflow.register_model(info.model_uri, cfg.name, tags={
+        **tags, **{f"auc.{t}": f"{m['auc']:.6f}" for t, m in metrics.items() if "auc" in m}})
+    client.set_registered_model_alias(cfg.name, CHALLENGER, version.version)
+    return run_id, version.version

@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 train: venv
 	$(VENV)/bin/mtrank generate --out $(DATA) --days $(DAYS) --rows-per-day $(ROWS) --seed $(SEED) --users 200000 --items 100000
 	$(VENV)/bin/mtrank validate --data $(DATA)
-	$(VENV)/bin/mtrank train --date $(EVAL_DATE) --data $(DATA)
+	$(VENV)/bin/mtrank daily --date $(EVAL_DATE) --data $(DATA)
 
 test: venv
 	$(PY) -m pytest tests

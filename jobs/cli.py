@@ -8,6 +8,7 @@ import sys
 
 from features.rules import BadInputError
 from features.spec import SpecError, load_spec
+from jobs.promote import JobLocked
 from pipeline.checkpoint import CheckpointError
 from pipeline.trainer import NonFiniteLossError, ResumeMismatchError
 
@@ -67,6 +68,53 @@ def _cmd_train(a: argparse.Namespace) -> int:
     print(f"run directory: {out.run_dir}  (report: {out.run_dir / 'report' / 'report.html'})")
     if track:
         print(track)
+    return 0
+
+
+def _cmd_promote(a: argparse.Namespace) -> int:
+    from jobs.config import load_config
+    from jobs.promote import promote
+
+    cfg = load_config(a.config, data=a.data, work_dir=a.work_dir, name=a.name)
+    d = promote(cfg, a.date)
+    print(f"{cfg.name} v{d.version}: {'PROMOTED to champion' if d.promoted else 'not promoted'} ({d.reason})")
+    return 0
+
+
+def _cmd_daily(a: argparse.Namespace) -> int:
+    """train -> evaluate -> promote for one date; rerunning a finished date reuses its version."""
+    import json
+
+    from features.spec import load_spec
+    from jobs import tracking
+    from jobs.config import load_config
+    from jobs.promote import job_lock, promote
+    from jobs.train import run_dir, train
+
+    cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
+    with job_lock(cfg, wait=a.wait):
+        existing = None if a.force else tracking.find_version(cfg, a.date.isoformat())
+        if existing is not None:
+            version = existing.version
+            print(f"{a.date}: reusing {cfg.name} v{version} (registered by an earlier run; --force retrains)")
+            if not existing.tags.get("promotion.decision"):
+                tracking.set_challenger(cfg, version)
+        else:
+            out_dir = run_dir(cfg, a.date)
+            done = out_dir / "metrics.json"
+            if done.exists() and not a.force:  # trained before, tracking failed: log it, don't retrain
+                saved = json.loads(done.read_text())
+                metrics, summary = saved.pop("tasks"), saved
+                print(f"{a.date}: training outcome found in {out_dir}; logging it without retraining")
+            else:
+                out = train(cfg, a.date, resume=not a.force)
+                metrics, summary = out.metrics, out.summary
+            spec = load_spec(cfg.spec)
+            run_id, version = tracking.log_training(cfg, out_dir, summary, metrics, spec.to_yaml(),
+                                                    spec.fingerprint())
+            print(f"{a.date}: trained and registered {cfg.name} v{version} (run {run_id})")
+        d = promote(cfg, a.date)
+    print(f"{cfg.name} v{d.version}: {'champion' if d.promoted else 'not promoted'} ({d.reason})")
     return 0
 
 
@@ -143,6 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="report directory (default .mtrank/reports/DATE)")
     e.add_argument("--max-rows", type=int, default=None)
     e.set_defaults(func=_cmd_evaluate)
+
+    pr = sub.add_parser("promote", help="move alias champion to the challenger if it is no worse on --date")
+    pr.add_argument("--config", default=None)
+    pr.add_argument("--name", default=None, help="registered model name (default: the config's)")
+    pr.add_argument("--date", type=_date, required=True, help="held-out day both models are evaluated on")
+    pr.add_argument("--data", default=None)
+    pr.add_argument("--work-dir", default=None)
+    pr.set_defaults(func=_cmd_promote)
+
+    dl = sub.add_parser("daily", help="train -> evaluate -> promote for one date (what a scheduler calls)")
+    dl.add_argument("--config", default=None)
+    dl.add_argument("--date", type=_date, required=True)
+    dl.add_argument("--data", default=None)
+    dl.add_argument("--work-dir", default=None)
+    dl.add_argument("--force", action="store_true", help="retrain even if this date already has a version")
+    dl.add_argument("--wait", action="store_true", help="wait for a running job instead of exiting")
+    dl.set_defaults(func=_cmd_daily)
     return p
 
 
@@ -152,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (BadInputError, SpecError, NonFiniteLossError, ResumeMismatchError, CheckpointError) as e:
+    except (BadInputError, SpecError, NonFiniteLossError, ResumeMismatchError, CheckpointError, JobLocked) as e:
         print(f"mtrank {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -25,6 +25,16 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(default=16_384, gt=0)
 
 
+class PromoteConfig(BaseModel):
+    """The gate a challenger passes to become champion: per-task AUC may drop at most this much."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tolerances: dict[str, float] = Field(default_factory=lambda: {
+        "ctr": 0.002, "ctcvr": 0.003, "cvr": 0.005, "collect": 0.005, "cart": 0.005})
+    max_rows: int | None = Field(default=None, gt=0, description="evaluate on the first N rows of the day")
+
+
 class JobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,6 +49,7 @@ class JobConfig(BaseModel):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    promote: PromoteConfig = PromoteConfig()
 
 
 def _resolve(cfg: JobConfig, base: Path | None) -> JobConfig:

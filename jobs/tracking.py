@@ -109,3 +109,51 @@ def log_training(cfg: JobConfig, run_dir: Path, summary: dict, metrics: dict, sp
         **tags, **{f"auc.{t}": f"{m['auc']:.6f}" for t, m in metrics.items() if "auc" in m}})
     client.set_registered_model_alias(cfg.name, CHALLENGER, version.version)
     return run_id, version.version
+
+
+def find_version(cfg: JobConfig, date: str):
+    """The registered version a previous run made for this date (tag mtrank.date), if any."""
+    _, client = _client(cfg)
+    try:
+        found = client.search_model_versions(f"name='{cfg.name}' and tag.`mtrank.date`='{date}'")
+    except Exception as e:  # noqa: BLE001 - a registry without the model yet
+        if "RESOURCE_DOES_NOT_EXIST" in str(e):
+            return None
+        raise
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def alias_version(cfg: JobConfig, alias: str):
+    _, client = _client(cfg)
+    try:
+        return client.get_model_version_by_alias(cfg.name, alias)
+    except Exception as e:  # noqa: BLE001 - MlflowException: alias or model missing
+        if "RESOURCE_DOES_NOT_EXIST" in str(e) or "not found" in str(e).lower():
+            return None
+        raise
+
+
+def download_saved_model(cfg: JobConfig, version: str, dst: Path) -> Path:
+    """The version's saved-model directory (weights, spec, stats, config), fetched locally."""
+    mlflow, client = _client(cfg)
+    mv = client.get_model_version(cfg.name, version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst))
+    return Path(local) / "artifacts" / "model"
+
+
+def set_challenger(cfg: JobConfig, version: str) -> None:
+    _client(cfg)[1].set_registered_model_alias(cfg.name, CHALLENGER, version)
+
+
+def count_versions(cfg: JobConfig) -> int:
+    _, client = _client(cfg)
+    return len(client.search_model_versions(f"name='{cfg.name}'"))
+
+
+def record_decision(cfg: JobConfig, version: str, promoted: bool, reason: str, date: str) -> None:
+    _, client = _client(cfg)
+    client.set_model_version_tag(cfg.name, version, "promotion.decision", "promoted" if promoted else "rejected")
+    client.set_model_version_tag(cfg.name, version, "promotion.reason", reason[:4000])
+    client.set_model_version_tag(cfg.name, version, "promotion.date", date)
+    if promoted:
+        client.set_registered_model_alias(cfg.name, CHAMPION, version)

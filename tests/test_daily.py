@@ -1,0 +1,69 @@
+"""`mtrank daily` as a scheduler runs it, against a real sqlite MLflow store: promotion gate,
+idempotent reruns, and two overlapping runs of the same job."""
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import yaml
+
+MTRANK = [sys.executable, "-m", "jobs.cli"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("daily")
+    subprocess.run([*MTRANK, "generate", "--out", str(base / "logs"), "--days", "5", "--rows-per-day", "30000",
+                    "--seed", "8", "--users", "2000", "--items", "800", "--start", "2026-11-01"],
+                   check=True, capture_output=True)
+    good = {"name": "ranker", "data": "logs", "window_days": 2, "work_dir": "work",
+            "model": {"experts": 3, "expert_mlp": [32, 16], "tower_mlp": [8]},
+            "train": {"batch_size": 1024, "epochs": 2, "lr": 0.003}}
+    (base / "good.yaml").write_text(yaml.safe_dump(good))
+    bad = {**good, "train": {**good["train"], "lr": 1e-7, "sparse_lr": 1e-7, "epochs": 1}}  # learns nothing
+    (base / "bad.yaml").write_text(yaml.safe_dump(bad))
+    return base
+
+
+def daily(base, cfg, date, *extra):
+    return subprocess.run([*MTRANK, "daily", "--config", base / cfg, "--date", date, *extra],
+                          capture_output=True, text=True)
+
+
+def client(base):
+    uri = f"sqlite:///{(base / 'work' / 'mlflow.db').resolve()}"
+    return mlflow.MlflowClient(uri, uri)
+
+
+def test_promotion_gate_and_idempotent_reruns(base):
+    r = daily(base, "good.yaml", "2026-11-03")
+    assert r.returncode == 0, r.stderr
+    assert "v1: champion (first version" in r.stdout
+    c = client(base)
+    assert str(c.get_model_version_by_alias("ranker", "champion").version) == "1"
+
+    r = daily(base, "good.yaml", "2026-11-03")  # rerun: same version, nothing trained
+    assert r.returncode == 0, r.stderr
+    assert "reusing ranker v1" in r.stdout
+    assert len(c.search_model_versions("name='ranker'")) == 1
+
+    r = daily(base, "bad.yaml", "2026-11-04")  # a model that learned nothing
+    assert r.returncode == 0, r.stderr
+    v2 = c.get_model_version("ranker", "2")
+    assert v2.tags["promotion.decision"] == "rejected" and "worse on" in v2.tags["promotion.reason"]
+    assert "ctr" in v2.tags["promotion.reason"]
+    assert str(c.get_model_version_by_alias("ranker", "champion").version) == "1"
+    assert str(c.get_model_version_by_alias("ranker", "challenger").version) == "2"
+    assert c.get_model_version("ranker", "1").tags["promotion.decision"] == "promoted"
+
+
+def test_two_overlapping_dailies_make_one_version(base):
+    procs = [subprocess.Popen([*MTRANK, "daily", "--config", base / "good.yaml", "--date", "2026-11-05"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    loser = next(o for p, o in zip(procs, outs) if p.returncode == 2)
+    assert "another 'mtrank daily' for 'ranker' is running" in loser[1]
+    c = client(base)
+    assert len(c.search_model_versions("name='ranker' and tag.`mtrank.date`='2026-11-05'")) == 1

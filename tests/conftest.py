@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import polars as pl
 import pytest
@@ -36,3 +39,13 @@ def make_frame(spec, n: int, seed: int = 0) -> pl.DataFrame:
     cols["stay_seconds"] = pl.Series((click * rng.exponential(30, n)).astype(np.float32))
     cols["true_p_click"] = pl.Series(rng.random(n))
     return pl.DataFrame(cols)
+
+
+MTRANK = [sys.executable, "-m", "jobs.cli"]
+
+
+def cli_generate(out, days: int, rows: int, seed: int, users: int, items: int) -> None:
+    """Demo logs through the real CLI (a separate process), starting 2026-11-01."""
+    subprocess.run([*MTRANK, "generate", "--out", str(out), "--days", str(days), "--rows-per-day", str(rows),
+                    "--seed", str(seed), "--users", str(users), "--items", str(items), "--start", "2026-11-01"],
+                   check=True, capture_output=True)

@@ -7,15 +7,13 @@ import mlflow
 import pytest
 import yaml
 
-MTRANK = [sys.executable, "-m", "jobs.cli"]
+from tests.conftest import MTRANK, cli_generate
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp("daily")
-    subprocess.run([*MTRANK, "generate", "--out", str(base / "logs"), "--days", "5", "--rows-per-day", "30000",
-                    "--seed", "8", "--users", "2000", "--items", "800", "--start", "2026-11-01"],
-                   check=True, capture_output=True)
+    cli_generate(base / "logs", days=5, rows=30_000, seed=8, users=2000, items=800)
     good = {"name": "ranker", "data": "logs", "window_days": 2, "work_dir": "work",
             "model": {"experts": 3, "expert_mlp": [32, 16], "tower_mlp": [8]},
             "train": {"batch_size": 1024, "epochs": 2, "lr": 0.003}}

@@ -14,15 +14,13 @@ import yaml
 from jobs.config import load_config
 from features.spec import SpecError
 
-MTRANK = [sys.executable, "-m", "jobs.cli"]
+from tests.conftest import MTRANK, cli_generate
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     base = tmp_path_factory.mktemp("job")
-    subprocess.run([*MTRANK, "generate", "--out", str(base / "logs"), "--days", "3", "--rows-per-day", "40000",
-                    "--seed", "5", "--users", "3000", "--items", "1000", "--start", "2026-11-01"],
-                   check=True, capture_output=True)
+    cli_generate(base / "logs", days=3, rows=40_000, seed=5, users=3000, items=1000)
     cfg = {"name": "t", "data": "logs", "window_days": 2, "work_dir": "work",
            "model": {"experts": 3, "expert_mlp": [64, 32], "tower_mlp": [16]},
            "train": {"batch_size": 512, "checkpoint_every": 20, "epochs": 2}}

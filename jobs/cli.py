@@ -114,7 +114,15 @@ def _cmd_daily(a: argparse.Namespace) -> int:
                                                     spec.fingerprint())
             print(f"{a.date}: trained and registered {cfg.name} v{version} (run {run_id})")
         d = promote(cfg, a.date)
+    from jobs.train import format_metrics
+
+    done = run_dir(cfg, a.date) / "metrics.json"
+    if done.exists():
+        print(format_metrics(json.loads(done.read_text())["tasks"]))
+        print(f"report: {done.parent / 'report' / 'report.html'}")
     print(f"{cfg.name} v{d.version}: {'champion' if d.promoted else 'not promoted'} ({d.reason})")
+    uri = tracking.tracking_uri(cfg)
+    print(f"MLflow store: {uri}\nopen the UI: mlflow ui --backend-store-uri {uri}")
     return 0
 
 

@@ -65,3 +65,20 @@ def test_two_overlapping_dailies_make_one_version(base):
     assert "another 'mtrank daily' for 'ranker' is running" in loser[1]
     c = client(base)
     assert len(c.search_model_versions("name='ranker' and tag.`mtrank.date`='2026-11-05'")) == 1
+
+
+def test_schedule_files_call_daily_with_an_overlap_guard():
+    from pathlib import Path
+
+    d = Path(__file__).parents[1] / "jobs" / "schedule"
+    cron = (d / "mtrank-daily.cron").read_text().splitlines()
+    line = next(x for x in cron if x and not x.startswith("#"))
+    assert len(line.split()[:5]) == 5 and "flock -n" in line and "mtrank daily" in line and "--date" in line
+    service = (d / "mtrank-daily.service").read_text()
+    assert "Type=oneshot" in service and "flock -n" in service and "mtrank daily" in service
+    assert "%%F" in service  # systemd needs % doubled
+    assert "OnCalendar=" in (d / "mtrank-daily.timer").read_text()
+    job = yaml.safe_load((d / "cronjob.yaml").read_text())
+    assert job["kind"] == "CronJob" and job["spec"]["concurrencyPolicy"] == "Forbid"
+    args = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "mtrank daily" in args and "--date" in args

@@ -142,7 +142,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from jobs.train import format_metrics
 
     out = a.out or f".mtrank/reports/{a.date}"
-    html, ev, base = evaluate(a.model, a.data, a.date, out, a.baseline, a.max_rows)
+    html, ev, base = evaluate(a.model, a.data, a.date, out, a.baseline, a.max_rows, a.tracking_uri)
     print(format_metrics(ev.metrics))
     if base is not None:
         print("baseline:")
@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="offline report for a saved model on one day")
-    e.add_argument("--model", required=True, help="saved model directory (a run's model/)")
+    e.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/VERSION, runs:/ID/model, "
+                   "or a saved model directory (a run's model/)")
+    e.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ references "
+                   "(default $MLFLOW_TRACKING_URI)")
     e.add_argument("--data", required=True, help="root of the day partitions")
     e.add_argument("--date", type=_date, required=True)
     e.add_argument("--baseline", default=None, help="second model to compare against")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,17 @@ def evaluate_model(saved: SavedModel, data: str, date: dt.date, max_rows: int | 
 
 
 def evaluate(model: str | Path, data: str, date: dt.date, out_dir: str | Path, baseline: str | Path | None = None,
-             max_rows: int | None = None) -> tuple[Path, Evaluation, Evaluation | None]:
-    ev, _ = evaluate_model(load_model(model), data, date, max_rows)
-    base = evaluate_model(load_model(baseline), data, date, max_rows)[0] if baseline else None
+             max_rows: int | None = None, tracking_uri: str | None = None) -> tuple[Path, Evaluation, Evaluation | None]:
+    """`model` / `baseline`: a saved-model directory or an MLflow URI (models:/NAME@champion ...)."""
+    from jobs.tracking import resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ev, _ = evaluate_model(load_model(resolve_model(str(model), Path(tmp) / "m", tracking_uri)),
+                               data, date, max_rows)
+        base = None
+        if baseline:
+            saved = load_model(resolve_model(str(baseline), Path(tmp) / "b", tracking_uri))
+            base = evaluate_model(saved, data, date, max_rows)[0]
     meta = {"model": str(model), "baseline": str(baseline) if baseline else None, "date": date.isoformat(),
             "evaluation rows": ev.rows, "window": ev.window}
     html, _ = write_report(out_dir, f"mtrank evaluation, {date}", meta, ev.metrics, ev.curves, ev.gates,

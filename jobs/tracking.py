@@ -157,3 +157,18 @@ def record_decision(cfg: JobConfig, version: str, promoted: bool, reason: str, d
     client.set_model_version_tag(cfg.name, version, "promotion.date", date)
     if promoted:
         client.set_registered_model_alias(cfg.name, CHAMPION, version)
+
+
+def resolve_model(ref: str, dst: Path, uri: str | None = None) -> Path:
+    """A saved-model directory for `ref`: a local directory as is, or an MLflow model URI
+    (`models:/NAME@alias`, `models:/NAME/3`, `runs:/ID/model`) downloaded into `dst`."""
+    if "://" not in ref and ":/" not in ref:
+        return Path(ref)
+    import mlflow
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst))
+    return Path(local) / "artifacts" / "model"

@@ -82,3 +82,17 @@ def test_schedule_files_call_daily_with_an_overlap_guard():
     assert job["kind"] == "CronJob" and job["spec"]["concurrencyPolicy"] == "Forbid"
     args = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
     assert "mtrank daily" in args and "--date" in args
+
+
+def test_evaluate_a_registered_version_by_alias(base, tmp_path):
+    uri = f"sqlite:///{(base / 'work' / 'mlflow.db').resolve()}"
+    if not (base / "work" / "mlflow.db").exists():
+        assert daily(base, "good.yaml", "2026-11-03").returncode == 0
+    champion = client(base).get_model_version_by_alias("ranker", "champion")
+    r = subprocess.run([*MTRANK, "evaluate", "--model", "models:/ranker@champion", "--tracking-uri", uri,
+                        "--data", base / "logs", "--date", champion.tags["mtrank.date"], "--out", tmp_path],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+    m = json.loads((tmp_path / "metrics.json").read_text())["tasks"]
+    assert f"{m['ctr']['auc']:.6f}" == champion.tags["auc.ctr"]

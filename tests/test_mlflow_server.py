@@ -1,0 +1,84 @@
+"""The HTTP path: `mtrank daily` against a real `mlflow server` on 127.0.0.1 (started here, lean:
+one worker, no job execution, artifacts proxied to a local folder), stopped afterwards."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.conftest import MTRANK, cli_generate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                             "--artifacts-destination", str(root / "artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"), env=env,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not become healthy")
+    yield url, root
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def daily(path, date):
+    return subprocess.run([*MTRANK, "daily", "--config", path, "--date", date], capture_output=True, text=True)
+
+
+def test_daily_over_http_promotes_gates_and_reruns(server, tmp_path):
+    """Same flow as over sqlite: first date promoted, a model that learned nothing registered but
+    not promoted, a rerun of a date adds no version."""
+    url, root = server
+    cli_generate(tmp_path / "logs", days=4, rows=20_000, seed=4, users=1500, items=600)
+    cfg = {"name": "ranker-http", "data": "logs", "window_days": 2, "work_dir": "work", "tracking_uri": url,
+           "model": {"experts": 2, "expert_mlp": [16], "tower_mlp": [8]},
+           "train": {"batch_size": 1024, "epochs": 2, "lr": 0.003}}
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(cfg))
+    bad = {**cfg, "train": {"batch_size": 1024, "lr": 1e-7, "sparse_lr": 1e-7}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    r = daily(tmp_path / "good.yaml", "2026-11-03")
+    assert r.returncode == 0, r.stderr
+    assert "champion (first version" in r.stdout and url in r.stdout
+    client = mlflow.MlflowClient(url, url)
+    v = client.get_model_version_by_alias("ranker-http", "champion")
+    assert v.tags["mtrank.date"] == "2026-11-03"
+    r = daily(tmp_path / "bad.yaml", "2026-11-04")
+    assert r.returncode == 0, r.stderr
+    assert "not promoted" in r.stdout
+    assert str(client.get_model_version_by_alias("ranker-http", "champion").version) == "1"
+    assert daily(tmp_path / "good.yaml", "2026-11-03").returncode == 0
+    assert len(client.search_model_versions("name='ranker-http'")) == 2
+    # the artifacts went through the server into its artifacts destination, not the client's disk
+    assert any((root / "artifacts").rglob("weights.pt"))
+    assert not (tmp_path / "work" / "mlflow.db").exists()

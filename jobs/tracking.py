@@ -96,7 +96,7 @@ def log_training(cfg: JobConfig, run_dir: Path, summary: dict, metrics: dict, sp
         flat = {}
         for task, m in metrics.items():
             flat.update({f"eval.{task}.{k}": v for k, v in m.items() if k != "population"})
-        mlflow.log_metrics(_finite(flat))
+        mlflow.log_metrics(_finite(flat), step=len(summary["epochs"]))  # after the last epoch
         mlflow.log_dict({"python": platform.python_version(), "torch": torch.__version__,
                          "mlflow": mlflow.__version__, "git_commit": tags["mtrank.git_commit"]}, "environment.json")
         if (run_dir / "report").exists():

@@ -323,20 +323,28 @@ def parse_spec(raw: dict, source: str = "<spec>") -> FeatureSpec:
         raise SpecError(_format_error(source, err, raw)) from None
 
 
-def load_spec(path: str | Path | None = None) -> FeatureSpec:
-    """Load a FeatureSpec YAML (safe_load: configs are data); None = the default spec."""
+def read_yaml(path: str | Path | None, package: str, default: str, what: str) -> tuple[object, str, Path | None]:
+    """(document, source name, folder) of a YAML config, or of `package`'s embedded `default`.
+
+    safe_load only: configs are data, never code. Errors name the file and what it should be.
+    """
     if path is None:
-        text = resources.files("features").joinpath(DEFAULT_SPEC).read_text()
-        source = f"features/{DEFAULT_SPEC}"
+        text = resources.files(package).joinpath(default).read_text()
+        source, base = f"{package}/{default}", None
     else:
         path = Path(path)
         try:
             text = path.read_text()
         except OSError as e:
-            raise SpecError(f"{path}: cannot read FeatureSpec ({e.strerror})") from None
-        source = str(path)
+            raise SpecError(f"{path}: cannot read {what} ({e.strerror})") from None
+        source, base = str(path), path.resolve().parent
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text), source, base
     except yaml.YAMLError as e:
         raise SpecError(f"{source}: not valid YAML: {e}") from None
+
+
+def load_spec(path: str | Path | None = None) -> FeatureSpec:
+    """Load a FeatureSpec YAML; None = the default spec."""
+    raw, source, _ = read_yaml(path, "features", DEFAULT_SPEC, "FeatureSpec")
     return parse_spec(raw, source)

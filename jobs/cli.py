@@ -8,7 +8,7 @@ import sys
 
 from features.rules import BadInputError
 from features.spec import SpecError, load_spec
-from jobs.promote import JobLocked
+from jobs.daily import JobLocked
 from pipeline.checkpoint import CheckpointError
 from pipeline.trainer import NonFiniteLossError, ResumeMismatchError
 
@@ -85,53 +85,32 @@ def _cmd_daily(a: argparse.Namespace) -> int:
     """train -> evaluate -> promote for one date; rerunning a finished date reuses its version."""
     import json
 
-    from features.spec import load_spec
-    from jobs import tracking
     from jobs.config import load_config
-    from jobs.promote import job_lock, promote
-    from jobs.train import run_dir, train
-
-    cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
-    with job_lock(cfg, wait=a.wait):
-        existing = None if a.force else tracking.find_version(cfg, a.date.isoformat())
-        if existing is not None:
-            version = existing.version
-            print(f"{a.date}: reusing {cfg.name} v{version} (registered by an earlier run; --force retrains)")
-            if not existing.tags.get("promotion.decision"):
-                tracking.set_challenger(cfg, version)
-        else:
-            out_dir = run_dir(cfg, a.date)
-            done = out_dir / "metrics.json"
-            if done.exists() and not a.force:  # trained before, tracking failed: log it, don't retrain
-                saved = json.loads(done.read_text())
-                metrics, summary = saved.pop("tasks"), saved
-                print(f"{a.date}: training outcome found in {out_dir}; logging it without retraining")
-            else:
-                out = train(cfg, a.date, resume=not a.force)
-                metrics, summary = out.metrics, out.summary
-            spec = load_spec(cfg.spec)
-            run_id, version = tracking.log_training(cfg, out_dir, summary, metrics, spec.to_yaml(),
-                                                    spec.fingerprint())
-            print(f"{a.date}: trained and registered {cfg.name} v{version} (run {run_id})")
-        d = promote(cfg, a.date)
+    from jobs.daily import run_daily
+    from jobs.tracking import tracking_uri
     from jobs.train import format_metrics
 
-    done = run_dir(cfg, a.date) / "metrics.json"
+    cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
+    out = run_daily(cfg, a.date, force=a.force, wait=a.wait)
+    print({"reused": f"{a.date}: reusing {cfg.name} v{out.version} (registered by an earlier run; --force retrains)",
+           "logged": f"{a.date}: training outcome found in {out.run_dir}; logged it without retraining "
+                     f"as {cfg.name} v{out.version} (run {out.run_id})",
+           "trained": f"{a.date}: trained and registered {cfg.name} v{out.version} (run {out.run_id})"}[out.how])
+    done = out.run_dir / "metrics.json"
     if done.exists():
         print(format_metrics(json.loads(done.read_text())["tasks"]))
         print(f"report: {done.parent / 'report' / 'report.html'}")
+    d = out.decision
     print(f"{cfg.name} v{d.version}: {'champion' if d.promoted else 'not promoted'} ({d.reason})")
-    uri = tracking.tracking_uri(cfg)
+    uri = tracking_uri(cfg)
     print(f"MLflow store: {uri}\nopen the UI: mlflow ui --backend-store-uri {uri}")
     return 0
 
 
 def _track(cfg, out) -> str:
-    from features.spec import load_spec
     from jobs.tracking import log_training, tracking_uri
 
-    spec = load_spec(cfg.spec)
-    run_id, version = log_training(cfg, out.run_dir, out.summary, out.metrics, spec.to_yaml(), spec.fingerprint())
+    run_id, version = log_training(cfg, out.run_dir)
     uri = tracking_uri(cfg)
     return (f"MLflow run {run_id}; registered {cfg.name} version {version} (alias challenger) in {uri}\n"
             f"open the UI: mlflow ui --backend-store-uri {uri}")

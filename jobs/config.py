@@ -5,13 +5,11 @@ default. Paths are data, resolved against the config file's directory when relat
 """
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from features.spec import SpecError
+from features.spec import SpecError, read_yaml
 from models import ModelConfig
 from pipeline.trainer import TrainConfig
 
@@ -77,20 +75,7 @@ def parse_config(raw: object, source: str, base: Path | None = None) -> JobConfi
 def load_config(path: str | Path | None = None, **overrides: object) -> JobConfig:
     """The YAML at `path` (relative paths inside resolve against its folder), or the embedded
     default job (paths relative to the current directory). `overrides` replace top-level keys."""
-    if path is None:
-        text = resources.files("jobs").joinpath(DEFAULT_JOB).read_text()
-        source, base = f"<embedded {DEFAULT_JOB}>", None
-    else:
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise SpecError(f"{p}: cannot read job config ({e.strerror})") from None
-        source, base = str(p), p.resolve().parent
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError(f"{source}: not valid YAML ({e})") from None
+    raw, source, base = read_yaml(path, "jobs", DEFAULT_JOB, "job config")
     if isinstance(raw, dict):
         raw.update({k: v for k, v in overrides.items() if v is not None})
     return parse_config(raw, source, base)

@@ -6,16 +6,14 @@ loading never unpickles code: weights go through `torch.load(weights_only=True)`
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from features.numeric import NumericStats
-from features.spec import FeatureSpec, SpecError, parse_spec
+from features.spec import FeatureSpec, SpecError, load_spec
 from models import ModelConfig, MultiTaskRanker
 from pipeline.checkpoint import write_atomic
 
@@ -33,13 +31,16 @@ class SavedModel:
 def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stats: NumericStats) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    write_atomic(path / "weights.pt", buf.getvalue())
+    write_atomic(path / "weights.pt", lambda f: torch.save(model.state_dict(), f))
     write_atomic(path / "feature_spec.yaml", spec.to_yaml().encode())
     write_atomic(path / "numeric_stats.json", stats.to_json().encode())
     write_atomic(path / "model_config.json", model.cfg.model_dump_json(indent=1).encode())
     return path
+
+
+def read_spec(path: str | Path) -> FeatureSpec:
+    """The FeatureSpec a saved model was trained with (hash seed included)."""
+    return load_spec(Path(path) / "feature_spec.yaml")
 
 
 def load_model(path: str | Path) -> SavedModel:
@@ -47,7 +48,7 @@ def load_model(path: str | Path) -> SavedModel:
     missing = [f for f in FILES if not (path / f).exists()]
     if missing:
         raise SpecError(f"{path}: not a saved mtrank model (missing {', '.join(missing)})")
-    spec = parse_spec(yaml.safe_load((path / "feature_spec.yaml").read_text()), str(path / "feature_spec.yaml"))
+    spec = read_spec(path)
     stats = NumericStats.from_json((path / "numeric_stats.json").read_text())
     config = ModelConfig.model_validate(json.loads((path / "model_config.json").read_text()))
     model = MultiTaskRanker(spec, config)

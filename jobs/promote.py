@@ -1,12 +1,8 @@
-"""`mtrank promote` and `mtrank daily`: the gate from challenger to champion, and the unit a
-scheduler calls (train -> evaluate -> promote), idempotent per date and locked per job."""
+"""`mtrank promote`: the gate from challenger to champion, decided on one held-out day."""
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import os
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +10,6 @@ from jobs import tracking
 from jobs.config import JobConfig
 from jobs.evaluate import evaluate_model
 from jobs.model_io import load_model
-
-
-class JobLocked(RuntimeError):
-    pass
 
 
 @dataclass
@@ -57,28 +49,10 @@ def promote(cfg: JobConfig, date: dt.date) -> Decision:
     with tempfile.TemporaryDirectory() as tmp:
         evals = {}
         for label, mv in (("challenger", challenger), ("champion", champion)):
-            saved = load_model(tracking.download_saved_model(cfg, mv.version, Path(tmp) / label))
+            ref = f"models:/{cfg.name}/{mv.version}"
+            saved = load_model(tracking.resolve_model(ref, Path(tmp) / label, tracking.tracking_uri(cfg)))
             evals[label] = evaluate_model(saved, cfg.data, date, cfg.promote.max_rows)[0].metrics
     ok, reason = compare(evals["challenger"], evals["champion"], cfg.promote.tolerances)
     reason = f"on {date} vs champion v{champion.version}: {reason}"
     tracking.record_decision(cfg, challenger.version, ok, reason, date.isoformat())
     return Decision(challenger.version, ok, reason, champion.version)
-
-
-@contextmanager
-def job_lock(cfg: JobConfig, wait: bool = False):
-    """One `daily` per job name at a time (flock: released by the OS if the process dies)."""
-    path = Path(cfg.work_dir) / "locks" / f"{cfg.name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise JobLocked(f"another 'mtrank daily' for {cfg.name!r} is running (lock {path}); "
-                            "this run exits without doing anything") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        os.close(fd)

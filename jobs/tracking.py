@@ -5,6 +5,7 @@ registers the model, so a tracking server that is down costs a re-log, never a r
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -67,24 +68,30 @@ def _finite(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
 
 
-def log_training(cfg: JobConfig, run_dir: Path, summary: dict, metrics: dict, spec_yaml: str,
-                 spec_hash: str) -> tuple[str, str]:
-    """One MLflow run for a finished training outcome; registers the model as `challenger`.
+def log_training(cfg: JobConfig, run_dir: Path) -> tuple[str, str]:
+    """One MLflow run for the finished training outcome in `run_dir`; registers it as `challenger`.
 
-    Returns (run_id, model version).
+    Everything comes from the run directory (metrics.json, the saved model and its spec), so a run
+    whose tracking failed is logged later exactly as it would have been. Returns (run_id, version).
     """
     import torch
 
+    from jobs.model_io import read_spec
+
+    outcome = json.loads((run_dir / "metrics.json").read_text())
+    metrics = outcome.pop("tasks")
+    summary = outcome
+    spec = read_spec(run_dir / "model")
     mlflow, client = _client(cfg)
     exp_id = _experiment(mlflow, client, cfg)
     date = summary["date"]
     tags = {"mtrank.date": date, "mtrank.window": f"{summary['train_window']['start']}..{summary['train_window']['end']}",
-            "mtrank.git_commit": git_commit(), "mtrank.spec_hash": spec_hash}
+            "mtrank.git_commit": git_commit(), "mtrank.spec_hash": spec.fingerprint()}
     with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{date}", tags=tags) as run:
         params = flatten("", cfg.model_dump(mode="json"), {})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
-        mlflow.log_text(spec_yaml, "feature_spec.yaml")
+        mlflow.log_text(spec.to_yaml(), "feature_spec.yaml")
         mlflow.log_dict({k: summary[k] for k in ("train_window", "eval_window", "rows")}, "data.json")
         rows = summary["rows"]
         mlflow.log_metrics({"rows_read": rows["read"], "rows_trained": rows["trained"],
@@ -133,21 +140,8 @@ def alias_version(cfg: JobConfig, alias: str):
         raise
 
 
-def download_saved_model(cfg: JobConfig, version: str, dst: Path) -> Path:
-    """The version's saved-model directory (weights, spec, stats, config), fetched locally."""
-    mlflow, client = _client(cfg)
-    mv = client.get_model_version(cfg.name, version)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst))
-    return Path(local) / "artifacts" / "model"
-
-
 def set_challenger(cfg: JobConfig, version: str) -> None:
     _client(cfg)[1].set_registered_model_alias(cfg.name, CHALLENGER, version)
-
-
-def count_versions(cfg: JobConfig) -> int:
-    _, client = _client(cfg)
-    return len(client.search_model_versions(f"name='{cfg.name}'"))
 
 
 def record_decision(cfg: JobConfig, version: str, promoted: bool, reason: str, date: str) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -29,10 +30,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write to a hidden temporary name, fsync, rename: readers see the old file or the new one.
+
+    `data` is the bytes, or a function that writes into the open file (torch.save streams large
+    state without a second copy in memory)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        f.write(data)
+        data(f) if callable(data) else f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -65,12 +70,7 @@ class CheckpointStore:
     def save(self, state: dict, step: int) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"step-{step:09d}.pt"
-        tmp = self.dir / f".{final.name}.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        write_atomic(final, lambda f: torch.save(state, f))
         entry = {"file": final.name, "step": step, "sha256": sha256(final), "bytes": final.stat().st_size}
         entries = [e for e in self._manifest() if e["file"] != final.name] + [entry]
         entries.sort(key=lambda e: e["step"])

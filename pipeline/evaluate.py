@@ -58,8 +58,7 @@ def predict(model: MultiTaskRanker, reader: ImpressionReader, max_rows: int | No
             if k in ("logits", "gates") or k.startswith("log_p_"):
                 continue
             outs.setdefault(k, []).append(v[:take].float().numpy())
-        for name, src, dst in (("labels", batch.labels, labels), ("masks", batch.masks, masks),
-                               ("truth", batch.truth, truth)):
+        for src, dst in ((batch.labels, labels), (batch.masks, masks), (batch.truth, truth)):
             for k, v in src.items():
                 dst.setdefault(k, []).append(v[:take].numpy())
         if batch.group is not None:
@@ -92,55 +91,69 @@ def _binary(score: np.ndarray, y: np.ndarray, oracle: np.ndarray | None, group: 
     return m
 
 
+@dataclass
+class BinarySet:
+    """One binary figure's rows: a task on its own population, or a product on its parent's."""
+
+    name: str
+    population: str
+    score: np.ndarray
+    label: np.ndarray
+    oracle: np.ndarray | None
+    group: np.ndarray | None
+
+
+def binary_sets(pred: Predictions, spec: FeatureSpec) -> dict[str, BinarySet]:
+    """Every binary task, then its entire-space product when the model outputs it, in spec order."""
+    out: dict[str, BinarySet] = {}
+
+    def take(name: str, population: str, mask: np.ndarray, score_key: str, label: np.ndarray,
+             truth: np.ndarray | None) -> None:
+        out[name] = BinarySet(name, population, pred.outputs[score_key][mask], label[mask],
+                              None if truth is None else truth[mask],
+                              None if pred.group is None else pred.group[mask])
+
+    for t in spec.tasks:
+        if t.type != "binary":
+            continue
+        take(t.name, t.space, pred.masks[t.name], f"p_{t.name}", pred.labels[t.name], pred.truth.get(t.name))
+        key = product_key(t) if t.parent is not None else None
+        if key is not None and f"p_{key}" in pred.outputs:
+            label = ((pred.labels[t.parent] > 0) & (pred.labels[t.name] > 0)).astype(np.int8)
+            truth = (pred.truth[t.parent] * pred.truth[t.name]
+                     if t.name in pred.truth and t.parent in pred.truth else None)
+            take(key, spec.task_by_name[t.parent].space, pred.masks[t.parent], f"p_{key}", label, truth)
+    return out
+
+
 def task_curves(pred: Predictions, spec: FeatureSpec, points: int = 200) -> dict[str, dict]:
     """ROC points, reliability bins and a prediction histogram per binary task/product (for plots)."""
     curves = {}
-    for name, score, y in _binary_sets(pred, spec):
-        hist, edges = np.histogram(score, bins=50, range=(0.0, 1.0))
-        curves[name] = {"roc": roc_points(score, y, points), "calibration": calibration_bins(score, y),
+    for name, b in binary_sets(pred, spec).items():
+        hist, edges = np.histogram(b.score, bins=50, range=(0.0, 1.0))
+        curves[name] = {"roc": roc_points(b.score, b.label, points),
+                        "calibration": calibration_bins(b.score, b.label),
                         "histogram": {"counts": hist.tolist(), "edges": edges.tolist()}}
     return curves
 
 
-def _binary_sets(pred: Predictions, spec: FeatureSpec):
-    """(name, score, label) on each binary task's population and each product's, for plots."""
-    for t in spec.tasks:
-        if t.type != "binary":
-            continue
-        pop = pred.masks[t.name]
-        yield t.name, pred.outputs[f"p_{t.name}"][pop], pred.labels[t.name][pop]
-        if t.parent is not None and f"p_{product_key(t)}" in pred.outputs:
-            pop = pred.masks[t.parent]
-            y = ((pred.labels[t.parent] > 0) & (pred.labels[t.name] > 0))[pop]
-            yield product_key(t), pred.outputs[f"p_{product_key(t)}"][pop], y
-
-
 def task_metrics(pred: Predictions, spec: FeatureSpec) -> dict[str, dict]:
     """{name: metrics}: one entry per task on its population, plus one per entire-space product."""
+    sets = binary_sets(pred, spec)
     res: dict[str, dict] = {}
     for t in spec.tasks:
-        pop = pred.masks[t.name]
-        y = pred.labels[t.name][pop]
         if t.type == "binary":
-            oracle = pred.truth[t.name][pop] if t.name in pred.truth else None
-            group = pred.group[pop] if pred.group is not None else None
-            res[t.name] = {"population": t.space, **_binary(pred.outputs[f"p_{t.name}"][pop], y, oracle, group)}
-        else:
-            p = pred.outputs[t.name][pop]
-            m = {"population": t.space, "rows": int(y.size), "rmse": rmse(p, y), "r2": r2(p, y)}
-            if t.loss == "mse_log1p":
-                m["rmse_log1p"] = rmse(np.log1p(p), np.log1p(y))
-            if t.name in pred.truth:
-                m["oracle_rmse"] = rmse(pred.truth[t.name][pop], y)
-            res[t.name] = m
-        key = f"p_{product_key(t)}" if t.parent is not None else None
-        if key is not None and key in pred.outputs:
-            pop = pred.masks[t.parent]
-            y = ((pred.labels[t.parent] > 0) & (pred.labels[t.name] > 0))[pop]
-            oracle = None
-            if t.name in pred.truth and t.parent in pred.truth:
-                oracle = (pred.truth[t.parent] * pred.truth[t.name])[pop]
-            group = pred.group[pop] if pred.group is not None else None
-            res[product_key(t)] = {"population": spec.task_by_name[t.parent].space,
-                                   **_binary(pred.outputs[key][pop], y.astype(np.int8), oracle, group)}
+            for name in (t.name, product_key(t) if t.parent is not None else None):
+                if name in sets:
+                    b = sets[name]
+                    res[name] = {"population": b.population, **_binary(b.score, b.label, b.oracle, b.group)}
+            continue
+        pop = pred.masks[t.name]
+        y, p = pred.labels[t.name][pop], pred.outputs[t.name][pop]
+        m = {"population": t.space, "rows": int(y.size), "rmse": rmse(p, y), "r2": r2(p, y)}
+        if t.loss == "mse_log1p":
+            m["rmse_log1p"] = rmse(np.log1p(p), np.log1p(y))
+        if t.name in pred.truth:
+            m["oracle_rmse"] = rmse(pred.truth[t.name][pop], y)
+        res[t.name] = m
     return res

@@ -34,13 +34,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 state = self.state[p]
                 if "sum" not in state:
                     state["sum"] = torch.full((p.shape[0],), group["initial_accumulator"], dtype=torch.float32)
-                grad = p.grad
-                if grad.is_sparse:
-                    grad = grad.coalesce()
-                    rows, values = grad.indices()[0], grad.values()
-                else:  # dense gradient (e.g. a small table): every row with a non-zero gradient
-                    rows = grad.abs().sum(1).nonzero().squeeze(1)
-                    values = grad.index_select(0, rows)
+                grad = (p.grad if p.grad.is_sparse else p.grad.to_sparse(1)).coalesce()
+                rows, values = grad.indices()[0], grad.values()
                 acc = state["sum"].index_select(0, rows) + values.float().square().mean(1)
                 state["sum"].index_copy_(0, rows, acc)
                 step = values / (acc.sqrt() + group["eps"]).unsqueeze(1).to(values.dtype)

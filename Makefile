@@ -8,6 +8,8 @@ DAYS   ?= 8
 ROWS   ?= 50000
 SEED   ?= 7
 EVAL_DATE ?= 2026-11-08
+CANDIDATES ?= .mtrank/demo-candidates
+SCORES ?= .mtrank/scores
 
 .PHONY: venv train test bench bench-quick bench-venv clean
 
@@ -26,6 +28,9 @@ train: venv
 	$(VENV)/bin/mtrank generate --out $(DATA) --days $(DAYS) --rows-per-day $(ROWS) --seed $(SEED) --users 200000 --items 100000
 	$(VENV)/bin/mtrank validate --data $(DATA)
 	$(VENV)/bin/mtrank daily --date $(EVAL_DATE) --data $(DATA)
+	$(VENV)/bin/mtrank generate --candidates --out $(CANDIDATES) --date $(EVAL_DATE) --requests 2000 --per-request 100 --seed $(SEED) --users 200000 --items 100000
+	$(VENV)/bin/mtrank exposures --data $(DATA) --date $(EVAL_DATE) --out $(SCORES)/exposures-$(EVAL_DATE).parquet
+	$(VENV)/bin/mtrank score --model models:/mtrank-demo@champion --candidates $(CANDIDATES) --date $(EVAL_DATE) --exposures $(SCORES)/exposures-$(EVAL_DATE).parquet --out $(SCORES)/dt=$(EVAL_DATE)/ranked.parquet
 
 test: venv
 	$(PY) -m pytest tests

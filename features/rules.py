@@ -56,7 +56,7 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
-def _kind_check(spec: FeatureSpec) -> dict[str, tuple[str, callable]]:
+def _kind_check(spec: FeatureSpec, labels: bool = True) -> dict[str, tuple[str, callable]]:
     """column -> (expected description, predicate over the Arrow type)."""
     checks: dict[str, tuple[str, callable]] = {spec.group_key: ("string or integer", _is_id_type)}
     for f in spec.features:
@@ -68,7 +68,7 @@ def _kind_check(spec: FeatureSpec) -> dict[str, tuple[str, callable]]:
                               _is_id_type(t.value_type))
         else:
             checks[f.name] = ("integer or floating (numeric)", _is_number)
-    for t in spec.tasks:
+    for t in spec.tasks if labels else ():
         if t.type == "binary":
             checks[t.label] = ("integer or boolean 0/1 (binary label)",
                                lambda x: pa.types.is_integer(x) or pa.types.is_boolean(x) or pa.types.is_floating(x))
@@ -77,10 +77,12 @@ def _kind_check(spec: FeatureSpec) -> dict[str, tuple[str, callable]]:
     return checks
 
 
-def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str) -> None:
-    """Raise BadInputError for the first missing or mistyped column of a file."""
+def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str, labels: bool = True) -> None:
+    """Raise BadInputError for the first missing or mistyped column of a file.
+
+    `labels=False` for rows that have no outcome yet (scoring candidates)."""
     names = set(schema.names)
-    for col, (expected, ok) in _kind_check(spec).items():
+    for col, (expected, ok) in _kind_check(spec, labels).items():
         if col not in names:
             raise BadInputError(source, col, MISSING_COLUMN, f"column is required by the FeatureSpec ({expected})")
         actual = schema.field(col).type
@@ -107,8 +109,9 @@ class RowRule:
         return f"{self.column}:{self.rule}"
 
 
-def row_rules(spec: FeatureSpec, float_columns: frozenset[str] = frozenset()) -> list[RowRule]:
-    """All row rules, in spec order. `float_columns`: columns stored as floats (can be NaN/inf)."""
+def row_rules(spec: FeatureSpec, float_columns: frozenset[str] = frozenset(), labels: bool = True) -> list[RowRule]:
+    """All row rules, in spec order. `float_columns`: columns stored as floats (can be NaN/inf).
+    `labels=False`: feature rules only (scoring candidates)."""
     rules: list[RowRule] = []
 
     def finite(col: str) -> None:
@@ -121,7 +124,7 @@ def row_rules(spec: FeatureSpec, float_columns: frozenset[str] = frozenset()) ->
         if f.fill is None:
             rules.append(RowRule(f.name, NULL, pl.col(f.name).is_null()))
         finite(f.name)
-    for t in spec.tasks:
+    for t in spec.tasks if labels else ():
         c = pl.col(t.label)
         rules.append(RowRule(t.label, NULL, c.is_null()))
         finite(t.label)

@@ -259,9 +259,13 @@ class FeatureSpec(_Strict):
 
     @cached_property
     def required_columns(self) -> tuple[str, ...]:
-        cols = [self.group_key]  # request_id matters to scoring only, not to training
-        cols += [f.name for f in self.features] + [t.label for t in self.tasks]
-        return tuple(dict.fromkeys(cols))
+        """Columns a training row needs: features and labels (request_id matters to scoring only)."""
+        return tuple(dict.fromkeys([*self.feature_columns, *(t.label for t in self.tasks)]))
+
+    @cached_property
+    def feature_columns(self) -> tuple[str, ...]:
+        """Columns the model reads from a row (what a scoring candidate needs)."""
+        return tuple(dict.fromkeys([self.group_key, *(f.name for f in self.features)]))
 
     def fingerprint(self) -> str:
         """Stable content hash: two specs hash the same iff they hash and transform identically."""

@@ -9,6 +9,7 @@ import sys
 from features.rules import BadInputError
 from features.spec import SpecError, load_spec
 from jobs.daily import JobLocked
+from pipeline.scoring import ScoringError
 from pipeline.checkpoint import CheckpointError
 from pipeline.trainer import NonFiniteLossError, ResumeMismatchError
 
@@ -28,6 +29,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     cfg = ImpressionConfig(seed=a.seed, start=a.start, days=a.days, rows_per_day=a.rows_per_day,
                            n_users=a.users, n_items=a.items, task_correlation=a.task_correlation,
                            popularity_drift=a.popularity_drift)
+    if a.candidates:
+        return _generate_candidates(a, cfg)
     s = generate_impressions(a.out, cfg)
     print(f"wrote {s.rows:,} rows in {len(s.files)} files under {s.out_dir} ({s.rows_per_second:,.0f} rows/s)")
     print(f"click {s.click_rate:.2%}  conversion|click {s.cvr_given_click:.2%}  collect {s.collect_rate:.2%}  "
@@ -35,6 +38,33 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     if a.json:
         from jobs.validate import write_json
         write_json(s.to_dict(), a.json)
+    return 0
+
+
+def _generate_candidates(a: argparse.Namespace, cfg) -> int:
+    from pipeline.synthetic.candidates import generate_candidates
+
+    if a.date is None:
+        print("mtrank generate: error: --candidates requires --date", file=sys.stderr)
+        return 2
+    s = generate_candidates(a.out, cfg, a.date, a.requests, a.per_request)
+    print(f"wrote {s.rows:,} candidates for {s.requests:,} requests of {s.day} in {len(s.files)} files "
+          f"under {s.out_dir} ({s.rows_per_second:,.0f} rows/s)")
+    if a.json:
+        from jobs.validate import write_json
+        write_json(s.to_dict(), a.json)
+    return 0
+
+
+def _cmd_exposures(a: argparse.Namespace) -> int:
+    from jobs.exposures import count_exposures
+
+    if a.spec:
+        spec = load_spec(a.spec)
+        if a.item_column not in {f.name for f in spec.categorical}:
+            raise SpecError(f"{a.spec}: item column {a.item_column!r} is not a categorical feature of the spec")
+    s = count_exposures(a.data, a.date, a.out, item_column=a.item_column)
+    print(f"wrote exposures of {s.items:,} items ({s.rows:,} exposures) on {s.day} to {s.path}")
     return 0
 
 
@@ -116,6 +146,55 @@ def _track(cfg, out) -> str:
             f"open the UI: mlflow ui --backend-store-uri {uri}")
 
 
+def _cmd_score(a: argparse.Namespace) -> int:
+    from jobs.config import load_config
+    from jobs.score import format_lists, score
+
+    cfg = load_config(a.config, work_dir=a.work_dir, data=a.data or ".")
+    if a.tracking_uri:
+        cfg = cfg.model_copy(update={"tracking_uri": a.tracking_uri})
+    res = score(cfg, a.model, a.candidates, a.date, a.out, exposures=a.exposures, track=not a.no_track)
+    s = res.summary
+    rules = ", ".join(f"{k} {v:,}" for k, v in s["rules"].items() if v)
+    print(f"scored {s['rows_in']:,} candidates of {s['requests']:,} requests (read {s['rows_read']:,}, "
+          f"rejected {s['rows_rejected']:,}); {s['rows_shown']:,} shown, {s['requests_short']:,} requests short "
+          f"of the list size; model {a.model}" + (f" (v{s['model_version']})" if s["model_version"] else ""))
+    print(f"rules: {rules or 'none applied'}; caps resolved in {s['cap_rounds']} round(s)")
+    print(f"{s['seconds']['total_s']:.1f}s: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in
+                                                          s["seconds"].items() if k != "total_s"))
+    if a.show:
+        print(format_lists(res.table, requests=a.show))
+    print(f"ranked lists: {res.out}" + (f"  (MLflow run {res.run_id})" if res.run_id else ""))
+    return 0
+
+
+def _cmd_tune_fusion(a: argparse.Namespace) -> int:
+    from jobs.config import load_config
+    from jobs.tune_fusion import format_result, tune_fusion
+
+    cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
+    if a.tracking_uri:
+        cfg = cfg.model_copy(update={"tracking_uri": a.tracking_uri})
+    out = tune_fusion(cfg, a.model, a.data, a.date, k=a.k, trials=a.trials, objective=a.objective,
+                      max_rows=a.max_rows, seed=a.seed, json_path=a.json, track=not a.no_track)
+    print(format_result(out.result))
+    if out.json_path:
+        print(f"every trial: {out.json_path}")
+    if out.run_id:
+        print(f"MLflow run {out.run_id} (experiment {cfg.name})")
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return n
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from jobs.evaluate import evaluate
     from jobs.train import format_metrics
@@ -148,7 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--popularity-drift", type=float, default=0.0,
                    help="fraction of item popularity reshuffled per day")
     g.add_argument("--json", default=None, help="also write the generation summary as JSON here")
+    g.add_argument("--candidates", action="store_true",
+                   help="write one candidate day for scoring (no labels) instead of impression logs")
+    g.add_argument("--date", type=_date, default=None, help="day of the candidates (required with --candidates)")
+    g.add_argument("--requests", type=int, default=10_000, help="candidate requests (with --candidates)")
+    g.add_argument("--per-request", type=int, default=100, help="candidates per request (with --candidates)")
     g.set_defaults(func=_cmd_generate)
+
+    x = sub.add_parser("exposures", help="count each item's exposures on one day of the logs (traffic caps)")
+    x.add_argument("--data", required=True, help="root of the day partitions")
+    x.add_argument("--date", type=_date, required=True, help="the day D; reads DATA/dt=D/*.parquet")
+    x.add_argument("--out", required=True, help="output Parquet file: item_id, dt, exposures")
+    x.add_argument("--item-column", default="item_id", help="item id column of the logs")
+    x.add_argument("--spec", default=None, help="FeatureSpec YAML; if given, the item column must be one of "
+                   "its categorical features")
+    x.set_defaults(func=_cmd_exposures)
 
     v = sub.add_parser("validate", help="check logs against a FeatureSpec; row accounting and collisions")
     v.add_argument("--data", required=True)
@@ -182,6 +275,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-rows", type=int, default=None)
     e.set_defaults(func=_cmd_evaluate)
 
+    sc = sub.add_parser("score", help="rank one day's candidates: model -> fusion -> rules -> Parquet")
+    sc.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION, runs:/ID/model, "
+                    "or a saved model directory")
+    sc.add_argument("--candidates", required=True, help="candidate Parquet file, or a folder (its dt=DATE/ "
+                    "partition when present)")
+    sc.add_argument("--date", type=_date, required=True, help="the serving day (caps, campaigns, new items)")
+    sc.add_argument("--out", required=True, help="ranked lists Parquet file (written atomically)")
+    sc.add_argument("--config", default=None, help="job YAML; its `score:` section configures fusion and rules")
+    sc.add_argument("--exposures", default=None, help="Parquet from `mtrank exposures` (overrides the config)")
+    sc.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the config's)")
+    sc.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    sc.add_argument("--work-dir", default=None)
+    sc.add_argument("--show", type=int, default=3, help="print the first N ranked requests")
+    sc.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
+    sc.set_defaults(func=_cmd_score)
+
+    tf = sub.add_parser("tune-fusion", help="search the fusion parameters on a held-out logged day "
+                        "(expected GMV@K or NDCG@K; tune/holdout split by request)")
+    tf.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION, runs:/ID/model, "
+                    "or a saved model directory")
+    tf.add_argument("--data", required=True, help="root of the day partitions (impression logs with labels)")
+    tf.add_argument("--date", type=_date, required=True, help="the logged day D; reads DATA/dt=D/")
+    tf.add_argument("--config", default=None, help="job YAML; its score.fusion is the starting point")
+    tf.add_argument("--k", type=_positive, default=10, help="cut-off of GMV@K and NDCG@K")
+    tf.add_argument("--trials", type=_positive, default=200, help="evaluations in all (start + random + refine)")
+    tf.add_argument("--objective", choices=["gmv", "ndcg"], default="gmv", help="what the search maximises")
+    tf.add_argument("--max-rows", type=_positive, default=None, help="use the first N rows (whole requests)")
+    tf.add_argument("--seed", type=int, default=0)
+    tf.add_argument("--json", default=None, help="write the result with every trial here")
+    tf.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the config's)")
+    tf.add_argument("--work-dir", default=None)
+    tf.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
+    tf.set_defaults(func=_cmd_tune_fusion)
+
     pr = sub.add_parser("promote", help="move alias champion to the challenger if it is no worse on --date")
     pr.add_argument("--config", default=None)
     pr.add_argument("--name", default=None, help="registered model name (default: the config's)")
@@ -207,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (BadInputError, SpecError, NonFiniteLossError, ResumeMismatchError, CheckpointError, JobLocked) as e:
+    except (BadInputError, SpecError, NonFiniteLossError, ResumeMismatchError, CheckpointError, JobLocked,
+            ScoringError) as e:
         print(f"mtrank {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from features.spec import SpecError, read_yaml
 from models import ModelConfig
+from pipeline.scoring.config import ScoringConfig
 from pipeline.trainer import TrainConfig
 
 DEFAULT_JOB = "default_job.yaml"
@@ -48,14 +49,20 @@ class JobConfig(BaseModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     promote: PromoteConfig = PromoteConfig()
+    score: ScoringConfig = ScoringConfig()
 
 
 def _resolve(cfg: JobConfig, base: Path | None) -> JobConfig:
     if base is None:
         return cfg
     fix = lambda p: p if p is None or Path(p).is_absolute() else str(base / p)  # noqa: E731
+    s = cfg.score
+    score = s.model_copy(update={
+        "traffic_cap": s.traffic_cap.model_copy(update={"caps_file": fix(s.traffic_cap.caps_file),
+                                                        "exposures_file": fix(s.traffic_cap.exposures_file)}),
+        "campaign": s.campaign.model_copy(update={"items_file": fix(s.campaign.items_file)})})
     return cfg.model_copy(update={"data": fix(cfg.data), "spec": fix(cfg.spec), "work_dir": fix(cfg.work_dir),
-                                  "quarantine_dir": fix(cfg.quarantine_dir)})
+                                  "quarantine_dir": fix(cfg.quarantine_dir), "score": score})
 
 
 def parse_config(raw: object, source: str, base: Path | None = None) -> JobConfig:

@@ -160,9 +160,67 @@ def resolve_model(ref: str, dst: Path, uri: str | None = None) -> Path:
         return Path(ref)
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # job logs, not a terminal bar
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
     local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst))
     return Path(local) / "artifacts" / "model"
+
+
+def model_version_of(ref: str, uri: str) -> str | None:
+    """The registry version behind `models:/NAME@alias` or `models:/NAME/N` (None for other refs)."""
+    if not ref.startswith("models:/"):
+        return None
+    name, _, rest = ref[len("models:/"):].partition("@")
+    import mlflow
+
+    client = mlflow.MlflowClient(uri, uri)
+    if rest:
+        return str(client.get_model_version_by_alias(name, rest).version)
+    name, _, version = name.partition("/")
+    return version or None
+
+
+def log_scoring(cfg: JobConfig, date: str, model_ref: str, summary: dict, summary_path: Path) -> str:
+    """One MLflow run per scoring job: rows in/out, per-rule counts, the model it used."""
+    mlflow, client = _client(cfg)
+    exp_id = _experiment(mlflow, client, cfg)
+    tags = {"mtrank.job": "score", "mtrank.date": date, "mtrank.model_uri": model_ref,
+            "mtrank.git_commit": git_commit()}
+    if summary.get("model_version"):
+        tags["mtrank.model_version"] = str(summary["model_version"])
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"score-{date}", tags=tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten("score", cfg.score.model_dump(mode="json"), {}).items()})
+        flat = flatten("", {k: v for k, v in summary.items() if k not in ("model_version", "files", "output")}, {})
+        mlflow.log_metrics(_finite(flat))
+        mlflow.log_artifact(str(summary_path))
+        return run.info.run_id
+
+
+def log_tuning(cfg: JobConfig, date: str, model_ref: str, result: dict, json_path: Path | None) -> str:
+    """One MLflow run per `mtrank tune-fusion`: start and best parameters, both objectives on the
+    tuning and holdout halves, and the full result (every trial) as an artifact."""
+    mlflow, client = _client(cfg)
+    exp_id = _experiment(mlflow, client, cfg)
+    tags = {"mtrank.job": "tune-fusion", "mtrank.date": date, "mtrank.model_uri": model_ref,
+            "mtrank.objective": f"{result['objective']}@{result['k']}", "mtrank.git_commit": git_commit()}
+    if result.get("model_version"):
+        tags["mtrank.model_version"] = str(result["model_version"])
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"tune-fusion-{date}", tags=tags) as run:
+        params = {**{f"start.{k}": v for k, v in result["start"]["params"].items()},
+                  **{f"best.{k}": v for k, v in result["best"]["params"].items()},
+                  **{k: result[k] for k in ("objective", "k", "trials", "trial_budget", "seed", "max_rows")}}
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        flat = flatten("", {"start": {h: result["start"][h] for h in ("tune", "holdout")},
+                            "best": {h: result["best"][h] for h in ("tune", "holdout")},
+                            "change": result["change"], "rows": result["rows"],
+                            "split": {h: result["split"][h] for h in ("tune", "holdout")},
+                            "seconds": result["seconds"]}, {})
+        mlflow.log_metrics(_finite(flat))
+        if json_path is not None:
+            mlflow.log_artifact(str(json_path))
+        else:
+            mlflow.log_dict(result, "tune_fusion.json")
+        return run.info.run_id

@@ -130,8 +130,6 @@ def test_small_files_and_row_groups(tmp_path):
 
 
 def test_config_validation(tmp_path):
-    with pytest.raises(NotImplementedError):
-        generate_impressions(tmp_path, dataclasses.replace(SMALL, candidates=True), progress=False)
     with pytest.raises(ValueError, match="task_correlation"):
         generate_impressions(tmp_path, dataclasses.replace(SMALL, task_correlation=1.5), progress=False)
     with pytest.raises(ValueError, match="rows_per_day"):

@@ -86,7 +86,6 @@ class ImpressionConfig:
     popularity_drift: float = 0.0  # fraction of item popularity ranks re-drawn per day (0 = stationary)
     rows_per_file: int = 1_000_000
     row_group_size: int = 65_536
-    candidates: bool = False       # reserved: candidate days for scoring
 
     def __post_init__(self) -> None:
         # CLI / YAML callers may pass "2026-11-01" or a datetime; keep a plain date.
@@ -96,8 +95,6 @@ class ImpressionConfig:
         object.__setattr__(self, "start", date(start.year, start.month, start.day))
 
     def validate(self) -> None:
-        if self.candidates:
-            raise NotImplementedError("ImpressionConfig.candidates=True (candidate days) is not implemented yet")
         for name in ("days", "rows_per_day", "n_users", "n_items", "n_categories", "n_brands", "n_shops",
                      "rows_per_file", "row_group_size"):
             if int(getattr(self, name)) < 1:
@@ -390,10 +387,12 @@ def _day_features(u: _Universe, base: dict) -> dict:
 # --------------------------------------------------------------------------- chunks
 
 def _sample_core(u: _Universe, base: dict, rng: np.random.Generator, n_req: int,
-                 row_offset: int, rows_per_day: int) -> dict:
-    """Requests, users, context and candidate items of one chunk (integer indices only)."""
+                 row_offset: int, rows_per_day: int, sizes: np.ndarray | None = None) -> dict:
+    """Requests, users, context and candidate items of one chunk (integer indices only).
+
+    `sizes`: items per request; None draws 10..50 per request (impression logs)."""
     cfg = u.cfg
-    sizes = rng.integers(10, 51, n_req)
+    sizes = rng.integers(10, 51, n_req) if sizes is None else np.asarray(sizes, np.int64)
     n = int(sizes.sum())
     req = np.repeat(np.arange(n_req), sizes)
     starts = np.cumsum(sizes) - sizes
@@ -486,7 +485,7 @@ def _row_lists(lens: np.ndarray, starts: np.ndarray, values: np.ndarray, owner: 
 
 
 def _chunk_table(u: _Universe, base: dict, feats: dict, rng: np.random.Generator, c: dict,
-                 first_request: int) -> pa.Table:
+                 first_request: int, request_prefix: str = "r") -> pa.Table:
     """Labels + every column of one chunk as an Arrow table in SCHEMA order."""
     day = base["date"]
     s = _logits(u, c, base)
@@ -508,7 +507,7 @@ def _chunk_table(u: _Universe, base: dict, feats: dict, rng: np.random.Generator
     recent = _row_lists(n_rec, off[:-1], rec, req, _cat_strings(u.cfg.n_categories))
     # ids and time
     rid = pc.utf8_lpad(pa.array(first_request + np.arange(c["n_req"]), pa.int64()).cast(pa.string()), 9, "0")
-    rid = pc.binary_join_element_wise(f"r{day:%Y%m%d}-", rid, "")
+    rid = pc.binary_join_element_wise(f"{request_prefix}{day:%Y%m%d}-", rid, "")
     day_us = (day.toordinal() - date(1970, 1, 1).toordinal()) * 86_400_000_000
     ts = day_us + np.round(c["minute"] * 60e6).astype(np.int64).clip(0, 86_400_000_000 - 1)
     ridx = pa.array(req, pa.int32())
@@ -576,8 +575,9 @@ _DICT_COLUMNS = [f.name for f in SCHEMA if f.type in (pa.string(), pa.list_(pa.s
 class _DayWriter:
     """Streams tables into part-NNNNN.parquet files of `rows_per_file` rows, in full row groups."""
 
-    def __init__(self, directory: Path, rows_per_file: int, row_group_size: int):
-        self.dir, self.rows_per_file, self.rg = directory, rows_per_file, row_group_size
+    def __init__(self, directory: Path, rows_per_file: int, row_group_size: int, schema: pa.Schema = SCHEMA):
+        self.dir, self.rows_per_file, self.rg, self.schema = directory, rows_per_file, row_group_size, schema
+        self._dict_columns = [c for c in _DICT_COLUMNS if c in schema.names]
         self.files: list[Path] = []
         self._writer: pq.ParquetWriter | None = None
         self._pending: list[pa.Table] = []
@@ -600,7 +600,8 @@ class _DayWriter:
         if self._writer is None:
             path = self.dir / f"part-{len(self.files):05d}.parquet"
             self.files.append(path)
-            self._writer = pq.ParquetWriter(path, SCHEMA, compression="snappy", use_dictionary=_DICT_COLUMNS)
+            self._writer = pq.ParquetWriter(path, self.schema, compression="snappy",
+                                            use_dictionary=self._dict_columns)
         self._writer.write_table(buf.slice(0, n), row_group_size=n)
         rest = buf.slice(n)
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
@@ -645,6 +646,27 @@ def _write_day(u: _Universe, day: date, directory: Path, pool: ThreadPoolExecuto
 _COUNTED = ("click", "conversion", "collect", "cart", "stay_seconds")
 
 
+def _swap_in_day(out: Path, day: date, write) -> list[Path]:
+    """Run `write(tmp_dir) -> files` in a hidden temporary folder, then swap it in as dt=DAY.
+
+    A rerun replaces the day atomically and readers never see half a day (pyarrow skips names
+    starting with '.'). Returns the final paths of the files written."""
+    final = out / f"dt={day:%Y-%m-%d}"
+    tmp = out / f".dt={day:%Y-%m-%d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        files = write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return [final / f.name for f in files]
+
+
 def generate_impressions(out_dir: str | Path, cfg: ImpressionConfig,
                          progress: bool | None = None) -> GenerationSummary:
     """Write `cfg.days` days of logs as out_dir/dt=YYYY-MM-DD/part-NNNNN.parquet.
@@ -663,20 +685,8 @@ def generate_impressions(out_dir: str | Path, cfg: ImpressionConfig,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtrank-parquet") as pool:
         for d in range(cfg.days):
             day = date.fromordinal(cfg.start.toordinal() + d)
-            final = out / f"dt={day:%Y-%m-%d}"
-            tmp = out / f".dt={day:%Y-%m-%d}.tmp-{os.getpid()}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            try:
-                files = _write_day(u, day, tmp, pool, bar, counts)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            summary.files += [str(final / f.name) for f in files]
+            files = _swap_in_day(out, day, lambda tmp: _write_day(u, day, tmp, pool, bar, counts))
+            summary.files += [str(f) for f in files]
             summary.rows_per_day[f"{day:%Y-%m-%d}"] = cfg.rows_per_day
     rows, clicks, conv, coll, cart, stay = counts.tolist()
     summary.rows, summary.clicks = int(rows), int(clicks)

@@ -1,0 +1,139 @@
+"""The straightforward way to score: one Python loop per request, one dict per candidate.
+
+This is the baseline of the scoring benchmark and the oracle of the scoring tests: it implements
+the same fusion and rules as pipeline/scoring (same formula, same operation order, same tie-break)
+with no vectorisation and no cleverness, requests served one after another.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.scoring.config import ScoringConfig
+from pipeline.scoring.fate import Fate
+
+INF = float("inf")
+
+
+def _factors(cfg: ScoringConfig, out: dict, price, age, campaign: bool, quality) -> tuple[float, float, int, bool]:
+    f = cfg.fusion
+    flags, eligible, weight = 0, True, 1.0
+    p = {}
+    for name in ("p_ctr", "p_cvr", "p_cart", "p_collect"):
+        if name in out:
+            x = out[name]
+            r = f.negative_keep_rate.get(name[2:], 1.0)
+            p[name] = x if r == 1.0 else x / (x + (1.0 - x) / r)
+    if cfg.new_item.enabled and age is not None and not math.isnan(age) and age < cfg.new_item.max_age_days:
+        weight *= cfg.new_item.multiplier
+        flags |= Fate.BOOSTED_NEW
+    if cfg.campaign.enabled and campaign:
+        weight *= cfg.campaign.multiplier
+        flags |= Fate.BOOSTED_CAMPAIGN
+    if cfg.low_quality.enabled and quality is not None and quality < cfg.low_quality.threshold:
+        if cfg.low_quality.action == "filter":
+            eligible = False
+            flags |= Fate.FILTERED_LOW_QUALITY
+        else:
+            weight *= cfg.low_quality.multiplier
+            flags |= Fate.DEMOTED_LOW_QUALITY
+    good_price = price is not None and price > 0
+    if not good_price:
+        flags |= Fate.PRICE_DEFAULTED
+        if f.bad_price == "filter":
+            eligible = False
+            flags |= Fate.FILTERED_PRICE
+    score = p["p_ctr"] * (f.alpha + p["p_cvr"])
+    score *= f.beta + (price if good_price else 0.0)
+    score *= out["stay"] ** f.a if f.a != 0 else 1.0
+    score *= p["p_cart"] ** f.b if f.b != 0 else 1.0
+    score *= p["p_collect"] ** f.c if f.c != 0 else 1.0
+    score *= weight
+    return score, weight, int(flags), eligible
+
+
+def score_loop(table: pa.Table, outputs: dict[str, np.ndarray], cfg: ScoringConfig, *,
+               caps: dict | None = None, exposures: dict | None = None,
+               campaign_items: set | None = None) -> tuple[list[int], list[int], list[float]]:
+    """(rank, flags, score) per input row; rank 0 = not shown."""
+    cols = table.to_pydict()
+    outs = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in outputs.items()}
+    n = table.num_rows
+    names = list(outs)
+    rank, flags, scores, eligible = [0] * n, [0] * n, [0.0] * n, [True] * n
+    requests: dict = {}
+    none = [None] * n
+    campaign_col = cols.get(cfg.campaign.column or "", none)
+    age_col, quality_col = cols.get(cfg.new_item.column, none), cols.get(cfg.low_quality.column, none)
+    ts_col = cols.get("ts", none)
+    for i in range(n):
+        price = cols[cfg.fusion.price_column][i]
+        price = None if price is None or (isinstance(price, float) and math.isnan(price)) else price
+        item = cols[cfg.item_column][i]
+        campaign = bool(campaign_col[i]) or \
+            (campaign_items is not None and item in campaign_items)
+        s, _, fl, ok = _factors(cfg, {k: outs[k][i] for k in names}, price,
+                                age_col[i], campaign, quality_col[i])
+        scores[i], flags[i], eligible[i] = s, fl, ok
+        rid = cols["request_id"][i]
+        ts = ts_col[i]
+        r = requests.setdefault(rid, [ts, []])
+        if ts is not None and ts < r[0]:
+            r[0] = ts
+        r[1].append(i)
+
+    cap_on = cfg.traffic_cap.enabled
+    left: dict = {}
+    default = cfg.traffic_cap.default_cap
+    w = cfg.window
+    for rid in sorted(requests, key=lambda k: (requests[k][0], k)):
+        rows = sorted(requests[rid][1], key=lambda i: (-scores[i], cols[cfg.item_column][i]))
+        avail = []
+        for i in rows:
+            if not eligible[i]:
+                continue
+            item = cols[cfg.item_column][i]
+            if cap_on:
+                if item not in left:
+                    cap = (caps or {}).get(item, default)
+                    left[item] = INF if cap is None else cap - (exposures or {}).get(item, 0)
+                if left[item] <= 0:
+                    flags[i] |= Fate.CAPPED
+                    continue
+            avail.append(i)
+        size = len(avail) if cfg.list_size is None else cfg.list_size
+        placed: list[int] = []
+        remaining = list(avail)
+        while len(placed) < size and remaining:
+            pick = None
+            if w.enabled and w.n > 1:
+                recent = [cols[w.attribute][j] for j in placed[max(0, len(placed) - (w.n - 1)):]]
+                for i in remaining:
+                    a = cols[w.attribute][i]
+                    if a is None or sum(1 for x in recent if x == a) < w.k:
+                        pick = i
+                        break
+                if pick is None:
+                    if w.fallback == "end":
+                        break
+                    pick = remaining[0]
+                    flags[pick] |= Fate.WINDOW_RELAXED
+            else:
+                pick = remaining[0]
+            placed.append(pick)
+            remaining.remove(pick)
+        slot = {i: s for s, i in enumerate(placed)}
+        full = len(placed) >= min(size, len(rows))
+        for pos, i in enumerate(avail):
+            mine = slot.get(i, INF)
+            if any(slot.get(j, INF) < mine for j in avail[pos + 1:]):
+                flags[i] |= Fate.WINDOW_DEFERRED
+            elif i not in slot:
+                flags[i] |= Fate.CUT if full else Fate.WINDOW_DEFERRED
+        for s, i in enumerate(placed):
+            rank[i] = s + 1
+            if cap_on:
+                left[cols[cfg.item_column][i]] -= 1
+    return rank, [int(f) for f in flags], scores

@@ -1,0 +1,182 @@
+"""`mtrank score`: candidates + a registered model -> fused scores -> rules -> ranked lists Parquet.
+
+The model is loaded from the registry (its own FeatureSpec and hash seed, so scoring hashes exactly
+like training), candidates are validated and streamed through it, and the pure scoring stage
+(pipeline/scoring) fuses and applies the rules. The output is written under a temporary name and
+renamed, so a failed or interrupted job never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from features.featurize import Featurizer
+from features.rules import MISSING_COLUMN, BadInputError
+from jobs.config import JobConfig
+from jobs.model_io import load_model
+from pipeline.batch import Batch
+from pipeline.candidates import CandidateReader, candidate_files
+from pipeline.checkpoint import write_atomic
+from pipeline.progress import Progress
+from pipeline.scoring import ScoringConfig, score_candidates
+
+FORWARD_ROWS = 16_384
+
+
+@dataclass
+class ScoreOutcome:
+    out: Path
+    summary: dict
+    table: pa.Table
+    run_id: str | None = None
+
+
+def _side_table(path: str | None, columns: dict[str, str], what: str) -> pa.Table | None:
+    if path is None:
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise BadInputError(path, None, "unreadable_file", f"cannot read the {what} ({e})") from None
+    for col, meaning in columns.items():
+        if col not in table.column_names:
+            raise BadInputError(path, col, MISSING_COLUMN, f"the {what} needs column {col!r} ({meaning})")
+    return table
+
+
+def _on_day(table: pa.Table, column: str, day: dt.date) -> pa.Array:
+    return pc.equal(pc.cast(table[column], pa.date32()) if table[column].type != pa.string()
+                    else pc.cast(pc.cast(table[column], pa.timestamp("s")), pa.date32()), pa.scalar(day, pa.date32()))
+
+
+def read_exposures(path: str | None, item_column: str, day: dt.date) -> pa.Table | None:
+    """Exposures already served on `day` (rows of other days in the file do not count)."""
+    t = _side_table(path, {item_column: "item id", "dt": "day", "exposures": "exposure count"}, "exposures table")
+    if t is None:
+        return None
+    return t.filter(_on_day(t, "dt", day)).select([item_column, "exposures"])
+
+
+def read_caps(path: str | None, item_column: str) -> pa.Table | None:
+    t = _side_table(path, {item_column: "item id", "cap": "daily exposure cap"}, "caps table")
+    return None if t is None else t.select([item_column, "cap"])
+
+
+def read_campaign(path: str | None, item_column: str, day: dt.date) -> pa.Array | None:
+    """Items whose campaign runs on `day` (start_dt <= day <= end_dt)."""
+    t = _side_table(path, {item_column: "item id", "start_dt": "first day", "end_dt": "last day"}, "campaign list")
+    if t is None:
+        return None
+    d = pa.scalar(day, pa.date32())
+    active = pc.and_(pc.less_equal(pc.cast(t["start_dt"], pa.date32()), d),
+                     pc.greater_equal(pc.cast(t["end_dt"], pa.date32()), d))
+    return t[item_column].filter(active).combine_chunks()
+
+
+def _write_parquet(table: pa.Table, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda f: pq.write_table(table, f, compression="zstd"))
+
+
+def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, out: str | Path, *,
+          exposures: str | None = None, scoring: ScoringConfig | None = None, track: bool = True,
+          progress: bool | None = None) -> ScoreOutcome:
+    """Score one day's candidates with a model (registry URI or saved-model directory)."""
+    from jobs.tracking import log_scoring, model_version_of, resolve_model, tracking_uri
+
+    sc = scoring or cfg.score
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mtrank-score-") as tmp:
+        saved = load_model(resolve_model(model_ref, Path(tmp), tracking_uri(cfg)))
+    version = model_version_of(model_ref, tracking_uri(cfg))
+    timings["load_model_s"] = time.perf_counter() - t0
+    featurizer = Featurizer(saved.spec, saved.stats)
+    reader = CandidateReader(candidate_files(candidates, day), saved.spec, sc,
+                             quarantine_dir=Path(cfg.quarantine_dir or Path(cfg.work_dir) / "quarantine") / "candidates"
+                             / f"dt={day}")
+    outputs: dict[str, list[np.ndarray]] = {}
+    sides: list[pa.RecordBatch] = []
+    forward = prep = 0.0
+    t1 = time.perf_counter()
+    with torch.inference_mode(), Progress("score", total=None, unit="rows", enabled=progress) as bar:
+        for rb, side in reader.frames():
+            for start in range(0, rb.num_rows, FORWARD_ROWS):
+                part = rb.slice(start, FORWARD_ROWS)
+                a = time.perf_counter()
+                batch = Batch.from_arrays(featurizer.transform(part, with_labels=False))
+                b = time.perf_counter()
+                out_t = saved.model(batch)
+                forward += time.perf_counter() - b
+                prep += b - a
+                for k, v in out_t.items():
+                    if k in ("logits", "gates") or k.startswith("log_p_"):
+                        continue
+                    outputs.setdefault(k, []).append(v.float().numpy())
+            sides.append(rb.select(side))
+            bar.update(rb.num_rows)
+    timings["read_validate_s"] = time.perf_counter() - t1 - forward - prep
+    timings["featurize_s"], timings["forward_s"] = prep, forward
+    acc = reader.accounting
+    if not sides:
+        raise BadInputError(str(candidates), None, "no_rows", "no candidate row passed validation", count=acc.rows_read)
+    side_table = pa.Table.from_batches(sides)
+    preds = {k: np.concatenate(v) for k, v in outputs.items()}
+    keep = reader.drop_duplicates(side_table)
+    if not keep.all():
+        side_table = side_table.filter(pa.array(keep))
+        preds = {k: v[keep] for k, v in preds.items()}
+
+    t2 = time.perf_counter()
+    scored = score_candidates(side_table, preds, sc, request_column=saved.spec.request_id,
+                              time_column=saved.spec.timestamp,
+                              campaign_items=read_campaign(sc.campaign.items_file, sc.item_column, day)
+                              if sc.campaign.enabled else None,
+                              caps=read_caps(sc.traffic_cap.caps_file, sc.item_column) if sc.traffic_cap.enabled else None,
+                              exposures=read_exposures(exposures or sc.traffic_cap.exposures_file, sc.item_column, day)
+                              if sc.traffic_cap.enabled else None)
+    timings["rules_s"] = time.perf_counter() - t2
+    out = Path(out)
+    t3 = time.perf_counter()
+    _write_parquet(scored.table, out)
+    timings["write_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t0
+    summary = {"date": str(day), "model_uri": model_ref, "model_version": version,
+               "rows_read": acc.rows_read, "rows_rejected": acc.rows_rejected,
+               "rejected_by_reason": dict(acc.rejected), **scored.summary,
+               "rows_out": scored.table.num_rows, "output": str(out), "seconds": timings,
+               "balanced": acc.rows_read == scored.summary["rows_in"] + acc.rows_rejected}
+    summary_path = out.with_name(out.name + ".summary.json")
+    write_atomic(summary_path, json.dumps(summary, indent=1, default=str).encode())
+    run_id = log_scoring(cfg, str(day), model_ref, summary, summary_path) if track else None
+    return ScoreOutcome(out, summary, scored.table, run_id)
+
+
+def format_lists(table: pa.Table, requests: int = 3, top: int = 8, request_column: str = "request_id",
+                 item_column: str = "item_id") -> str:
+    """The first ranked requests as a small text table (for the CLI and `make train`)."""
+    import polars as pl
+
+    df = pl.from_arrow(table).filter(pl.col("rank").is_not_null())
+    first = df.get_column(request_column).unique(maintain_order=True).head(requests)
+    lines = []
+    for rid in first:
+        rows = df.filter(pl.col(request_column) == rid).head(top)
+        lines.append(f"request {rid}: {df.filter(pl.col(request_column) == rid).height} shown")
+        lines.append(f"  {'rank':>4} {'item':>10} {'score':>9} {'p_ctr':>6} {'p_cvr':>6} {'price':>8} "
+                     f"{'weight':>6}  rules")
+        for r in rows.iter_rows(named=True):
+            price = r["factor_price"]
+            lines.append(f"  {r['rank']:>4} {str(r[item_column]):>10} {r['score']:>9.4f} {r['p_ctr']:>6.3f} "
+                         f"{r['p_cvr']:>6.3f} {price:>8.2f} {r['rule_weight']:>6.2f}  {r['rules'] or '-'}")
+    return "\n".join(lines)

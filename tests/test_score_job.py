@@ -1,0 +1,128 @@
+"""`mtrank score` end to end: registered champion, generated candidates, exposures from the logs,
+real Parquet in and out, a real sqlite MLflow store; and the bad-candidate paths."""
+import json
+import subprocess
+
+import mlflow
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import MTRANK, cli_generate
+
+DATE = "2026-11-03"
+CAP = 12
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    base = tmp_path_factory.mktemp("score")
+    cli_generate(base / "logs", days=3, rows=20_000, seed=4, users=2000, items=800)
+    cfg = {"name": "ranker", "data": "logs", "window_days": 2, "work_dir": "work",
+           "model": {"experts": 3, "expert_mlp": [32, 16], "tower_mlp": [8]},
+           "train": {"batch_size": 1024, "epochs": 1, "lr": 0.003},
+           "score": {"list_size": 10, "traffic_cap": {"default_cap": CAP}, "window": {"n": 3, "k": 1}}}
+    (base / "job.yaml").write_text(yaml.safe_dump(cfg))
+    run = lambda *args: subprocess.run([*MTRANK, *map(str, args)], capture_output=True, text=True)  # noqa: E731
+    r = run("daily", "--config", base / "job.yaml", "--date", DATE)
+    assert r.returncode == 0, r.stderr
+    r = run("generate", "--candidates", "--out", base / "cand", "--date", DATE, "--requests", 150,
+            "--per-request", 40, "--seed", 4, "--users", 2000, "--items", 800)
+    assert r.returncode == 0, r.stderr
+    r = run("exposures", "--data", base / "logs", "--date", DATE, "--out", base / "exposures.parquet")
+    assert r.returncode == 0, r.stderr
+    return base
+
+
+def score(base, *extra, candidates=None, config="job.yaml"):
+    return subprocess.run([*MTRANK, "score", "--model", "models:/ranker@champion", "--config", base / config,
+                           "--candidates", candidates or base / "cand", "--date", DATE, *map(str, extra)],
+                          capture_output=True, text=True)
+
+
+def test_score_ranks_with_the_champion_and_logs_a_run(base):
+    out = base / "ranked" / "out.parquet"
+    r = score(base, "--out", out, "--exposures", base / "exposures.parquet", "--show", 1)
+    assert r.returncode == 0, r.stderr
+    assert "shown" in r.stdout and "capped" in r.stdout
+    cand = pq.read_table(base / "cand")
+    ranked = pl.read_parquet(out)
+    assert ranked.height == cand.num_rows
+    shown = ranked.filter(pl.col("rank").is_not_null())
+    per_request = shown.group_by("request_id").agg(pl.len(), pl.col("rank").max().alias("last"))
+    assert per_request["len"].max() <= 10 and (per_request["len"] == per_request["last"]).all()
+    # caps: today's exposures from the logs plus what this run allocated never exceed the cap
+    seen = pl.read_parquet(base / "exposures.parquet").select("item_id", "exposures")
+    alloc = shown.group_by("item_id").len().join(seen, on="item_id", how="left").fill_null(0)
+    assert (alloc["len"] + alloc["exposures"]).max() <= CAP
+    assert ranked.filter(pl.col("rules").cast(pl.String).str.contains("capped")).height > 0
+    summary = json.loads((out.parent / "out.parquet.summary.json").read_text())
+    assert summary["balanced"] and summary["rows_read"] == cand.num_rows and summary["model_version"] == "1"
+    assert summary["seconds"]["forward_s"] > 0
+    # the model's own hashing: the registered pyfunc gives the same predictions for the same rows
+    uri = f"sqlite:///{(base / 'work' / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/ranker@champion")
+    sample = cand.slice(0, 300)
+    pred = pyfunc.predict(sample.to_pandas())
+    want = pl.DataFrame({"request_id": sample["request_id"].to_pylist(), "item_id": sample["item_id"].to_pylist(),
+                         "want": pred["p_ctr"].to_numpy()})
+    got = want.join(ranked.select("request_id", "item_id", "p_ctr"), on=["request_id", "item_id"])
+    assert got.height == 300
+    np.testing.assert_allclose(got["p_ctr"].to_numpy(), got["want"].to_numpy(), rtol=1e-5)
+    # one MLflow run for the job, with the counts
+    runs = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.get_experiment_by_name("ranker").experiment_id], "tags.`mtrank.job` = 'score'")
+    assert len(runs) == 1
+    assert runs[0].data.metrics["rows_in"] == cand.num_rows
+    assert runs[0].data.metrics["rules.capped"] > 0
+    assert runs[0].data.tags["mtrank.model_version"] == "1"
+
+
+def _broken(base, name: str, fn) -> str:
+    t = fn(pq.read_table(base / "cand"))
+    path = base / f"{name}.parquet"
+    pq.write_table(t, path)
+    return path
+
+
+def test_bad_candidates_fail_naming_file_column_rule(base):
+    cases = {
+        "missing": (lambda t: t.drop(["category_id"]), ["category_id", "missing_column"]),
+        "null_item": (lambda t: t.set_column(t.schema.get_field_index("item_id"), "item_id",
+                                             pa.array([None] * 3 + t["item_id"].to_pylist()[3:], pa.int64())),
+                      ["item_id", "null", "3 rows"]),
+        "duplicate": (lambda t: pa.concat_tables([t, t.slice(0, 2)]), ["item_id", "duplicate_in_request", "2 rows"]),
+    }
+    for name, (fn, words) in cases.items():
+        path = _broken(base, name, fn)
+        out = base / f"{name}-out.parquet"
+        r = score(base, "--out", out, "--no-track", candidates=path)
+        assert r.returncode == 2, (name, r.stderr)
+        for w in [str(path) if name != "duplicate" else name, *words]:
+            assert w in r.stderr, (name, w, r.stderr)
+        assert not out.exists()  # nothing half-written under the final name
+
+
+def test_quarantined_candidates_are_counted(base):
+    cfg = yaml.safe_load((base / "job.yaml").read_text())
+    cfg["score"]["on_bad_row"] = "quarantine"
+    (base / "quarantine.yaml").write_text(yaml.safe_dump(cfg))
+
+    def broken(t):
+        items = t["item_id"].to_pylist()
+        items[5] = None
+        t = t.set_column(t.schema.get_field_index("item_id"), "item_id", pa.array(items, pa.int64()))
+        return pa.concat_tables([t, t.slice(10, 4)])  # 4 duplicate pairs
+    path = _broken(base, "mixed", broken)
+    out = base / "q-out.parquet"
+    r = score(base, "--out", out, "--no-track", candidates=path, config="quarantine.yaml")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((base / "q-out.parquet.summary.json").read_text())
+    assert s["rejected_by_reason"] == {"item_id:null": 1, "item_id:duplicate_in_request": 4}
+    assert s["rows_read"] == s["rows_in"] + s["rows_rejected"] == pq.read_metadata(path).num_rows
+    assert pq.read_metadata(out).num_rows == s["rows_in"]

@@ -2,7 +2,8 @@
 import subprocess
 import sys
 
-BENCHES = ["bench.reader_bench", "bench.mmoe_paper_bench", "bench.quality_bench", "bench.train_bench"]
+BENCHES = ["bench.reader_bench", "bench.mmoe_paper_bench", "bench.quality_bench", "bench.train_bench",
+           "bench.scoring_bench"]
 
 if __name__ == "__main__":
     extra = sys.argv[1:]

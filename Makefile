@@ -33,7 +33,7 @@ train: venv
 	$(VENV)/bin/mtrank score --model models:/mtrank-demo@champion --candidates $(CANDIDATES) --date $(EVAL_DATE) --exposures $(SCORES)/exposures-$(EVAL_DATE).parquet --out $(SCORES)/dt=$(EVAL_DATE)/ranked.parquet
 
 test: venv
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 tests   # two workers: most tests wait on subprocesses (jobs, mlflow server)
 
 bench: venv bench-venv
 	$(PY) -m bench.run_all

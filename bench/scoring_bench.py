@@ -11,12 +11,10 @@ needed); the loop (bench/scoring_loop.py) must give identical ranks and rule fla
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -111,7 +109,6 @@ def main() -> None:
     got = {(r, i): (k or 0, f) for r, i, k, f in zip(d["request_id"], d["item_id"], d["rank"], d["rule_flags"])}
     want = {(r, i): (k, f) for r, i, k, f in zip(side["request_id"].to_pylist(), side["item_id"].to_pylist(), rank, flags)}
     identical = got == want
-    del table, side, outputs
 
     # ---------------------------------------------------------------- end to end vs bare forward
     model_dir = ensure_model(job)

@@ -10,7 +10,8 @@ from features.rules import BadInputError
 from features.spec import SpecError, load_spec
 from jobs.daily import JobLocked
 from pipeline.scoring import ScoringError
-from pipeline.checkpoint import CheckpointError
+from jobs.tracking import TrackingUnavailable
+from pipeline.checkpoint import CheckpointError, OutputError
 from pipeline.trainer import NonFiniteLossError, ResumeMismatchError
 
 log = logging.getLogger("mtrank")
@@ -75,7 +76,7 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     if a.on_bad_row:
         spec = spec.model_copy(update={"on_bad_row": a.on_bad_row})
     report = validate(a.data, spec, a.date_from, a.date_to, quarantine_dir=a.quarantine_dir,
-                      collisions=not a.no_collisions)
+                      collisions=not a.no_collisions, on_unreadable=a.on_unreadable_file)
     print(format_report(report))
     if a.json:
         write_json(report, a.json)
@@ -94,6 +95,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
     print(f"trained {rows['trained']:,} rows (read {rows['read']:,}, rejected {rows['rejected']:,}) "
           f"in {out.summary['train_seconds']:.0f}s, {last['samples_per_s']:,.0f} samples/s in the last epoch"
           + (f", resumed from step {out.result.resumed_from_step}" if out.result.resumed_from_step else ""))
+    for u in rows.get("unreadable", []):
+        print(f"SKIPPED unreadable file {u['file']}" + (f" row group {u['row_group']}" if u["row_group"] is not None
+                                                        else "") + f": {u['error']}")
     print(format_metrics(out.metrics))
     print(f"run directory: {out.run_dir}  (report: {out.run_dir / 'report' / 'report.html'})")
     if track:
@@ -121,19 +125,43 @@ def _cmd_daily(a: argparse.Namespace) -> int:
     from jobs.train import format_metrics
 
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
-    out = run_daily(cfg, a.date, force=a.force, wait=a.wait)
+    out = run_daily(cfg, a.date, force=a.force, wait=a.wait, full=a.full)
     print({"reused": f"{a.date}: reusing {cfg.name} v{out.version} (registered by an earlier run; --force retrains)",
            "logged": f"{a.date}: training outcome found in {out.run_dir}; logged it without retraining "
                      f"as {cfg.name} v{out.version} (run {out.run_id})",
            "trained": f"{a.date}: trained and registered {cfg.name} v{out.version} (run {out.run_id})"}[out.how])
     done = out.run_dir / "metrics.json"
     if done.exists():
-        print(format_metrics(json.loads(done.read_text())["tasks"]))
+        outcome = json.loads(done.read_text())
+        lin = outcome.get("lineage") or {}
+        w = outcome["train_window"]
+        print(f"training: {'warm start from v' + str(lin['parent_version']) + ' (' + str(lin.get('source')) + ')' if lin.get('parent_version') else 'from scratch'}"
+              f" on {w['start']}..{w['end']}, {outcome['train_seconds']:.0f}s")
+        print(format_metrics(outcome["tasks"]))
         print(f"report: {done.parent / 'report' / 'report.html'}")
     d = out.decision
     print(f"{cfg.name} v{d.version}: {'champion' if d.promoted else 'not promoted'} ({d.reason})")
     uri = tracking_uri(cfg)
     print(f"MLflow store: {uri}\nopen the UI: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _cmd_lineage(a: argparse.Namespace) -> int:
+    from jobs.config import load_config
+    from jobs.tracking import lineage
+
+    cfg = load_config(a.config, name=a.name, work_dir=a.work_dir, data=".")
+    chain = lineage(cfg, a.version)
+    print(f"{cfg.name}: {len(chain)} version(s) from {a.version} back to "
+          + ("its full retrain" if chain[-1].tags.get("mtrank.train_mode", "full") == "full" else "the oldest one left"))
+    for v in chain:
+        t = v.tags
+        how = (f"warm start from v{t['mtrank.parent_version']}" if t.get("mtrank.parent_version")
+               else "full retrain")
+        aliases = f" [{', '.join(v.aliases)}]" if getattr(v, "aliases", None) else ""
+        print(f"  v{v.version}{aliases}  date {t.get('mtrank.date', '?')}  window {t.get('mtrank.window', '?')}  "
+              f"{how}  depth {t.get('mtrank.depth', '0')}  root v{t.get('mtrank.root_version', v.version)}  "
+              f"{t.get('promotion.decision', 'undecided')}")
     return 0
 
 
@@ -250,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--to", dest="date_to", type=_date, default=None)
     v.add_argument("--on-bad-row", choices=["fail", "quarantine"], default=None, help="override the spec")
     v.add_argument("--quarantine-dir", default=".mtrank/quarantine")
+    v.add_argument("--on-unreadable-file", choices=["fail", "skip"], default="fail",
+                   help="a corrupt or truncated Parquet file: fail naming it, or skip it (listed in the report)")
     v.add_argument("--json", default=None, help="also write the report as JSON here")
     v.add_argument("--no-collisions", action="store_true", help="skip the per-table collision count")
     v.set_defaults(func=_cmd_validate)
@@ -324,7 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--work-dir", default=None)
     dl.add_argument("--force", action="store_true", help="retrain even if this date already has a version")
     dl.add_argument("--wait", action="store_true", help="wait for a running job instead of exiting")
+    dl.add_argument("--full", action="store_true", help="retrain from scratch on window_days even where the "
+                    "config warm-starts (schedule it e.g. weekly)")
     dl.set_defaults(func=_cmd_daily)
+
+    ln = sub.add_parser("lineage", help="a version's chain of warm starts back to its full retrain")
+    ln.add_argument("--config", default=None)
+    ln.add_argument("--name", default=None, help="registered model name (default: the config's)")
+    ln.add_argument("--version", default="champion", help="version number or alias (default champion)")
+    ln.add_argument("--work-dir", default=None)
+    ln.set_defaults(func=_cmd_lineage)
     return p
 
 
@@ -335,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (BadInputError, SpecError, NonFiniteLossError, ResumeMismatchError, CheckpointError, JobLocked,
-            ScoringError) as e:
+            ScoringError, TrackingUnavailable, OutputError) as e:
         print(f"mtrank {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -5,9 +5,11 @@ default. Paths are data, resolved against the config file's directory when relat
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from features.spec import SpecError, read_yaml
 from models import ModelConfig
@@ -34,10 +36,44 @@ class PromoteConfig(BaseModel):
     max_rows: int | None = Field(default=None, gt=0, description="evaluate on the first N rows of the day")
 
 
+class TrackingConfig(BaseModel):
+    """How hard to try the tracking server before giving up (applied to MLflow's HTTP client:
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES / _BACKOFF_FACTOR / _TIMEOUT, jitter 0). Each request is tried
+    1 + retries times, waiting 0, 2·b, 4·b, … seconds between tries (urllib3's exponential backoff
+    with factor b = backoff_seconds); a request gets timeout_seconds to connect and to answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    retries: int = Field(default=3, ge=0, le=10, description="retries per request after the first try")
+    backoff_seconds: int = Field(default=1, ge=0, le=120, description="backoff factor (doubling)")
+    timeout_seconds: int = Field(default=30, gt=0, le=3600, description="per request")
+
+
+JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class WarmStartConfig(BaseModel):
+    """Daily increments: continue from a registered version and train on the newest day(s) only.
+
+    `from: none` (or no such version yet, or `mtrank daily --full`) trains from scratch on the
+    window. Numeric statistics: `running` merges the new days' moments into the parent's (exact
+    running moments since the last full retrain: each day moves the standardisation by O(1/days));
+    `frozen` keeps the parent's, so inputs keep exactly their meaning until the next full retrain.
+    """
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    source: Literal["champion", "challenger", "none"] = Field(default="none", alias="from")
+    days: int = Field(default=1, gt=0, description="train on [D - days, D - 1] when warm-starting")
+    reinit_changed_tables: bool = Field(default=False, description="re-initialise tables whose buckets or hash "
+                                        "seed changed instead of refusing the warm start")
+    numeric_stats: Literal["running", "frozen"] = "running"
+
+
 class JobConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(default="mtrank-ranker", min_length=1, description="registered model name")
+    name: str = Field(default="mtrank-ranker", min_length=1, max_length=128, description="registered model "
+                      "name; also names run directories and the lock file, so it must be a plain file name")
     data: str = Field(description="root of dt=YYYY-MM-DD/ impression partitions")
     spec: str | None = Field(default=None, description="FeatureSpec YAML; null = the embedded default")
     window_days: int = Field(default=7, gt=0, description="train on [D - window_days, D - 1], evaluate on D")
@@ -45,11 +81,23 @@ class JobConfig(BaseModel):
     tracking_uri: str | None = Field(default=None, description="MLflow URI; default $MLFLOW_TRACKING_URI, "
                                      "else sqlite in work_dir")
     quarantine_dir: str | None = None
+    on_unreadable_file: Literal["fail", "skip"] = Field(default="fail", description="a corrupt or "
+                                                   "truncated Parquet file: fail naming it, or skip it (counted, logged, reported)")
+    tracking: TrackingConfig = TrackingConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     promote: PromoteConfig = PromoteConfig()
     score: ScoringConfig = ScoringConfig()
+    warm_start: WarmStartConfig = WarmStartConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not re.match(JOB_NAME, v) or ".." in v:
+            raise ValueError(f"{v!r} is not a plain name (letters, digits, '.', '_', '-'; starting with a letter "
+                             "or digit; no '..'): it names run directories, the lock file and the registered model")
+        return v
 
 
 def _resolve(cfg: JobConfig, base: Path | None) -> JobConfig:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import logging
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,11 @@ from pathlib import Path
 from jobs import tracking
 from jobs.config import JobConfig
 from jobs.promote import Decision, promote
-from jobs.train import run_dir, train
+from jobs.model_io import load_model
+from jobs.train import Parent, run_dir, train
+
+
+log = logging.getLogger("mtrank.daily")
 
 
 class JobLocked(RuntimeError):
@@ -51,10 +57,27 @@ def job_lock(cfg: JobConfig, wait: bool = False):
         os.close(fd)
 
 
-def run_daily(cfg: JobConfig, date: dt.date, force: bool = False, wait: bool = False) -> DailyOutcome:
+def _parent(cfg: JobConfig, dst: Path) -> Parent | None:
+    found = tracking.parent_for_warm_start(cfg, dst)
+    if found is None:
+        return None
+    v, path = found
+    return Parent(str(v.version), load_model(path, with_optimizer=True),
+                  root_version=v.tags.get("mtrank.root_version", str(v.version)),
+                  depth=int(v.tags.get("mtrank.depth", 0)), source=cfg.warm_start.source)
+
+
+def run_daily(cfg: JobConfig, date: dt.date, force: bool = False, wait: bool = False,
+              full: bool = False) -> DailyOutcome:
+    """`full`: retrain from scratch on the window even where the config warm-starts (e.g. weekly)."""
     with job_lock(cfg, wait=wait):
         out_dir = run_dir(cfg, date)
-        existing = None if force else tracking.find_version(cfg, date.isoformat())
+        known = True
+        try:
+            existing = None if force else tracking.find_version(cfg, date.isoformat())
+        except tracking.TrackingUnavailable as e:  # train anyway: the outcome waits on disk for the server
+            log.warning("%s. Training anyway: the outcome is kept in %s", str(e).split(". ")[0], out_dir)
+            existing, known = None, False
         run_id = None
         if existing is not None:
             version, how = existing.version, "reused"
@@ -63,6 +86,14 @@ def run_daily(cfg: JobConfig, date: dt.date, force: bool = False, wait: bool = F
         else:
             how = "logged" if (out_dir / "metrics.json").exists() and not force else "trained"
             if how == "trained":
-                train(cfg, date, resume=not force)
-            run_id, version = tracking.log_training(cfg, out_dir)
+                with tempfile.TemporaryDirectory(prefix="mtrank-parent-") as tmp:
+                    parent = None if full else _parent(cfg, Path(tmp))
+                    train(cfg, date, resume=not force, parent=parent)
+            found = None if known else tracking.find_version(cfg, date.isoformat())  # ask again before registering
+            if found is not None:  # the registry had this date after all: never a second version
+                version, how = found.version, "reused"
+                if not found.tags.get("promotion.decision"):
+                    tracking.set_challenger(cfg, version)
+            else:
+                run_id, version = tracking.log_training(cfg, out_dir)
         return DailyOutcome(version, how, run_id, out_dir, promote(cfg, date))

@@ -9,6 +9,7 @@ from pathlib import Path
 from features.featurize import Featurizer
 from jobs.model_io import SavedModel, load_model
 from jobs.report import write_report
+from pipeline.checkpoint import make_dirs
 from pipeline.dataset import open_window
 from pipeline.evaluate import Predictions, predict, task_curves, task_metrics
 from pipeline.reader import ImpressionReader
@@ -25,9 +26,9 @@ class Evaluation:
 
 def evaluate_model(saved: SavedModel, data: str, date: dt.date, max_rows: int | None = None,
                    batch_size: int = 16_384, quarantine_dir: str | None = None,
-                   precision: str = "fp32") -> tuple[Evaluation, Predictions]:
+                   precision: str = "fp32", on_unreadable: str = "fail") -> tuple[Evaluation, Predictions]:
     """Predict the day with the model's own spec and statistics, then score every task."""
-    window = open_window(data, saved.spec, date, date)
+    window = open_window(data, saved.spec, date, date, on_unreadable=on_unreadable)
     reader = ImpressionReader(window, saved.spec, Featurizer(saved.spec, saved.stats), batch_size=batch_size,
                               quarantine_dir=quarantine_dir, with_eval=True, progress=False)
     pred = predict(saved.model, reader, max_rows, precision)
@@ -41,6 +42,7 @@ def evaluate(model: str | Path, data: str, date: dt.date, out_dir: str | Path, b
     """`model` / `baseline`: a saved-model directory or an MLflow URI (models:/NAME@champion ...)."""
     from jobs.tracking import resolve_model
 
+    make_dirs(out_dir)  # an unwritable report folder fails before any work, naming it
     with tempfile.TemporaryDirectory() as tmp:
         ev, _ = evaluate_model(load_model(resolve_model(str(model), Path(tmp) / "m", tracking_uri)),
                                data, date, max_rows)

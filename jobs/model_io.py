@@ -20,18 +20,25 @@ from pipeline.checkpoint import write_atomic
 FILES = ("weights.pt", "feature_spec.yaml", "numeric_stats.json", "model_config.json")
 
 
+OPTIMIZER = "optimizer.pt"  # optional: optimizer and loss-weight state, for warm starts
+
+
 @dataclass
 class SavedModel:
     spec: FeatureSpec
     stats: NumericStats
     config: ModelConfig
     model: MultiTaskRanker
+    optimizer: dict | None = None
 
 
-def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stats: NumericStats) -> Path:
+def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stats: NumericStats,
+               optimizer: dict | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_atomic(path / "weights.pt", lambda f: torch.save(model.state_dict(), f))
+    if optimizer is not None:
+        write_atomic(path / OPTIMIZER, lambda f: torch.save(optimizer, f))
     write_atomic(path / "feature_spec.yaml", spec.to_yaml().encode())
     write_atomic(path / "numeric_stats.json", stats.to_json().encode())
     write_atomic(path / "model_config.json", model.cfg.model_dump_json(indent=1).encode())
@@ -43,7 +50,7 @@ def read_spec(path: str | Path) -> FeatureSpec:
     return load_spec(Path(path) / "feature_spec.yaml")
 
 
-def load_model(path: str | Path) -> SavedModel:
+def load_model(path: str | Path, with_optimizer: bool = False) -> SavedModel:
     path = Path(path)
     missing = [f for f in FILES if not (path / f).exists()]
     if missing:
@@ -55,4 +62,7 @@ def load_model(path: str | Path) -> SavedModel:
     state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.eval()
-    return SavedModel(spec, stats, config, model)
+    optimizer = None
+    if with_optimizer and (path / OPTIMIZER).exists():
+        optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+    return SavedModel(spec, stats, config, model, optimizer)

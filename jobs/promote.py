@@ -51,7 +51,8 @@ def promote(cfg: JobConfig, date: dt.date) -> Decision:
         for label, mv in (("challenger", challenger), ("champion", champion)):
             ref = f"models:/{cfg.name}/{mv.version}"
             saved = load_model(tracking.resolve_model(ref, Path(tmp) / label, tracking.tracking_uri(cfg)))
-            evals[label] = evaluate_model(saved, cfg.data, date, cfg.promote.max_rows)[0].metrics
+            evals[label] = evaluate_model(saved, cfg.data, date, cfg.promote.max_rows,
+                                          on_unreadable=cfg.on_unreadable_file)[0].metrics
     ok, reason = compare(evals["challenger"], evals["champion"], cfg.promote.tolerances)
     reason = f"on {date} vs champion v{champion.version}: {reason}"
     tracking.record_decision(cfg, challenger.version, ok, reason, date.isoformat())

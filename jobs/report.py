@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.checkpoint import write_atomic  # noqa: E402
+from pipeline.checkpoint import make_dirs, write_atomic_all  # noqa: E402
 
 BINARY_COLS = [("rows", "rows", "{:,}"), ("positives", "positives", "{:,}"), ("auc", "AUC", "{:.4f}"),
                ("oracle_auc", "oracle AUC", "{:.4f}"), ("gauc", "GAUC (user)", "{:.4f}"),
@@ -158,11 +158,11 @@ def render(title: str, meta: dict, metrics: dict, curves: dict, gates: dict | No
 
 def write_report(out_dir: str | Path, title: str, meta: dict, metrics: dict, curves: dict,
                  gates: dict | None, baseline: dict | None = None) -> tuple[Path, Path]:
-    """report.html + metrics.json, each written atomically (never half a file under the name)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """report.html + metrics.json, written atomically together (never half a file under either name;
+    a failure such as a full disk leaves the previous pair, or nothing, and raises OutputError)."""
+    out = make_dirs(out_dir)
     page = render(title, meta, metrics, curves, gates, baseline)
-    write_atomic(out / "report.html", page.encode())
     payload = {"meta": meta, "tasks": metrics, "baseline": baseline, "gates": gates}
-    write_atomic(out / "metrics.json", json.dumps(payload, indent=1, default=str).encode())
+    write_atomic_all({out / "report.html": page.encode(),   # both complete, then both renamed
+                      out / "metrics.json": json.dumps(payload, indent=1, default=str).encode()})
     return out / "report.html", out / "metrics.json"

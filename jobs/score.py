@@ -26,7 +26,7 @@ from jobs.config import JobConfig
 from jobs.model_io import load_model
 from pipeline.batch import Batch
 from pipeline.candidates import CandidateReader, candidate_files
-from pipeline.checkpoint import write_atomic
+from pipeline.checkpoint import make_dirs, write_atomic
 from pipeline.progress import Progress
 from pipeline.scoring import ScoringConfig, score_candidates
 
@@ -84,7 +84,7 @@ def read_campaign(path: str | None, item_column: str, day: dt.date) -> pa.Array 
 
 
 def _write_parquet(table: pa.Table, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     write_atomic(out, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
@@ -95,6 +95,7 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
     from jobs.tracking import log_scoring, model_version_of, resolve_model, tracking_uri
 
     sc = scoring or cfg.score
+    make_dirs(Path(out).parent)  # an unwritable output folder fails before any work, naming it
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mtrank-score-") as tmp:

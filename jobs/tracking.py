@@ -5,10 +5,14 @@ registers the model, so a tracking server that is down costs a re-log, never a r
 """
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import json
 import os
 import platform
+import re
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 from jobs.config import JobConfig
@@ -17,8 +21,109 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within the configured retries (job config `tracking:`)."""
+
+
+def _http_settings(cfg: JobConfig) -> None:
+    """The job's retry bound, applied to MLflow's own HTTP client (read per request from the env)."""
+    t = cfg.tracking
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(t.retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(t.backoff_seconds)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(t.timeout_seconds)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")  # an exact bound for a batch job
+
+
+def _unreachable(e: BaseException | None) -> bool:
+    """A connection refused/reset/timed out, or HTTP 5xx after MLflow's retries (anywhere in the chain)."""
+    import requests
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError, requests.exceptions.ConnectionError,
+                          requests.exceptions.Timeout, requests.exceptions.RetryError)):
+            return True
+        if type(e).__module__.startswith("urllib3.") and type(e).__name__ in (
+                "MaxRetryError", "ProtocolError", "NewConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
+            return True
+        msg = str(e)  # MLflow flattens the cause into its message (parallel artifact transfers: one per file)
+        if "API request to" in msg and ("failed with exception" in msg or "failed with timeout" in msg):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _outcome_hint(run_dir: Path, date: str) -> str:
+    return (f"The training outcome is kept in {run_dir} (metrics.json, model/, report/): rerunning "
+            f"`mtrank daily --date {date}` with the same config once the server is back logs and registers "
+            "it without retraining.")
+
+
+REGISTRY_HINT = ("Nothing half-registered was left: a version is registered only after its artifacts were "
+                 "logged, and `champion` moves only after a completed evaluation; rerun the same command once "
+                 "the server is back.")
+
+
+DOWNLOAD_HINT = ("Nothing was changed in the registry (`champion` moves only after a completed evaluation); "
+                 "rerun the same command once the server is back.")
+
+
+@contextmanager
+def _reachable(uri: str, action: str, hint=REGISTRY_HINT):
+    """Turn 'the server is not there' (after MLflow's bounded retries) into one clear TrackingUnavailable."""
+    try:
+        yield
+    except TrackingUnavailable:
+        raise
+    except Exception as e:
+        if not uri.startswith(("http://", "https://")) or not _unreachable(e):
+            raise
+        from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+                                                  MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)
+
+        retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
+        errno = re.search(r"\[Errno -?\d+\][^'\")]*", str(e))
+        cause = errno.group(0).strip() if errno else str(e)[:300]
+        bound = (f"tracking: retries {retries}, backoff {MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()} s doubling, "
+                 f"timeout {MLFLOW_HTTP_REQUEST_TIMEOUT.get()} s per request")
+        attempts = retries + 1
+        raise TrackingUnavailable(
+            f"tracking server {uri} is unavailable: {attempts} attempts failed while {action} ({bound}); "
+            f"last error: {cause}. {hint() if callable(hint) else hint}") from e
+
+
+def _guarded(action: str, hint=None):
+    """`_reachable` around a function whose first argument is the job config; `hint(cfg, *args)`."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(cfg: JobConfig, *args, **kwargs):
+            h = (lambda: hint(cfg, *args)) if hint else REGISTRY_HINT
+            with _reachable(tracking_uri(cfg), action, h):
+                return fn(cfg, *args, **kwargs)
+        return inner
+    return wrap
+
+
+def _log_hint(cfg: JobConfig, run_dir: Path) -> str:
+    try:
+        date = json.loads((Path(run_dir) / "metrics.json").read_text())["date"]
+    except (OSError, ValueError, KeyError):
+        date = Path(run_dir).name
+    return _outcome_hint(Path(run_dir), date)
+
+
+def _find_hint(cfg: JobConfig, date: str) -> str:
+    from jobs.train import run_dir  # the run directory a daily for this date uses
+
+    out = run_dir(cfg, dt.date.fromisoformat(date))
+    return _outcome_hint(out, date) if (out / "metrics.json").exists() else REGISTRY_HINT
+
+
 def tracking_uri(cfg: JobConfig) -> str:
-    """Config, else $MLFLOW_TRACKING_URI, else an embedded sqlite store in the work dir."""
+    """Config, else $MLFLOW_TRACKING_URI, else an embedded sqlite store in the work dir.
+    Also applies the job's `tracking:` retry bound to MLflow's HTTP client."""
+    _http_settings(cfg)
     if cfg.tracking_uri:
         return cfg.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -29,6 +134,7 @@ def tracking_uri(cfg: JobConfig) -> str:
 def _client(cfg: JobConfig):
     import mlflow
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # job logs, not a terminal bar
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -68,6 +174,7 @@ def _finite(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
 
 
+@_guarded("logging the training outcome", _log_hint)
 def log_training(cfg: JobConfig, run_dir: Path) -> tuple[str, str]:
     """One MLflow run for the finished training outcome in `run_dir`; registers it as `challenger`.
 
@@ -87,7 +194,13 @@ def log_training(cfg: JobConfig, run_dir: Path) -> tuple[str, str]:
     date = summary["date"]
     tags = {"mtrank.date": date, "mtrank.window": f"{summary['train_window']['start']}..{summary['train_window']['end']}",
             "mtrank.git_commit": git_commit(), "mtrank.spec_hash": spec.fingerprint()}
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.name}-{date}", tags=tags) as run:
+    lin = summary.get("lineage") or {"mode": "full", "depth": 0}
+    tags.update({"mtrank.train_mode": lin["mode"], "mtrank.depth": str(lin["depth"])})
+    if lin.get("parent_version"):
+        tags.update({"mtrank.parent_version": str(lin["parent_version"]),
+                     "mtrank.root_version": str(lin["root_version"])})
+    run_name = f"{cfg.name}-{date}" + (f"-warm-from-v{lin['parent_version']}" if lin.get("parent_version") else "-full")
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
         params = flatten("", cfg.model_dump(mode="json"), {})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
@@ -95,7 +208,8 @@ def log_training(cfg: JobConfig, run_dir: Path) -> tuple[str, str]:
         mlflow.log_dict({k: summary[k] for k in ("train_window", "eval_window", "rows")}, "data.json")
         rows = summary["rows"]
         mlflow.log_metrics({"rows_read": rows["read"], "rows_trained": rows["trained"],
-                            "rows_rejected": rows["rejected"], "eval_rows": summary["eval_rows"],
+                            "rows_rejected": rows["rejected"], "files_skipped": rows.get("files_skipped", 0),
+                            "eval_rows": summary["eval_rows"],
                             "train_seconds": summary["train_seconds"]})
         for ep in summary["epochs"]:
             mlflow.log_metrics({**{f"train_loss.{t}": v for t, v in ep["loss"].items()},
@@ -114,10 +228,13 @@ def log_training(cfg: JobConfig, run_dir: Path) -> tuple[str, str]:
         run_id = run.info.run_id
     version = mlflow.register_model(info.model_uri, cfg.name, tags={
         **tags, **{f"auc.{t}": f"{m['auc']:.6f}" for t, m in metrics.items() if "auc" in m}})
+    if "mtrank.root_version" not in tags:  # a full retrain roots its own chain
+        client.set_model_version_tag(cfg.name, version.version, "mtrank.root_version", str(version.version))
     client.set_registered_model_alias(cfg.name, CHALLENGER, version.version)
     return run_id, version.version
 
 
+@_guarded("looking up the version registered for this date", _find_hint)
 def find_version(cfg: JobConfig, date: str):
     """The registered version a previous run made for this date (tag mtrank.date), if any."""
     _, client = _client(cfg)
@@ -130,6 +247,7 @@ def find_version(cfg: JobConfig, date: str):
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
+@_guarded("reading a registry alias")
 def alias_version(cfg: JobConfig, alias: str):
     _, client = _client(cfg)
     try:
@@ -140,17 +258,48 @@ def alias_version(cfg: JobConfig, alias: str):
         raise
 
 
+def parent_for_warm_start(cfg: JobConfig, dst: Path) -> tuple[object, Path] | None:
+    """(version, local model dir) of the version `warm_start.from` names, or None (first run)."""
+    if cfg.warm_start.source == "none":
+        return None
+    v = alias_version(cfg, cfg.warm_start.source)
+    if v is None:
+        return None
+    return v, resolve_model(f"models:/{cfg.name}/{v.version}", dst, tracking_uri(cfg))
+
+
+@_guarded("reading the version lineage")
+def lineage(cfg: JobConfig, start: str) -> list:
+    """Versions from `start` (a version or an alias) back through mtrank.parent_version to the
+    full retrain that rooted the chain (or as far as the registry still has versions)."""
+    _, client = _client(cfg)
+    v = client.get_model_version(cfg.name, start) if start.isdigit() else client.get_model_version_by_alias(cfg.name, start)
+    chain = [v]
+    seen = {str(v.version)}
+    while (parent := chain[-1].tags.get("mtrank.parent_version")) and parent not in seen:
+        seen.add(parent)
+        try:
+            chain.append(client.get_model_version(cfg.name, parent))
+        except Exception:  # noqa: BLE001 - a deleted parent ends the visible chain
+            break
+    return chain
+
+
+@_guarded("setting the challenger alias")
 def set_challenger(cfg: JobConfig, version: str) -> None:
     _client(cfg)[1].set_registered_model_alias(cfg.name, CHALLENGER, version)
 
 
+@_guarded("recording the promotion decision")
 def record_decision(cfg: JobConfig, version: str, promoted: bool, reason: str, date: str) -> None:
+    """The decision tag goes last: a run cut off half-way has no decision, so a rerun decides again
+    (the decision tag is what makes promotion idempotent)."""
     _, client = _client(cfg)
-    client.set_model_version_tag(cfg.name, version, "promotion.decision", "promoted" if promoted else "rejected")
     client.set_model_version_tag(cfg.name, version, "promotion.reason", reason[:4000])
     client.set_model_version_tag(cfg.name, version, "promotion.date", date)
     if promoted:
         client.set_registered_model_alias(cfg.name, CHAMPION, version)
+    client.set_model_version_tag(cfg.name, version, "promotion.decision", "promoted" if promoted else "rejected")
 
 
 def resolve_model(ref: str, dst: Path, uri: str | None = None) -> Path:
@@ -165,7 +314,8 @@ def resolve_model(ref: str, dst: Path, uri: str | None = None) -> Path:
     if uri:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst))
+    with _reachable(uri or mlflow.get_tracking_uri(), f"downloading {ref}", DOWNLOAD_HINT):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst))
     return Path(local) / "artifacts" / "model"
 
 
@@ -178,11 +328,14 @@ def model_version_of(ref: str, uri: str) -> str | None:
 
     client = mlflow.MlflowClient(uri, uri)
     if rest:
-        return str(client.get_model_version_by_alias(name, rest).version)
+        with _reachable(uri, f"resolving {ref}"):
+            return str(client.get_model_version_by_alias(name, rest).version)
     name, _, version = name.partition("/")
     return version or None
 
 
+@_guarded("logging the scoring run", lambda cfg, *_: "The ranked lists and their summary are written; "
+          "only the MLflow run of this scoring job is missing.")
 def log_scoring(cfg: JobConfig, date: str, model_ref: str, summary: dict, summary_path: Path) -> str:
     """One MLflow run per scoring job: rows in/out, per-rule counts, the model it used."""
     mlflow, client = _client(cfg)
@@ -199,6 +352,7 @@ def log_scoring(cfg: JobConfig, date: str, model_ref: str, summary: dict, summar
         return run.info.run_id
 
 
+@_guarded("logging the fusion tuning run")
 def log_tuning(cfg: JobConfig, date: str, model_ref: str, result: dict, json_path: Path | None) -> str:
     """One MLflow run per `mtrank tune-fusion`: start and best parameters, both objectives on the
     tuning and holdout halves, and the full result (every trial) as an artifact."""

@@ -13,19 +13,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from features.compat import compare_specs
 from features.featurize import Featurizer
 from features.numeric import NumericStats
-from features.spec import FeatureSpec, load_spec
+from features.spec import FeatureSpec, SpecError, load_spec
 from jobs.config import JobConfig
-from jobs.model_io import save_model
+from jobs.model_io import SavedModel, save_model
+from models.warm_start import transfer_weights
 from jobs.report import write_report
 from pipeline.checkpoint import CheckpointStore, write_atomic
 from pipeline.dataset import open_window
 from pipeline.evaluate import predict, task_curves, task_metrics
-from pipeline.reader import ImpressionReader, fit_numeric_stats
+from pipeline.reader import ImpressionReader, fit_numeric_stats, skipped_files
 from pipeline.trainer import TrainResult, Trainer, build_model
 
 log = logging.getLogger("mtrank.train")
+
+
+@dataclass
+class Parent:
+    """The registered version a warm start continues from, and where it sits in its chain."""
+    version: str
+    saved: SavedModel
+    root_version: str      # the full retrain the chain started from
+    depth: int             # increments since that full retrain (the parent's own)
+    source: str            # alias it was found by
 
 
 @dataclass
@@ -40,29 +52,72 @@ def run_dir(cfg: JobConfig, date: dt.date) -> Path:
     return Path(cfg.work_dir) / "runs" / cfg.name / date.isoformat()
 
 
-def _stats(cfg: JobConfig, spec: FeatureSpec, window, out: Path, progress: bool | None) -> NumericStats:
-    """Fitted once per run and kept: a resumed run must standardise exactly as the first attempt."""
+def _stats(cfg: JobConfig, spec: FeatureSpec, window, out: Path, progress: bool | None,
+           parent: Parent | None = None) -> NumericStats:
+    """Fitted once per run and kept: a resumed run must standardise exactly as the first attempt.
+    Warm starts follow `warm_start.numeric_stats`: running moments, or the parent's frozen."""
     path = out / "numeric_stats.json"
     if path.exists():
         return NumericStats.from_json(path.read_text())
-    stats = fit_numeric_stats(ImpressionReader(window, spec, quarantine_dir=cfg.quarantine_dir, progress=progress))
+    if parent is not None and cfg.warm_start.numeric_stats == "frozen":
+        stats = parent.saved.stats
+    else:
+        stats = fit_numeric_stats(ImpressionReader(window, spec, quarantine_dir=cfg.quarantine_dir, progress=progress))
+        if parent is not None:
+            stats = parent.saved.stats.merge(stats)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(path, stats.to_json().encode())
     return stats
 
 
-def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | None = None) -> TrainOutcome:
+def check_warm_start(parent: Parent, spec: FeatureSpec, cfg: JobConfig) -> frozenset[str]:
+    """Tables to re-initialise; raises SpecError naming what makes the parent unusable."""
+    where = f"warm start from {cfg.name} v{parent.version}"
+    if parent.saved.config != cfg.model:
+        old, new = parent.saved.config.model_dump(), cfg.model.model_dump()
+        diff = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+        raise SpecError(f"{where}: the model config changed ({diff}); retrain from scratch "
+                        "(mtrank daily --full, or warm_start.from: none)")
+    ch = compare_specs(parent.saved.spec, spec)
+    if ch.blocking:
+        raise SpecError(f"{where}: the FeatureSpec changed in a way no warm start can bridge: "
+                        + "; ".join(ch.blocking) + ". Retrain from scratch (mtrank daily --full).")
+    if ch.tables and not cfg.warm_start.reinit_changed_tables:
+        raise SpecError(f"{where}: embedding tables changed: "
+                        + "; ".join(f"table {t!r}: {why}" for t, why in ch.tables.items())
+                        + ". Set warm_start.reinit_changed_tables: true to re-initialise them, or retrain "
+                          "from scratch (mtrank daily --full).")
+    return frozenset(ch.tables)
+
+
+def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | None = None,
+          parent: Parent | None = None) -> TrainOutcome:
+    """Train for `date`: from scratch on `window_days`, or (with `parent`) continue the parent on the
+    `warm_start.days` newest days."""
     spec = load_spec(cfg.spec)
-    first = date - dt.timedelta(days=cfg.window_days)
-    window = open_window(cfg.data, spec, first, date - dt.timedelta(days=1))
-    eval_window = open_window(cfg.data, spec, date, date)
+    reinit = check_warm_start(parent, spec, cfg) if parent is not None else frozenset()
+    first = date - dt.timedelta(days=cfg.warm_start.days if parent is not None else cfg.window_days)
+    window = open_window(cfg.data, spec, first, date - dt.timedelta(days=1), on_unreadable=cfg.on_unreadable_file)
+    eval_window = open_window(cfg.data, spec, date, date, on_unreadable=cfg.on_unreadable_file)
     out = run_dir(cfg, date)
-    stats = _stats(cfg, spec, window, out, progress)
+    stats = _stats(cfg, spec, window, out, progress, parent)
     featurizer = Featurizer(spec, stats)
     tc = cfg.train
-    model = build_model(spec, cfg.model, tc.seed, stats)
+    if parent is None:
+        model = build_model(spec, cfg.model, tc.seed, stats)
+    else:  # the parent's weights (heads included): no base-rate re-initialisation
+        model = build_model(spec, cfg.model, tc.seed)
+        transfer_weights(parent.saved.model, model, reinit)
     store = CheckpointStore(out / "checkpoints", keep=tc.checkpoint_keep)
-    trainer = Trainer(model, spec, tc, store, fingerprint={"window": window.describe(), "stats": stats.to_json()})
+    trainer = Trainer(model, spec, tc, store, fingerprint={
+        "window": window.describe(), "stats": stats.to_json(), "parent": parent.version if parent else None})
+    if parent is not None and parent.saved.optimizer is not None and not reinit:
+        trainer.load_optimizer_state(parent.saved.optimizer)
+    lineage = ({"mode": "full", "parent_version": None, "root_version": None, "depth": 0} if parent is None else
+               {"mode": "warm", "parent_version": parent.version, "root_version": parent.root_version,
+                "depth": parent.depth + 1, "source": parent.source, "reinitialised_tables": sorted(reinit),
+                "optimizer_state": parent.saved.optimizer is not None and not reinit,
+                "numeric_stats": cfg.warm_start.numeric_stats})
     reader = ImpressionReader(window, spec, featurizer, batch_size=tc.batch_size, shuffle=tc.shuffle,
                               shuffle_buffer=tc.shuffle_buffer, seed=tc.seed,
                               quarantine_dir=cfg.quarantine_dir, progress=False)
@@ -77,16 +132,23 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     summary = {"date": date.isoformat(), "train_window": window.describe(), "eval_window": eval_window.describe(),
                "rows": {"read": result.accounting.rows_read, "trained": result.rows_trained,
                         "rejected": result.accounting.rows_rejected,
-                        "rejected_by_reason": dict(result.accounting.rejected)},
+                        "rejected_by_reason": dict(result.accounting.rejected),
+                        **_skipped(window, result.accounting, eval_window, ev_reader.accounting)},
                "eval_rows": pred.rows, "epochs": result.epochs, "global_step": result.global_step,
-               "resumed_from_step": result.resumed_from_step, "train_seconds": train_s}
-    save_model(out / "model", model, spec, stats)
+               "resumed_from_step": result.resumed_from_step, "train_seconds": train_s, "lineage": lineage}
+    save_model(out / "model", model, spec, stats, optimizer=trainer.optimizer_state())
     write_report(out / "report", f"{cfg.name}: trained on {window.start}..{window.end}, evaluated on {date}",
                  {"date": date.isoformat(), "train window": window.describe(), "rows": summary["rows"],
                   "evaluation rows": pred.rows, "model": cfg.model.model_dump(mode="json")},
                  metrics, curves, {t: g.tolist() for t, g in pred.gate_means.items()})
     write_atomic(out / "metrics.json", json.dumps({"tasks": metrics, **summary}, indent=1, default=str).encode())
     return TrainOutcome(out, result, metrics, summary)
+
+
+def _skipped(*sources) -> dict:
+    """Unreadable files skipped (on_unreadable_file: skip), for the run's row accounting."""
+    skipped = skipped_files(*sources)
+    return {"files_skipped": len({u["file"] for u in skipped}), "unreadable": skipped}
 
 
 def format_metrics(metrics: dict) -> str:

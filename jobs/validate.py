@@ -10,24 +10,28 @@ import polars as pl
 
 from features.hashing import table_collisions
 from features.spec import FeatureSpec
+from pipeline.checkpoint import make_dirs, write_atomic
 from pipeline.dataset import open_window
-from pipeline.reader import ImpressionReader
+from pipeline.reader import ImpressionReader, skipped_files
 
 log = logging.getLogger("mtrank")
 
 
 def validate(data: str | Path, spec: FeatureSpec, start: dt.date | None = None, end: dt.date | None = None,
              quarantine_dir: str | Path | None = None, collisions: bool = True,
-             progress: bool | None = None) -> dict:
-    """Read every row once with the training reader's rules; raises BadInputError in fail mode."""
-    window = open_window(data, spec, start, end)
+             progress: bool | None = None, on_unreadable: str = "fail") -> dict:
+    """Read every row once with the training reader's rules; raises BadInputError in fail mode.
+    `on_unreadable="skip"`: corrupt or truncated files are skipped and listed (`skipped_files`)."""
+    window = open_window(data, spec, start, end, on_unreadable=on_unreadable)
     reader = ImpressionReader(window, spec, quarantine_dir=quarantine_dir, progress=progress)
     for _ in reader.frames():
         pass
+    skipped = skipped_files(window, reader.accounting)
     report = {"window": window.describe(), "accounting": reader.accounting.as_dict(),
-              "spec_fingerprint": spec.fingerprint()}
-    if collisions and window.files:
-        lf = pl.scan_parquet(window.files, missing_columns="insert", extra_columns="ignore")
+              "skipped_files": skipped, "spec_fingerprint": spec.fingerprint()}
+    readable = [f for f in window.files if f not in {u["file"] for u in skipped}]
+    if collisions and readable:
+        lf = pl.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
         report["collisions"] = {k: v.as_dict() for k, v in table_collisions(lf, spec).items()}
     return report
 
@@ -40,6 +44,10 @@ def format_report(report: dict) -> str:
              f"  ({'balanced' if acc['balanced'] else 'NOT BALANCED'})"]
     for reason, n in acc["rejected_by_reason"].items():
         lines.append(f"  rejected {n:>10,}  {reason}")
+    for u in report.get("skipped_files", []):
+        where = f" row group {u['row_group']}" if u["row_group"] is not None else ""
+        rows = f", {u['rows']:,} rows not read" if u["rows"] is not None else ""
+        lines.append(f"SKIPPED unreadable file {u['file']}{where}{rows}: {u['error']}")
     if win["empty_partitions"]:
         lines.append(f"empty partitions (allowed): {', '.join(win['empty_partitions'])}")
     if "collisions" in report:
@@ -51,5 +59,5 @@ def format_report(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2, sort_keys=True))
+    make_dirs(Path(path).parent)
+    write_atomic(Path(path), json.dumps(report, indent=2, sort_keys=True).encode())

@@ -7,6 +7,8 @@ moment leaves either the previous checkpoint or the new one, never a half-writte
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -30,17 +32,73 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class OutputError(OSError):
+    """An output could not be written (disk full, file too large, not a directory, ...): names the
+    path and the OS error; nothing is left under the final name."""
+
+    def __init__(self, path: Path | str, err: OSError):
+        code = errno.errorcode.get(err.errno, "") if err.errno else ""
+        super().__init__(err.errno, f"cannot write {path}: {err.strerror or err}" + (f" [{code}]" if code else "")
+                         + " (nothing was written under that name)")
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def make_dirs(path: Path | str) -> Path:
+    """`mkdir -p` for an output folder, failing with an OutputError that names it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(path, e) from e
+    return path
+
+
 def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     """Write to a hidden temporary name, fsync, rename: readers see the old file or the new one.
 
     `data` is the bytes, or a function that writes into the open file (torch.save streams large
-    state without a second copy in memory)."""
+    state without a second copy in memory). A failed write (disk full, ...) removes the temporary
+    file and raises OutputError naming `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        data(f) if callable(data) else f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(path, e) from e
+        raise
+
+
+def write_atomic_all(files: dict[Path, bytes]) -> None:
+    """Several files that belong together (a report and its metrics): every one is written to its
+    temporary name first, and only when all of them are complete are they renamed into place."""
+    tmps: list[Path] = []
+    try:
+        for path, data in files.items():
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmps.append(tmp)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise OutputError(path, e) from e
+        for tmp, path in zip(tmps, files):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -7,8 +7,9 @@ work is a row group: small enough to balance ranks, large enough to read efficie
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +20,8 @@ from features.rules import (EMPTY_PARTITION, MISSING_PARTITION, UNREADABLE, BadI
 from features.spec import FeatureSpec
 
 _PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+log = logging.getLogger("mtrank.data")
+SKIP_HINT = "on_unreadable_file: skip (job config; validate --on-unreadable-file skip) goes on without it"
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class DataWindow:
     files: list[str]
     empty_partitions: list[str]
     schema: pa.Schema | None  # of the first file; every file is checked against the spec
+    on_unreadable: str = "fail"  # "skip": unreadable files / row groups are skipped, counted, reported
+    unreadable: list[dict] = field(default_factory=list)  # files skipped here: footer unreadable
 
     @property
     def rows(self) -> int:
@@ -55,7 +60,8 @@ class DataWindow:
         return {"root": self.root, "start": str(self.start) if self.start else None,
                 "end": str(self.end) if self.end else None, "files": len(self.files),
                 "row_groups": len(self.row_groups), "rows": self.rows,
-                "empty_partitions": self.empty_partitions}
+                "empty_partitions": self.empty_partitions,
+                **({"unreadable_files": self.unreadable} if self.unreadable else {})}
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -86,8 +92,13 @@ def list_partitions(root: str | Path) -> dict[dt.date, Path]:
 
 
 def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = None,
-                end: dt.date | None = None) -> DataWindow:
-    """Every row group of the days in [start, end] (all days when unset); schemas checked."""
+                end: dt.date | None = None, on_unreadable: str = "fail") -> DataWindow:
+    """Every row group of the days in [start, end] (all days when unset); schemas checked.
+
+    A file whose footer cannot be read fails naming it, or with `on_unreadable="skip"` is left out,
+    logged and listed in `unreadable` (a file whose pages turn out corrupt is handled by the reader)."""
+    if on_unreadable not in ("fail", "skip"):
+        raise ValueError(f"on_unreadable must be 'fail' or 'skip', not {on_unreadable!r}")
     parts = list_partitions(root)
     days = sorted(d for d in parts if (start is None or d >= start) and (end is None or d <= end))
     empty: list[str] = []
@@ -107,9 +118,10 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
     groups: list[RowGroup] = []
     files: list[str] = []
     schema: pa.Schema | None = None
+    unreadable: list[dict] = []
     for d in days:
         part = parts[d]
-        part_rows = 0
+        part_rows, part_skipped = 0, 0
         for f in sorted(part.glob("*.parquet")):
             if not _inside(f, base):
                 raise BadInputError(str(f), None, UNREADABLE, "file resolves outside the data root")
@@ -117,7 +129,14 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
                 meta = pq.ParquetFile(f).metadata
                 file_schema = meta.schema.to_arrow_schema()
             except (OSError, pa.ArrowException) as e:
-                raise BadInputError(str(f), None, UNREADABLE, f"not a readable Parquet file ({e})") from None
+                if on_unreadable != "skip":
+                    raise BadInputError(str(f), None, UNREADABLE,
+                                        f"not a readable Parquet file ({e}); {SKIP_HINT}") from None
+                log.warning("skipping %s: rule %s: not a readable Parquet file (%s)", f, UNREADABLE, e)
+                unreadable.append({"file": str(f), "row_group": None, "rows": None,
+                                   "error": f"not a readable Parquet file ({e})"})
+                part_skipped += 1
+                continue
             check_schema(file_schema, spec, str(f))
             schema = schema or file_schema
             files.append(str(f))
@@ -128,7 +147,8 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
                     groups.append(RowGroup(str(f), i, n, d))
         if part_rows == 0:
             if not spec.allow_empty_partitions:
+                why = f" readable ({part_skipped} unreadable file(s) skipped)" if part_skipped else ""
                 raise BadInputError(str(part), None, EMPTY_PARTITION,
-                                    "partition holds no rows (set allow_empty_partitions: true to allow)")
+                                    f"partition holds no{why} rows (set allow_empty_partitions: true to allow)")
             empty.append(part.name)
-    return DataWindow(str(root), start, end, groups, files, sorted(empty), schema)
+    return DataWindow(str(root), start, end, groups, files, sorted(empty), schema, on_unreadable, unreadable)

@@ -7,11 +7,12 @@ rows read = rows accepted (yielded) + rows rejected.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -21,12 +22,14 @@ import pyarrow.parquet as pq
 
 from features.featurize import FeatureArrays, Featurizer
 from features.numeric import NumericStats
-from features.rules import (REASON, UNREADABLE, BadInputError, float_columns, reject_reason_expr,
-                            row_rules)
+from features.rules import (MISSING_COLUMN, REASON, UNREADABLE, BadInputError, float_columns,
+                            reject_reason_expr, row_rules)
 from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature
 from pipeline.batch import Batch
-from pipeline.dataset import DataWindow, RowGroup
+from pipeline.dataset import SKIP_HINT, DataWindow, RowGroup
 from pipeline.progress import Progress
+
+log = logging.getLogger("mtrank.reader")
 
 
 @dataclass
@@ -36,6 +39,7 @@ class RowAccounting:
     rejected: Counter = field(default_factory=Counter)  # "column:rule" -> rows
     row_groups: int = 0
     quarantine_files: list[str] = field(default_factory=list)
+    unreadable: list[dict] = field(default_factory=list)  # skipped (on_unreadable="skip"): file, row group, rows
 
     @property
     def rows_rejected(self) -> int:
@@ -48,13 +52,24 @@ class RowAccounting:
     def merge(self, other: "RowAccounting") -> "RowAccounting":
         return RowAccounting(self.rows_read + other.rows_read, self.rows_accepted + other.rows_accepted,
                              self.rejected + other.rejected, self.row_groups + other.row_groups,
-                             self.quarantine_files + other.quarantine_files)
+                             self.quarantine_files + other.quarantine_files, self.unreadable + other.unreadable)
 
     def as_dict(self) -> dict:
         return {"rows_read": self.rows_read, "rows_accepted": self.rows_accepted,
                 "rows_rejected": self.rows_rejected, "rejected_by_reason": dict(sorted(self.rejected.items())),
                 "row_groups": self.row_groups, "quarantine_files": len(self.quarantine_files),
-                "balanced": self.balanced}
+                "balanced": self.balanced, "unreadable_skipped": len(self.unreadable),
+                "rows_skipped": sum(u["rows"] for u in self.unreadable), "unreadable": list(self.unreadable)}
+
+
+def skipped_files(*sources) -> list[dict]:
+    """The unreadable files / row groups skipped by windows (footer) and readers (pages), each once
+    (a pass per epoch meets the same ones again)."""
+    out: dict[tuple, dict] = {}
+    for src in sources:
+        for u in getattr(src, "unreadable", None) or []:
+            out.setdefault((u["file"], u["row_group"]), u)
+    return list(out.values())
 
 
 def rule_columns(spec: FeatureSpec) -> list[str]:
@@ -72,13 +87,16 @@ def read_columns(spec: FeatureSpec, schema: pa.Schema, with_eval: bool) -> list[
 def open_parquet(path: str, spec: FeatureSpec) -> pq.ParquetFile:
     """Open for reading with the string id columns decoded as Arrow dictionaries (hash once per value).
 
-    The footer is read once: the second handle reuses the first one's metadata.
+    The footer is read once: the second handle reuses the first one's metadata. Page checksums (CRC32,
+    written by `mtrank generate` and most writers when asked) are verified, so a corrupt page that
+    would still decode is an error instead of silently wrong values.
     """
     meta = pq.read_metadata(path)
     ids = {f.name for f in spec.features if isinstance(f, (CategoricalFeature, MultiHotFeature))}
     paths = [c.path for c in (meta.schema.column(i) for i in range(len(meta.schema)))
              if c.path.split(".", 1)[0] in ids and c.physical_type == "BYTE_ARRAY"]
-    return pq.ParquetFile(path, metadata=meta, read_dictionary=paths)
+    return pq.ParquetFile(path, metadata=meta, read_dictionary=paths,
+                          page_checksum_verification=True)  # pages written with a CRC are checked
 
 
 class RowValidator:
@@ -151,7 +169,9 @@ class ImpressionReader:
                  batch_size: int = 4096,
                  rank: int = 0, world_size: int = 1, shuffle: bool = False, shuffle_buffer: int = 65_536,
                  seed: int = 0, chunk_rows: int = 65_536, quarantine_dir: str | Path | None = None,
-                 with_eval: bool = False, progress: bool | None = None):
+                 with_eval: bool = False, progress: bool | None = None, extra_columns: Sequence[str] = ()):
+        """`extra_columns`: more columns for `frames()` to keep (e.g. request_id, price); each must
+        exist in every file (BadInputError naming the file and column otherwise)."""
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if featurizer is not None and featurizer.spec is not spec:
@@ -162,6 +182,7 @@ class ImpressionReader:
         self.buffer_rows = max(batch_size, shuffle_buffer if shuffle else 65_536)
         self.validator = RowValidator(self.spec, quarantine_dir)
         self.progress, self.with_eval = progress, with_eval
+        self.extra_columns = tuple(extra_columns)
         self.accounting = RowAccounting()
 
     @property
@@ -186,25 +207,45 @@ class ImpressionReader:
                     try:
                         pf = open_parquet(group.file, self.spec)
                     except (OSError, pa.ArrowException) as e:
-                        raise BadInputError(group.file, None, UNREADABLE, f"cannot open ({e})") from None
+                        self._unreadable(acc, group, group.rows, f"cannot open ({e})")
+                        open_file = None
+                        continue
                     schema = pf.schema_arrow
-                    open_file = (group.file, pf, schema, read_columns(self.spec, schema, self.with_eval))
+                    for col in self.extra_columns:
+                        if col not in schema.names:
+                            raise BadInputError(group.file, col, MISSING_COLUMN, "column is required by this job")
+                    cols = list(dict.fromkeys([*read_columns(self.spec, schema, self.with_eval), *self.extra_columns]))
+                    open_file = (group.file, pf, schema, cols)
                 _, pf, schema, cols = open_file
                 acc.row_groups += 1
-                try:
-                    chunks = pf.iter_batches(batch_size=self.chunk_rows, row_groups=[group.index], columns=cols)
-                    for i, rb in enumerate(chunks):
-                        good = self.validator.split(rb, schema, group, i, acc)
-                        if bar is not None:
-                            bar.update(rb.num_rows)
-                        if good.num_rows:
-                            yield good
-                except (OSError, pa.ArrowException) as e:
-                    raise BadInputError(group.file, None, UNREADABLE,
-                                        f"row group {group.index} cannot be read ({e})") from None
+                done, i = 0, 0
+                chunks = pf.iter_batches(batch_size=self.chunk_rows, row_groups=[group.index], columns=cols)
+                while True:
+                    try:  # only the read itself: a failure to quarantine is not an unreadable file
+                        rb = next(chunks, None)
+                    except (OSError, pa.ArrowException) as e:
+                        self._unreadable(acc, group, group.rows - done, f"row group {group.index} cannot be read "
+                                         f"({e})" + (f" after {done:,} of its {group.rows:,} rows" if done else ""))
+                        break
+                    if rb is None:
+                        break
+                    good = self.validator.split(rb, schema, group, i, acc)
+                    done, i = done + rb.num_rows, i + 1
+                    if bar is not None:
+                        bar.update(rb.num_rows)
+                    if good.num_rows:
+                        yield good
         finally:
             if bar is not None:
                 bar.close()
+
+    def _unreadable(self, acc: RowAccounting, group: RowGroup, rows: int, detail: str) -> None:
+        """A corrupt file: fail naming it, or (window opened with on_unreadable="skip") skip the rest of
+        this row group, counted in the accounting and logged, never silently."""
+        if self.window.on_unreadable != "skip":
+            raise BadInputError(group.file, None, UNREADABLE, f"{detail}; {SKIP_HINT}")
+        log.warning("skipping %s: rule %s: %s; %s rows not read", group.file, UNREADABLE, detail, f"{rows:,}")
+        acc.unreadable.append({"file": group.file, "row_group": group.index, "rows": rows, "error": detail})
 
     def batches(self, epoch: int = 0) -> Iterator[Batch]:
         """Batches of `batch_size` rows (the last may be smaller); every accepted row exactly once."""

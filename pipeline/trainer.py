@@ -194,6 +194,16 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.global_step, self.rows_trained = state["global_step"], state["rows_trained"]
 
+    def optimizer_state(self) -> dict:
+        """What a warm start continues from besides the weights: both optimizers and loss weights."""
+        return {"sparse_opt": self.sparse_opt.state_dict(), "dense_opt": self.dense_opt.state_dict(),
+                "loss": self.loss.state_dict()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.sparse_opt.load_state_dict(state["sparse_opt"])
+        self.dense_opt.load_state_dict(state["dense_opt"])
+        self.loss.load_state_dict(state["loss"])
+
     def _save(self, epoch: int, step_in_epoch: int, history: list[dict], current: EpochStats) -> None:
         if self.checkpoints is not None:
             path = self.checkpoints.save(self.state_dict(epoch, step_in_epoch, history, current), self.global_step)

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -6,6 +7,19 @@ import polars as pl
 import pytest
 
 from features.spec import load_spec
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking_uri():
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, and a job falls back to that
+    variable when its config names no store: without this, a test that opened one store in-process
+    would send every later test's subprocess jobs there."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    yield
+    for k in keys:
+        os.environ.pop(k, None)
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +63,17 @@ def cli_generate(out, days: int, rows: int, seed: int, users: int, items: int) -
     subprocess.run([*MTRANK, "generate", "--out", str(out), "--days", str(days), "--rows-per-day", str(rows),
                     "--seed", str(seed), "--users", str(users), "--items", str(items), "--start", "2026-11-01"],
                    check=True, capture_output=True)
+
+
+def cli_daily(base, config, date, *extra) -> subprocess.CompletedProcess:
+    """`mtrank daily --config BASE/CONFIG --date DATE` in its own process."""
+    return subprocess.run([*MTRANK, "daily", "--config", base / config, "--date", date, *extra],
+                          capture_output=True, text=True)
+
+
+def sqlite_client(base):
+    """Client of the embedded store a job with `work_dir: work` under `base` writes to."""
+    import mlflow
+
+    uri = f"sqlite:///{(base / 'work' / 'mlflow.db').resolve()}"
+    return mlflow.MlflowClient(uri, uri)

@@ -1,13 +1,11 @@
 """`mtrank daily` as a scheduler runs it, against a real sqlite MLflow store: promotion gate,
 idempotent reruns, and two overlapping runs of the same job."""
 import subprocess
-import sys
 
-import mlflow
 import pytest
 import yaml
 
-from tests.conftest import MTRANK, cli_generate
+from tests.conftest import MTRANK, cli_daily, cli_generate, sqlite_client
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +21,7 @@ def base(tmp_path_factory):
     return base
 
 
-def daily(base, cfg, date, *extra):
-    return subprocess.run([*MTRANK, "daily", "--config", base / cfg, "--date", date, *extra],
-                          capture_output=True, text=True)
-
-
-def client(base):
-    uri = f"sqlite:///{(base / 'work' / 'mlflow.db').resolve()}"
-    return mlflow.MlflowClient(uri, uri)
+daily, client = cli_daily, sqlite_client
 
 
 def test_promotion_gate_and_idempotent_reruns(base):

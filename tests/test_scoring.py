@@ -260,7 +260,7 @@ def test_all_rules_match_the_loop_on_a_larger_day():
     rng = np.random.default_rng(5)
     table, out = candidates(rng, 400, (20, 60), 600, 12)
     for fallback in ("end", "relax"):
-        cfg = ScoringConfig.model_validate({"traffic_cap": {"default_cap": 25}, "list_size": 20,
+        cfg = ScoringConfig.model_validate({"traffic_cap": {"default_cap": 12}, "list_size": 20,
                                             "window": {"n": 4, "k": 1, "fallback": fallback},
                                             "low_quality": {"action": "filter"}})
         res = score_candidates(table, out, cfg, campaign_items=pa.array([1, 2, 3], pa.int64()))

@@ -601,7 +601,8 @@ class _DayWriter:
             path = self.dir / f"part-{len(self.files):05d}.parquet"
             self.files.append(path)
             self._writer = pq.ParquetWriter(path, self.schema, compression="snappy",
-                                            use_dictionary=self._dict_columns)
+                                            use_dictionary=self._dict_columns,
+                                            write_page_checksum=True)  # readers verify: corruption is an error
         self._writer.write_table(buf.slice(0, n), row_group_size=n)
         rest = buf.slice(n)
         self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows

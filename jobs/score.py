@@ -174,7 +174,7 @@ def format_lists(table: pa.Table, requests: int = 3, top: int = 8, request_colum
     for rid in first:
         rows = df.filter(pl.col(request_column) == rid).head(top)
         lines.append(f"request {rid}: {df.filter(pl.col(request_column) == rid).height} shown")
-        lines.append(f"  {'rank':>4} {'item':>10} {'score':>9} {'p_ctr':>6} {'p_cvr':>6} {'price':>8} "
+        lines.append(f"  {'rank':>4} {'item':>10} {'score':>9} {'p_ctr':>6} {'p_cvr':>6} {'b+price':>8} "
                      f"{'weight':>6}  rules")
         for r in rows.iter_rows(named=True):
             price = r["factor_price"]

@@ -9,7 +9,6 @@ rows read = rows scored + rows rejected.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 from features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, BadInputError,
                             RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
 from features.spec import FeatureSpec
+from pipeline.checkpoint import write_atomic
 from pipeline.reader import RowAccounting, open_parquet
 from pipeline.scoring.config import ScoringConfig
 
@@ -136,9 +136,7 @@ class CandidateReader:
     def _write_quarantine(self, frame: pl.DataFrame, name: str) -> str:
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         path = self.quarantine_dir / f"{name}.parquet"
-        tmp = path.with_suffix(".tmp")
-        frame.write_parquet(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, frame.write_parquet)  # a rerun overwrites the same name: idempotent
         return str(path)
 
     def drop_duplicates(self, side: pa.Table) -> np.ndarray:

@@ -26,9 +26,10 @@ from features.spec import load_spec
 from jobs.config import load_config
 from jobs.exposures import count_exposures
 from jobs.model_io import save_model
-from jobs.score import FORWARD_ROWS, read_exposures, score
+from jobs.score import read_exposures, score
 from pipeline.batch import Batch
 from pipeline.dataset import open_window
+from pipeline.evaluate import FORWARD_ROWS
 from pipeline.reader import ImpressionReader, fit_numeric_stats
 from pipeline.scoring import score_candidates
 from pipeline.synthetic.candidates import generate_candidates

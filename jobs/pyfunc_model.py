@@ -8,14 +8,9 @@ columns as the impression logs, labels not needed — and returns every task out
 from __future__ import annotations
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 from mlflow.pyfunc import PythonModel
-
-CHUNK = 16_384
-
 
 class RankerPyfunc(PythonModel):
     def load_context(self, context) -> None:
@@ -26,19 +21,10 @@ class RankerPyfunc(PythonModel):
         self.featurizer = Featurizer(self.saved.spec, self.saved.stats)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from pipeline.batch import Batch
+        from pipeline.evaluate import predict_rows
 
         table = pa.Table.from_pandas(model_input, preserve_index=False)
-        parts: dict[str, list] = {}
-        with torch.inference_mode():
-            for start in range(0, table.num_rows, CHUNK):
-                arrays = self.featurizer.transform(table.slice(start, CHUNK), with_labels=False)
-                out = self.saved.model(Batch.from_arrays(arrays))
-                for k, v in out.items():
-                    if k in ("logits", "gates") or k.startswith("log_p_"):
-                        continue
-                    parts.setdefault(k, []).append(v.float().numpy())
-        return pd.DataFrame({k: np.concatenate(v) for k, v in parts.items()})
+        return pd.DataFrame(predict_rows(self.saved.model, self.featurizer, table))
 
 
 mlflow.models.set_model(RankerPyfunc())

@@ -18,20 +18,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from features.featurize import Featurizer
 from features.rules import MISSING_COLUMN, BadInputError
 from jobs.config import JobConfig
 from jobs.model_io import load_model
-from pipeline.batch import Batch
+from pipeline.evaluate import predict_rows
 from pipeline.candidates import CandidateReader, candidate_files
 from pipeline.checkpoint import make_dirs, write_atomic
 from pipeline.progress import Progress
 from pipeline.scoring import ScoringConfig, score_candidates
-
-FORWARD_ROWS = 16_384
-
 
 @dataclass
 class ScoreOutcome:
@@ -55,8 +51,8 @@ def _side_table(path: str | None, columns: dict[str, str], what: str) -> pa.Tabl
 
 
 def _on_day(table: pa.Table, column: str, day: dt.date) -> pa.Array:
-    return pc.equal(pc.cast(table[column], pa.date32()) if table[column].type != pa.string()
-                    else pc.cast(pc.cast(table[column], pa.timestamp("s")), pa.date32()), pa.scalar(day, pa.date32()))
+    """Rows whose date column (date, timestamp or 'YYYY-MM-DD') is `day`."""
+    return pc.equal(pc.cast(table[column], pa.date32()), pa.scalar(day, pa.date32()))
 
 
 def read_exposures(path: str | None, item_column: str, day: dt.date) -> pa.Table | None:
@@ -108,26 +104,15 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
                              / f"dt={day}")
     outputs: dict[str, list[np.ndarray]] = {}
     sides: list[pa.RecordBatch] = []
-    forward = prep = 0.0
     t1 = time.perf_counter()
-    with torch.inference_mode(), Progress("score", total=None, unit="rows", enabled=progress) as bar:
+    with Progress("score", total=None, unit="rows", enabled=progress) as bar:
         for rb, side in reader.frames():
-            for start in range(0, rb.num_rows, FORWARD_ROWS):
-                part = rb.slice(start, FORWARD_ROWS)
-                a = time.perf_counter()
-                batch = Batch.from_arrays(featurizer.transform(part, with_labels=False))
-                b = time.perf_counter()
-                out_t = saved.model(batch)
-                forward += time.perf_counter() - b
-                prep += b - a
-                for k, v in out_t.items():
-                    if k in ("logits", "gates") or k.startswith("log_p_"):
-                        continue
-                    outputs.setdefault(k, []).append(v.float().numpy())
+            for k, v in predict_rows(saved.model, featurizer, rb, timings).items():
+                outputs.setdefault(k, []).append(v)
             sides.append(rb.select(side))
             bar.update(rb.num_rows)
-    timings["read_validate_s"] = time.perf_counter() - t1 - forward - prep
-    timings["featurize_s"], timings["forward_s"] = prep, forward
+    timings["read_validate_s"] = time.perf_counter() - t1 - timings.get("forward_s", 0.0) - \
+        timings.get("featurize_s", 0.0)
     acc = reader.accounting
     if not sides:
         raise BadInputError(str(candidates), None, "no_rows", "no candidate row passed validation", count=acc.rows_read)

@@ -18,20 +18,18 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from features.featurize import Featurizer
 from features.rules import BadInputError
 from jobs.config import JobConfig
 from jobs.model_io import SavedModel, load_model
-from pipeline.batch import Batch
+from pipeline.evaluate import FORWARD_ROWS, predict_rows
 from pipeline.checkpoint import write_atomic
 from pipeline.dataset import open_window
 from pipeline.reader import ImpressionReader
 from pipeline.scoring import tuning
 from pipeline.scoring.fusion import CART, COLLECT, CTR, CVR, STAY
 
-FORWARD_ROWS = 16_384
 OUTPUTS = (CTR, CVR, STAY, CART, COLLECT)
 # action -> (task whose label it is, label name when the spec has no such task)
 ACTIONS = {"click": ("ctr", "click"), "conversion": ("cvr", "conversion"), "cart": ("cart", "cart"),
@@ -81,15 +79,11 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, price_column:
     featurizer = Featurizer(spec, saved.stats)
     outputs: dict[str, list[np.ndarray]] = {}
     sides: list[pa.RecordBatch] = []
-    with torch.inference_mode():
-        for rb in _capped(reader.frames(), max_rows, spec.request_id):
-            for start in range(0, rb.num_rows, FORWARD_ROWS):
-                part = rb.slice(start, FORWARD_ROWS)
-                out = saved.model(Batch.from_arrays(featurizer.transform(part, with_labels=False)))
-                for k in OUTPUTS:
-                    if k in out:
-                        outputs.setdefault(k, []).append(out[k].float().numpy())
-            sides.append(rb.select(extras))
+    for rb in _capped(reader.frames(), max_rows, spec.request_id):
+        for k, v in predict_rows(saved.model, featurizer, rb).items():
+            if k in OUTPUTS:
+                outputs.setdefault(k, []).append(v)
+        sides.append(rb.select(extras))
     acc = reader.accounting
     if not sides:
         raise BadInputError(f"{data}/dt={day}", None, "no_rows", "no logged row passed validation",

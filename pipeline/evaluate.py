@@ -8,6 +8,7 @@ model's, so "how good" has a ceiling to be read against.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,36 @@ class Predictions:
     group: np.ndarray | None
     gate_means: dict[str, np.ndarray]   # task -> mean softmax weight per expert
     rows: int
+
+
+def row_outputs(out: dict) -> dict[str, torch.Tensor]:
+    """The per-row predictions of a forward pass: p_<task>, p_<product>, regression values
+    (not logits, gates or log-probabilities)."""
+    return {k: v for k, v in out.items() if k not in ("logits", "gates") and not k.startswith("log_p_")}
+
+
+FORWARD_ROWS = 16_384
+
+
+@torch.inference_mode()
+def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None = None,
+                 chunk_rows: int = FORWARD_ROWS) -> dict[str, np.ndarray]:
+    """Predictions for raw feature rows (an Arrow table or record batch), featurized and run in
+    chunks; `timings` accumulates featurize_s and forward_s when given."""
+    from pipeline.batch import Batch
+
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, rows.num_rows, chunk_rows):
+        t0 = time.perf_counter()
+        batch = Batch.from_arrays(featurizer.transform(rows.slice(start, chunk_rows), with_labels=False))
+        t1 = time.perf_counter()
+        out = row_outputs(model(batch))
+        if timings is not None:
+            timings["featurize_s"] = timings.get("featurize_s", 0.0) + t1 - t0
+            timings["forward_s"] = timings.get("forward_s", 0.0) + time.perf_counter() - t1
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.float().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -54,9 +85,7 @@ def predict(model: MultiTaskRanker, reader: ImpressionReader, max_rows: int | No
         take = batch.size if max_rows is None else min(batch.size, max_rows - rows)
         with ctx:
             out = model(batch)
-        for k, v in out.items():
-            if k in ("logits", "gates") or k.startswith("log_p_"):
-                continue
+        for k, v in row_outputs(out).items():
             outs.setdefault(k, []).append(v[:take].float().numpy())
         for src, dst in ((batch.labels, labels), (batch.masks, masks), (batch.truth, truth)):
             for k, v in src.items():

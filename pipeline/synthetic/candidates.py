@@ -9,7 +9,6 @@ ground truth stays (benchmarks only, never a model input), plus two item flags t
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.progress import Progress
-from pipeline.synthetic.impressions import (CHUNK_REQUESTS, SCHEMA, ImpressionConfig, _chunk_table, _day_base,
-                                            _day_features, _DayWriter, _sample_core, _splitmix, _swap_in_day,
+from pipeline.synthetic.impressions import (CHUNK_REQUESTS, SCHEMA, ImpressionConfig, WriteRate, _chunk_table,
+                                            _day_base, _day_features, _DayWriter, _sample_core, _splitmix, _swap_in_day,
                                             _Universe)
 
 CAND_TAG, CAMPAIGN_TAG, QUALITY_TAG = 0xFFFFFFF2, 0xFFFFFFF3, 0xFFFFFFF4
@@ -34,7 +33,7 @@ CANDIDATE_SCHEMA = pa.schema([f for f in SCHEMA if f.name not in LABELS]
 
 
 @dataclass
-class CandidateSummary:
+class CandidateSummary(WriteRate):
     """What `generate_candidates` wrote."""
     out_dir: str
     day: str = ""
@@ -42,13 +41,6 @@ class CandidateSummary:
     requests: int = 0
     rows: int = 0                      # <= requests * per_request (duplicates within a request dropped)
     seconds: float = 0.0
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows / max(self.seconds, 1e-9)
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "rows_per_second": self.rows_per_second}
 
 
 def _unit(h: np.ndarray) -> np.ndarray:

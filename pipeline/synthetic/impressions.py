@@ -107,8 +107,19 @@ class ImpressionConfig:
             raise ValueError(f"ImpressionConfig.zipf_a must be > 0, got {self.zipf_a!r}")
 
 
+class WriteRate:
+    """For summaries of generated data (dataclasses with `rows` and `seconds`)."""
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / max(self.seconds, 1e-9)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "rows_per_second": self.rows_per_second}
+
+
 @dataclass
-class GenerationSummary:
+class GenerationSummary(WriteRate):
     """What `generate_impressions` wrote, with the measured label rates (for logs and the CLI)."""
     out_dir: str
     rows_per_day: dict[str, int] = field(default_factory=dict)
@@ -123,13 +134,6 @@ class GenerationSummary:
     cart_given_click: float = 0.0
     mean_stay_given_click: float = 0.0
     seconds: float = 0.0
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows / max(self.seconds, 1e-9)
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "rows_per_second": self.rows_per_second}
 
 
 # --------------------------------------------------------------------------- vocabularies

@@ -8,10 +8,11 @@ import sys
 
 from features.rules import BadInputError
 from features.spec import SpecError, load_spec
-from jobs.daily import JobLocked
+from jobs.daily import JobLocked, TrainingFailed
 from pipeline.scoring import ScoringError
 from jobs.tracking import TrackingUnavailable
 from pipeline.checkpoint import CheckpointError, OutputError
+from pipeline.distributed import PeerFailed
 from pipeline.trainer import NonFiniteLossError, ResumeMismatchError
 
 log = logging.getLogger("mtrank")
@@ -29,7 +30,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
     cfg = ImpressionConfig(seed=a.seed, start=a.start, days=a.days, rows_per_day=a.rows_per_day,
                            n_users=a.users, n_items=a.items, task_correlation=a.task_correlation,
-                           popularity_drift=a.popularity_drift)
+                           popularity_drift=a.popularity_drift, row_group_size=a.row_group_size)
     if a.candidates:
         return _generate_candidates(a, cfg)
     s = generate_impressions(a.out, cfg)
@@ -86,9 +87,20 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from jobs.config import load_config
     from jobs.train import format_metrics, train
+    from pipeline.distributed import process_group, under_torchrun
 
+    if a.nproc > 1 and not under_torchrun():
+        from jobs.launch import torchrun
+        return torchrun(a.nproc, a.argv)
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
-    out = train(cfg, a.date, resume=a.resume)
+    parent = None
+    if a.parent:
+        from jobs.daily import load_parent
+        parent = load_parent(a.parent)
+    with process_group() as dist:
+        out = train(cfg, a.date, resume=a.resume, dist=dist, parent=parent)
+    if not out.written:   # ranks other than 0: rank 0 writes, tracks and reports the whole job
+        return 0
     track = None if a.no_track else _track(cfg, out)
     rows = out.summary["rows"]
     last = out.summary["epochs"][-1]
@@ -125,7 +137,7 @@ def _cmd_daily(a: argparse.Namespace) -> int:
     from jobs.train import format_metrics
 
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
-    out = run_daily(cfg, a.date, force=a.force, wait=a.wait, full=a.full)
+    out = run_daily(cfg, a.date, force=a.force, wait=a.wait, full=a.full, nproc=a.nproc)
     print({"reused": f"{a.date}: reusing {cfg.name} v{out.version} (registered by an earlier run; --force retrains)",
            "logged": f"{a.date}: training outcome found in {out.run_dir}; logged it without retraining "
                      f"as {cfg.name} v{out.version} (run {out.run_id})",
@@ -228,7 +240,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from jobs.train import format_metrics
 
     out = a.out or f".mtrank/reports/{a.date}"
-    html, ev, base = evaluate(a.model, a.data, a.date, out, a.baseline, a.max_rows, a.tracking_uri)
+    html, ev, base = evaluate(a.model, a.data, a.date, out, a.baseline, a.max_rows, a.tracking_uri,
+                              quarantine_dir=a.quarantine_dir)
     print(format_metrics(ev.metrics))
     if base is not None:
         print("baseline:")
@@ -254,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how strongly post-click tasks share the click signal (0..1)")
     g.add_argument("--popularity-drift", type=float, default=0.0,
                    help="fraction of item popularity reshuffled per day")
+    g.add_argument("--row-group-size", type=_positive, default=65_536,
+                   help="rows per Parquet row group: the unit data-parallel ranks split a window by")
     g.add_argument("--json", default=None, help="also write the generation summary as JSON here")
     g.add_argument("--candidates", action="store_true",
                    help="write one candidate day for scoring (no labels) instead of impression logs")
@@ -291,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None, help="override the config's data root")
     t.add_argument("--work-dir", default=None, help="override the config's work_dir")
     t.add_argument("--no-track", action="store_true", help="keep the outcome on disk only (no MLflow run)")
+    t.add_argument("--nproc", type=_positive, default=1,
+                   help="data-parallel ranks on this machine (launches torchrun; default 1: one process)")
+    t.add_argument("--parent", default=None, help=argparse.SUPPRESS)   # daily -> its ranks: the warm-start parent
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="offline report for a saved model on one day")
@@ -303,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", default=None, help="second model to compare against")
     e.add_argument("--out", default=None, help="report directory (default .mtrank/reports/DATE)")
     e.add_argument("--max-rows", type=int, default=None)
+    e.add_argument("--quarantine-dir", default=".mtrank/quarantine",
+                   help="where bad rows go when the model's spec says on_bad_row: quarantine")
     e.set_defaults(func=_cmd_evaluate)
 
     sc = sub.add_parser("score", help="rank one day's candidates: model -> fusion -> rules -> Parquet")
@@ -354,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--work-dir", default=None)
     dl.add_argument("--force", action="store_true", help="retrain even if this date already has a version")
     dl.add_argument("--wait", action="store_true", help="wait for a running job instead of exiting")
+    dl.add_argument("--nproc", type=_positive, default=1,
+                    help="train as N data-parallel ranks on this machine (torchrun); tracking stays in this process")
     dl.add_argument("--full", action="store_true", help="retrain from scratch on window_days even where the "
                     "config warm-starts (schedule it e.g. weekly)")
     dl.set_defaults(func=_cmd_daily)
@@ -367,16 +389,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank_tag() -> str:
+    from pipeline.distributed import from_env
+
+    d = from_env()
+    return f" [rank {d.rank}/{d.world_size}]" if d.enabled else ""
+
+
+def _logging(verbose: bool) -> None:
+    """Under torchrun every rank logs with its rank in the line; ranks other than 0 only warnings."""
+    from pipeline.distributed import from_env
+
+    d = from_env()
+    level = logging.DEBUG if verbose else logging.INFO if d.is_main else logging.WARNING
+    where = f" [rank {d.rank}/{d.world_size}]" if d.enabled else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    args.argv = argv
+    _logging(args.verbose)
     try:
         return args.func(args)
     except (BadInputError, SpecError, NonFiniteLossError, ResumeMismatchError, CheckpointError, JobLocked,
-            ScoringError, TrackingUnavailable, OutputError) as e:
-        print(f"mtrank {args.command}: error: {e}", file=sys.stderr)
+            ScoringError, TrackingUnavailable, OutputError, TrainingFailed) as e:
+        print(f"mtrank {args.command}{_rank_tag()}: error: {e}", file=sys.stderr)
         return 2
+    except PeerFailed as e:
+        print(f"mtrank {args.command}{_rank_tag()}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

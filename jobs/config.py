@@ -113,6 +113,12 @@ def _resolve(cfg: JobConfig, base: Path | None) -> JobConfig:
                                   "quarantine_dir": fix(cfg.quarantine_dir), "score": score})
 
 
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """The same job with every path absolute (relative ones are relative to the current directory),
+    so that it can be written elsewhere and read back unchanged."""
+    return _resolve(cfg, Path.cwd())
+
+
 def parse_config(raw: object, source: str, base: Path | None = None) -> JobConfig:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a job config is a mapping, got {type(raw).__name__}")

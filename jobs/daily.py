@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import json
 import logging
 import os
 import tempfile
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import tracking
-from jobs.config import JobConfig
+from jobs.config import JobConfig, absolute_paths
 from jobs.promote import Decision, promote
 from jobs.model_io import load_model
 from jobs.train import Parent, run_dir, train
@@ -27,6 +28,10 @@ log = logging.getLogger("mtrank.daily")
 
 class JobLocked(RuntimeError):
     pass
+
+
+class TrainingFailed(RuntimeError):
+    """A data-parallel training step of `daily` did not finish (the failing rank printed why)."""
 
 
 @dataclass
@@ -64,12 +69,44 @@ def _parent(cfg: JobConfig, dst: Path) -> Parent | None:
     v, path = found
     return Parent(str(v.version), load_model(path, with_optimizer=True),
                   root_version=v.tags.get("mtrank.root_version", str(v.version)),
-                  depth=int(v.tags.get("mtrank.depth", 0)), source=cfg.warm_start.source)
+                  depth=int(v.tags.get("mtrank.depth", 0)), source=cfg.warm_start.source, path=Path(path))
+
+
+def _train_ranks(cfg: JobConfig, date: dt.date, parent: Parent | None, resume: bool, nproc: int, tmp: Path) -> None:
+    """The training step as `nproc` torchrun ranks: `mtrank train` with this job's config (paths made
+    absolute) and the parent this process found; the outcome lands in the run directory as usual."""
+    import yaml
+
+    from jobs.launch import torchrun
+
+    job = tmp / "job.yaml"
+    job.write_text(yaml.safe_dump(absolute_paths(cfg).model_dump(mode="json", by_alias=True)))
+    argv = ["train", "--config", str(job), "--date", date.isoformat(), "--no-track", "--nproc", str(nproc)]
+    if resume:
+        argv.append("--resume")
+    if parent is not None:
+        (tmp / "parent.json").write_text(json.dumps(
+            {"version": parent.version, "dir": str(parent.path), "root_version": parent.root_version,
+             "depth": parent.depth, "source": parent.source}))
+        argv += ["--parent", str(tmp / "parent.json")]
+    rc = torchrun(nproc, argv)
+    if rc != 0:
+        raise TrainingFailed(f"training on {nproc} ranks failed (torchrun exit status {rc}; the failing rank's "
+                             f"error is above); nothing was registered. A rerun resumes from the last checkpoint "
+                             f"in {run_dir(cfg, date) / 'checkpoints'}")
+
+
+def load_parent(path: str | Path) -> Parent:
+    """The parent a `daily` process handed to its training ranks (see `_train_ranks`)."""
+    p = json.loads(Path(path).read_text())
+    return Parent(p["version"], load_model(p["dir"], with_optimizer=True), root_version=p["root_version"],
+                  depth=p["depth"], source=p["source"], path=Path(p["dir"]))
 
 
 def run_daily(cfg: JobConfig, date: dt.date, force: bool = False, wait: bool = False,
-              full: bool = False) -> DailyOutcome:
-    """`full`: retrain from scratch on the window even where the config warm-starts (e.g. weekly)."""
+              full: bool = False, nproc: int = 1) -> DailyOutcome:
+    """`full`: retrain from scratch on the window even where the config warm-starts (e.g. weekly).
+    `nproc` > 1: the training step runs as that many data-parallel ranks (torchrun)."""
     with job_lock(cfg, wait=wait):
         out_dir = run_dir(cfg, date)
         known = True
@@ -88,7 +125,10 @@ def run_daily(cfg: JobConfig, date: dt.date, force: bool = False, wait: bool = F
             if how == "trained":
                 with tempfile.TemporaryDirectory(prefix="mtrank-parent-") as tmp:
                     parent = None if full else _parent(cfg, Path(tmp))
-                    train(cfg, date, resume=not force, parent=parent)
+                    if nproc > 1:
+                        _train_ranks(cfg, date, parent, not force, nproc, Path(tmp))
+                    else:
+                        train(cfg, date, resume=not force, parent=parent)
             found = None if known else tracking.find_version(cfg, date.isoformat())  # ask again before registering
             if found is not None:  # the registry had this date after all: never a second version
                 version, how = found.version, "reused"

@@ -38,18 +38,19 @@ def evaluate_model(saved: SavedModel, data: str, date: dt.date, max_rows: int | 
 
 
 def evaluate(model: str | Path, data: str, date: dt.date, out_dir: str | Path, baseline: str | Path | None = None,
-             max_rows: int | None = None, tracking_uri: str | None = None) -> tuple[Path, Evaluation, Evaluation | None]:
+             max_rows: int | None = None, tracking_uri: str | None = None,
+             quarantine_dir: str | None = None) -> tuple[Path, Evaluation, Evaluation | None]:
     """`model` / `baseline`: a saved-model directory or an MLflow URI (models:/NAME@champion ...)."""
     from jobs.tracking import resolve_model
 
     make_dirs(out_dir)  # an unwritable report folder fails before any work, naming it
     with tempfile.TemporaryDirectory() as tmp:
         ev, _ = evaluate_model(load_model(resolve_model(str(model), Path(tmp) / "m", tracking_uri)),
-                               data, date, max_rows)
+                               data, date, max_rows, quarantine_dir=quarantine_dir)
         base = None
         if baseline:
             saved = load_model(resolve_model(str(baseline), Path(tmp) / "b", tracking_uri))
-            base = evaluate_model(saved, data, date, max_rows)[0]
+            base = evaluate_model(saved, data, date, max_rows, quarantine_dir=quarantine_dir)[0]
     meta = {"model": str(model), "baseline": str(baseline) if baseline else None, "date": date.isoformat(),
             "evaluation rows": ev.rows, "window": ev.window}
     html, _ = write_report(out_dir, f"mtrank evaluation, {date}", meta, ev.metrics, ev.curves, ev.gates,

@@ -52,6 +52,7 @@ def promote(cfg: JobConfig, date: dt.date) -> Decision:
             ref = f"models:/{cfg.name}/{mv.version}"
             saved = load_model(tracking.resolve_model(ref, Path(tmp) / label, tracking.tracking_uri(cfg)))
             evals[label] = evaluate_model(saved, cfg.data, date, cfg.promote.max_rows,
+                                          quarantine_dir=cfg.quarantine_dir,
                                           on_unreadable=cfg.on_unreadable_file)[0].metrics
     ok, reason = compare(evals["challenger"], evals["champion"], cfg.promote.tolerances)
     reason = f"on {date} vs champion v{champion.version}: {reason}"

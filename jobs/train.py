@@ -23,7 +23,8 @@ from models.warm_start import transfer_weights
 from jobs.report import write_report
 from pipeline.checkpoint import CheckpointStore, write_atomic
 from pipeline.dataset import open_window
-from pipeline.evaluate import predict, task_curves, task_metrics
+from pipeline.distributed import SINGLE, Dist
+from pipeline.evaluate import merge_predictions, predict, task_curves, task_metrics
 from pipeline.reader import ImpressionReader, fit_numeric_stats, skipped_files
 from pipeline.trainer import TrainResult, Trainer, build_model
 
@@ -38,6 +39,7 @@ class Parent:
     root_version: str      # the full retrain the chain started from
     depth: int             # increments since that full retrain (the parent's own)
     source: str            # alias it was found by
+    path: Path | None = None   # where its saved model was downloaded (handed to training ranks)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class TrainOutcome:
     result: TrainResult
     metrics: dict
     summary: dict
+    written: bool = True   # False on ranks other than 0: they train and evaluate, rank 0 writes
 
 
 def run_dir(cfg: JobConfig, date: dt.date) -> Path:
@@ -53,20 +56,28 @@ def run_dir(cfg: JobConfig, date: dt.date) -> Path:
 
 
 def _stats(cfg: JobConfig, spec: FeatureSpec, window, out: Path, progress: bool | None,
-           parent: Parent | None = None) -> NumericStats:
+           parent: Parent | None = None, dist: Dist = SINGLE) -> NumericStats:
     """Fitted once per run and kept: a resumed run must standardise exactly as the first attempt.
-    Warm starts follow `warm_start.numeric_stats`: running moments, or the parent's frozen."""
+    Warm starts follow `warm_start.numeric_stats`: running moments, or the parent's frozen.
+    Data-parallel, each rank fits its shard and the moments are merged (rank 0 decides and writes)."""
     path = out / "numeric_stats.json"
-    if path.exists():
-        return NumericStats.from_json(path.read_text())
+    kept = dist.broadcast(path.read_text() if dist.is_main and path.exists() else None)
+    if kept is not None:
+        return NumericStats.from_json(kept)
     if parent is not None and cfg.warm_start.numeric_stats == "frozen":
         stats = parent.saved.stats
     else:
-        stats = fit_numeric_stats(ImpressionReader(window, spec, quarantine_dir=cfg.quarantine_dir, progress=progress))
+        mine = fit_numeric_stats(ImpressionReader(window, spec, rank=dist.rank, world_size=dist.world_size,
+                                                  quarantine_dir=cfg.quarantine_dir,
+                                                  progress=progress if dist.is_main else False))
+        stats = NumericStats()
+        for part in dist.all_gather(mine):
+            stats = stats.merge(part)
         if parent is not None:
             stats = parent.saved.stats.merge(stats)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, stats.to_json().encode())
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, stats.to_json().encode())
     return stats
 
 
@@ -91,16 +102,17 @@ def check_warm_start(parent: Parent, spec: FeatureSpec, cfg: JobConfig) -> froze
 
 
 def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | None = None,
-          parent: Parent | None = None) -> TrainOutcome:
+          parent: Parent | None = None, dist: Dist = SINGLE) -> TrainOutcome:
     """Train for `date`: from scratch on `window_days`, or (with `parent`) continue the parent on the
-    `warm_start.days` newest days."""
+    `warm_start.days` newest days. With `dist` every rank of a torchrun job calls this: each reads
+    its shard, and only rank 0 writes the run directory (the outcome it returns is the whole job's)."""
     spec = load_spec(cfg.spec)
     reinit = check_warm_start(parent, spec, cfg) if parent is not None else frozenset()
     first = date - dt.timedelta(days=cfg.warm_start.days if parent is not None else cfg.window_days)
     window = open_window(cfg.data, spec, first, date - dt.timedelta(days=1), on_unreadable=cfg.on_unreadable_file)
     eval_window = open_window(cfg.data, spec, date, date, on_unreadable=cfg.on_unreadable_file)
     out = run_dir(cfg, date)
-    stats = _stats(cfg, spec, window, out, progress, parent)
+    stats = _stats(cfg, spec, window, out, progress, parent, dist)
     featurizer = Featurizer(spec, stats)
     tc = cfg.train
     if parent is None:
@@ -110,7 +122,8 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
         transfer_weights(parent.saved.model, model, reinit)
     store = CheckpointStore(out / "checkpoints", keep=tc.checkpoint_keep)
     trainer = Trainer(model, spec, tc, store, fingerprint={
-        "window": window.describe(), "stats": stats.to_json(), "parent": parent.version if parent else None})
+        "window": window.describe(), "stats": stats.to_json(), "parent": parent.version if parent else None},
+        dist=dist)
     if parent is not None and parent.saved.optimizer is not None and not reinit:
         trainer.load_optimizer_state(parent.saved.optimizer)
     lineage = ({"mode": "full", "parent_version": None, "root_version": None, "depth": 0} if parent is None else
@@ -118,25 +131,37 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
                 "depth": parent.depth + 1, "source": parent.source, "reinitialised_tables": sorted(reinit),
                 "optimizer_state": parent.saved.optimizer is not None and not reinit,
                 "numeric_stats": cfg.warm_start.numeric_stats})
-    reader = ImpressionReader(window, spec, featurizer, batch_size=tc.batch_size, shuffle=tc.shuffle,
-                              shuffle_buffer=tc.shuffle_buffer, seed=tc.seed,
-                              quarantine_dir=cfg.quarantine_dir, progress=False)
+    reader = ImpressionReader(window, spec, featurizer, batch_size=trainer.rank_batch_size, shuffle=tc.shuffle,
+                              shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, rank=dist.rank,
+                              world_size=dist.world_size, quarantine_dir=cfg.quarantine_dir, progress=False)
     t0 = time.perf_counter()
     result = trainer.fit(reader, resume=resume, progress=progress)
     train_s = time.perf_counter() - t0
-    ev_reader = ImpressionReader(eval_window, spec, featurizer, batch_size=cfg.eval.batch_size,
-                                 quarantine_dir=cfg.quarantine_dir, with_eval=True, progress=False)
-    pred = predict(model, ev_reader, cfg.eval.max_rows)  # fp32: bf16 logits would tie rows
+    optimizer = trainer.optimizer_state()
+    del trainer   # the DDP wrapper: released before the process group is left
+    # Each rank predicts its shard of the day; rank 0 scores the gathered rows (max_rows split evenly).
+    ev_reader = ImpressionReader(eval_window, spec, featurizer, batch_size=cfg.eval.batch_size, rank=dist.rank,
+                                 world_size=dist.world_size, quarantine_dir=cfg.quarantine_dir, with_eval=True,
+                                 progress=False)
+    max_rows = None if cfg.eval.max_rows is None else -(-cfg.eval.max_rows // dist.world_size)
+    parts = dist.gather((predict(model, ev_reader, max_rows), ev_reader.accounting))  # fp32: bf16 ties rows
+    if not dist.is_main:
+        return TrainOutcome(out, result, {}, {}, written=False)
+    pred = merge_predictions([p for p, _ in parts])
+    ev_accounting = parts[0][1]
+    for _, acc in parts[1:]:
+        ev_accounting = ev_accounting.merge(acc)
     metrics = task_metrics(pred, spec)
     curves = task_curves(pred, spec)
     summary = {"date": date.isoformat(), "train_window": window.describe(), "eval_window": eval_window.describe(),
                "rows": {"read": result.accounting.rows_read, "trained": result.rows_trained,
                         "rejected": result.accounting.rows_rejected,
                         "rejected_by_reason": dict(result.accounting.rejected),
-                        **_skipped(window, result.accounting, eval_window, ev_reader.accounting)},
+                        **_skipped(window, result.accounting, eval_window, ev_accounting)},
                "eval_rows": pred.rows, "epochs": result.epochs, "global_step": result.global_step,
-               "resumed_from_step": result.resumed_from_step, "train_seconds": train_s, "lineage": lineage}
-    save_model(out / "model", model, spec, stats, optimizer=trainer.optimizer_state())
+               "resumed_from_step": result.resumed_from_step, "train_seconds": train_s, "lineage": lineage,
+               "ranks": dist.world_size}
+    save_model(out / "model", model, spec, stats, optimizer=optimizer)
     write_report(out / "report", f"{cfg.name}: trained on {window.start}..{window.end}, evaluated on {date}",
                  {"date": date.isoformat(), "train window": window.describe(), "rows": summary["rows"],
                   "evaluation rows": pred.rows, "model": cfg.model.model_dump(mode="json")},
@@ -162,3 +187,10 @@ def format_metrics(metrics: dict) -> str:
             lines.append(f"{name:<10} {m['population']:<10} {m['rows']:>9,} {'':>7} {'':>7}  "
                          f"RMSE {m['rmse']:.2f}s  R2 {m['r2']:.4f}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":   # torchrun --nproc_per_node=N -m jobs.train --date D [--config ...]
+    import sys
+
+    from jobs.cli import main
+    sys.exit(main(["train", *sys.argv[1:]]))

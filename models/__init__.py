@@ -2,7 +2,7 @@
 from models.bottoms import MMoE, OMoE, PLE, BatchedMLP, SharedBottom
 from models.config import ModelConfig
 from models.embedding import FusedEmbeddings
-from models.ranker import MultiTaskRanker, build_bottom, product_key
+from models.ranker import DenseStage, MultiTaskRanker, build_bottom, product_key
 
-__all__ = ["BatchedMLP", "FusedEmbeddings", "MMoE", "ModelConfig", "MultiTaskRanker", "OMoE", "PLE",
+__all__ = ["BatchedMLP", "DenseStage", "FusedEmbeddings", "MMoE", "ModelConfig", "MultiTaskRanker", "OMoE", "PLE",
            "SharedBottom", "build_bottom", "product_key"]

@@ -37,6 +37,19 @@ def build_bottom(cfg: ModelConfig, tasks: tuple[str, ...], in_dim: int) -> nn.Mo
     return PLE(tasks, in_dim, cfg.experts, cfg.ple_task_experts, cfg.ple_levels, cfg.expert_mlp, cfg.dropout)
 
 
+class DenseStage(nn.Module):
+    """A ranker's bottom + towers as one module, sharing its parameters: the part a data-parallel
+    trainer hands to DDP (the tables' sparse gradients are synchronised on their own)."""
+
+    def __init__(self, ranker: "MultiTaskRanker"):
+        super().__init__()
+        self.bottom, self.towers = ranker.bottom, ranker.towers
+        self._dense = ranker.dense
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        return self._dense(x)
+
+
 class MultiTaskRanker(nn.Module):
     """forward(batch) -> {'logits': {task: [B]}, 'gates': ..., 'p_<task>', 'p_<prod>', 'log_p_<prod>', '<regression task>'}.
 
@@ -82,9 +95,15 @@ class MultiTaskRanker(nn.Module):
         return [p for p in self.parameters() if id(p) not in sparse]
 
     def forward(self, batch: Batch) -> dict:
-        x = self.embeddings(batch)
+        return self.outputs(*self.dense(self.embeddings(batch)))
+
+    def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        """[B, in] -> raw tower outputs [T, B] and gates: everything whose gradients are dense."""
         h, gates = self.bottom(x)                       # [T, B, H]
-        raw = self.towers(h).squeeze(-1)                # [T, B]
+        return self.towers(h).squeeze(-1), gates        # [T, B]
+
+    def outputs(self, raw: torch.Tensor, gates: dict | None) -> dict:
+        """Raw tower outputs -> logits, probabilities, products, regression values (no parameters)."""
         logits = {t: raw[i] for i, t in enumerate(self.tasks)}
         out: dict = {"logits": logits, "gates": gates}
         for t in self.task_specs:

@@ -140,7 +140,16 @@ class CheckpointStore:
         return final
 
     def load_latest(self) -> dict | None:
-        """The newest checkpoint whose checksum matches; None when there is none at all.
+        """The newest checkpoint whose checksum matches; None when there is none at all."""
+        path = self.latest()
+        return None if path is None else self.load(path)
+
+    @staticmethod
+    def load(path: str | Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def latest(self) -> str | None:
+        """Path of the newest checkpoint whose checksum matches; None when there is none at all.
 
         A listed file that is missing or fails its checksum is skipped for the one before it; if
         every listed checkpoint is broken that is an error, not a silent fresh start.
@@ -155,7 +164,7 @@ class CheckpointStore:
             if sha256(path) != e["sha256"]:
                 problems.append(f"{path.name}: checksum mismatch")
                 continue
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return str(path)
         if problems:
             raise CheckpointError(f"{self.dir}: no intact checkpoint ({'; '.join(problems)})")
         return None

@@ -103,6 +103,21 @@ def predict(model: MultiTaskRanker, reader: ImpressionReader, max_rows: int | No
                        {t: (s / max(rows, 1)).numpy() for t, s in gate_sums.items()}, rows)
 
 
+def merge_predictions(parts: list[Predictions]) -> Predictions:
+    """Ranks' predictions of their shards as one set, so that AUC is computed over every row
+    (an average of per-rank AUCs is not the AUC of the day)."""
+    live = [p for p in parts if p.rows] or parts[:1]
+    keys = lambda attr: dict.fromkeys(k for p in live for k in getattr(p, attr))  # noqa: E731
+    cat = {attr: {k: _cat([getattr(p, attr)[k] for p in live if k in getattr(p, attr)]) for k in keys(attr)}
+           for attr in ("outputs", "labels", "masks", "truth")}
+    rows = sum(p.rows for p in live)
+    gates = {t: sum(p.gate_means[t] * p.rows for p in live if t in p.gate_means) / max(rows, 1)
+             for t in keys("gate_means")}
+    groups = [p.group for p in live if p.group is not None]
+    return Predictions(cat["outputs"], cat["labels"], cat["masks"], cat["truth"],
+                       _cat(groups) if groups else None, gates, rows)
+
+
 def _binary(score: np.ndarray, y: np.ndarray, oracle: np.ndarray | None, group: np.ndarray | None) -> dict:
     empty = score.size == 0
     m = {"rows": int(y.size), "positives": int((y > 0).sum()), "auc": auc(score, y),

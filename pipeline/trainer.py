@@ -23,8 +23,9 @@ from torch import nn
 
 from features.numeric import NumericStats
 from features.spec import FeatureSpec
-from models import ModelConfig, MultiTaskRanker
+from models import DenseStage, ModelConfig, MultiTaskRanker
 from pipeline.checkpoint import CheckpointStore
+from pipeline.distributed import SINGLE, Dist, GradientSync, lockstep
 from pipeline.losses import MultiTaskLoss
 from pipeline.optim import dense_optimizer, sparse_optimizer
 from pipeline.progress import Progress
@@ -101,6 +102,14 @@ class EpochStats:
             self.loss_sums[t] = self.loss_sums.get(t, 0.0) + v * counts[t]
             self.populations[t] = self.populations.get(t, 0) + counts[t]
 
+    def merge(self, other: "EpochStats") -> "EpochStats":
+        """Two ranks' shares of one epoch (steps are taken together: the count is one rank's)."""
+        keys = list(dict.fromkeys([*self.loss_sums, *other.loss_sums]))
+        return EpochStats(self.epoch, self.rows + other.rows, max(self.steps, other.steps),
+                          max(self.seconds, other.seconds),
+                          {t: self.loss_sums.get(t, 0.0) + other.loss_sums.get(t, 0.0) for t in keys},
+                          {t: self.populations.get(t, 0) + other.populations.get(t, 0) for t in keys})
+
     def losses(self) -> dict[str, float]:
         return {t: self.loss_sums[t] / n for t, n in self.populations.items() if n}
 
@@ -126,22 +135,47 @@ class TrainResult:
 
 
 class Trainer:
-    """Owns the loss and optimizers for one model; `fit` runs (or resumes) the epochs."""
+    """Owns the loss and optimizers for one model; `fit` runs (or resumes) the epochs.
+
+    With `dist` (a rank of a torchrun job) the same loop runs data-parallel: the reader passed to
+    `fit` holds this rank's shard, the dense stage is wrapped in DDP, table gradients are summed
+    sparsely, steps are taken in lockstep, and only rank 0 writes checkpoints. `batch_size` stays
+    the global batch (each rank takes batch_size / world_size rows a step), so a job keeps its
+    learning rates and step count whatever the number of ranks.
+    """
 
     def __init__(self, model: MultiTaskRanker, spec: FeatureSpec, cfg: TrainConfig,
-                 checkpoints: CheckpointStore | None = None, fingerprint: dict | None = None):
+                 checkpoints: CheckpointStore | None = None, fingerprint: dict | None = None,
+                 dist: Dist = SINGLE):
         if cfg.precision == "bf16" and not bf16_supported():
             raise ValueError("precision: bf16 needs a CPU with avx512_bf16 or AMX; use fp32")
-        self.model, self.spec, self.cfg = model, spec, cfg
+        if cfg.batch_size % dist.world_size:
+            raise ValueError(f"train.batch_size {cfg.batch_size} is the global batch and must divide evenly "
+                             f"over {dist.world_size} ranks")
+        self.model, self.spec, self.cfg, self.dist = model, spec, cfg, dist
         self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting)
         self.sparse_opt = sparse_optimizer(model.sparse_parameters(), cfg.sparse_optimizer, cfg.sparse_lr,
                                            cfg.sparse_initial_accumulator)
         self.dense_params = model.dense_parameters() + list(self.loss.parameters())
         self.dense_opt = dense_optimizer(self.dense_params, cfg.lr, cfg.weight_decay)
-        self.checkpoints = checkpoints
-        self.fingerprint = self._fingerprint(fingerprint or {})
+        self.checkpoints = checkpoints if dist.is_main else None
+        self._resume_from = checkpoints
+        self.fingerprint = self._fingerprint({**(fingerprint or {}),
+                                              **({"world_size": dist.world_size} if dist.enabled else {})})
         self.global_step = 0
         self.rows_trained = 0
+        self.ddp: nn.Module | None = None
+        self.sync = GradientSync(dist, model.sparse_parameters(), list(self.loss.parameters()))
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            for w in model.sparse_parameters():   # same seeded init everywhere; made certain
+                torch.distributed.broadcast(w.data, src=0)
+            self.ddp = DistributedDataParallel(DenseStage(model))  # no buffers to sync
+
+    @property
+    def rank_batch_size(self) -> int:
+        return self.cfg.batch_size // self.dist.world_size
 
     def _fingerprint(self, extra: dict) -> str:
         blob = json.dumps({"spec": self.spec.fingerprint(), "model": self.model.cfg.model_dump(mode="json"),
@@ -154,45 +188,72 @@ class Trainer:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step(self, batch) -> tuple[dict[str, float], dict[str, int]]:
+    def _forward(self, batch) -> dict:
+        if self.ddp is None:
+            return self.model(batch)
+        return self.model.outputs(*self.ddp(self.model.embeddings(batch)))
+
+    def _idle_loss(self) -> torch.Tensor:
+        """A rank out of rows still steps with the others: a zero loss over an empty batch gives
+        zero gradients to every dense parameter, so DDP's all_reduce buckets match."""
+        raw, gates = self.ddp(torch.zeros(0, self.model.embeddings.output_dim))
+        return sum((t.sum() for t in [raw, *(gates or {}).values()]), torch.zeros(())) * 0.0
+
+    def step(self, batch, active: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+        """One optimiser step; `batch` None (data-parallel only) means this rank has no rows left
+        while `active` other ranks still do."""
         with self._autocast():
-            out = self.model(batch)
-        total, losses, counts = self.loss(out, batch)
-        if not math.isfinite(total.item()):
-            bad = ", ".join(f"{t}={v:.4g}" for t, v in losses.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.global_step + 1} (per task: {bad}); training stopped. "
-                "Lower lr/sparse_lr, enable grad_clip, or check the input rows of this batch.")
+            out = self._forward(batch) if batch is not None else None
+        if batch is None:
+            total, losses, counts = self._idle_loss(), {}, {}
+        else:
+            total, losses, counts = self.loss(out, batch)
+            if not math.isfinite(total.item()):
+                bad = ", ".join(f"{t}={v:.4g}" for t, v in losses.items())
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.global_step + 1} (per task: {bad}){self._where()}; training "
+                    "stopped. Lower lr/sparse_lr, enable grad_clip, or check the input rows of this batch.")
+            if active != self.dist.world_size:   # all_reduce divides by world size: mean over active ranks
+                total = total * (self.dist.world_size / active)
         self.sparse_opt.zero_grad(set_to_none=True)
         self.dense_opt.zero_grad(set_to_none=True)
         total.backward()
+        self.sync()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.grad_clip)
         self.sparse_opt.step()
         self.dense_opt.step()
         self.global_step += 1
-        self.rows_trained += batch.size
+        self.rows_trained += batch.size if batch is not None else 0
         return losses, counts
+
+    def _where(self) -> str:
+        return f" on {self.dist}" if self.dist.enabled else ""
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self, epoch: int, step_in_epoch: int, history: list[dict], current: EpochStats) -> dict:
+        """Weights and optimizers are the same on every rank; what is a rank's own (its RNG, rows
+        and partial-epoch statistics) is kept per rank, so each continues exactly where it was."""
+        mine = {"rng": torch.get_rng_state(), "rows_trained": self.rows_trained, "current": current.as_dict()}
+        ranks = self.dist.all_gather(mine)
         return {"fingerprint": self.fingerprint, "model": self.model.state_dict(),
                 "loss": self.loss.state_dict(), "sparse_opt": self.sparse_opt.state_dict(),
-                "dense_opt": self.dense_opt.state_dict(), "rng": torch.get_rng_state(),
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": self.global_step,
-                "rows_trained": self.rows_trained, "history": history, "current": current.as_dict()}
+                "dense_opt": self.dense_opt.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": self.global_step, "history": history, "ranks": ranks, **mine}
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint:
             raise ResumeMismatchError(
-                "checkpoint was written by a different spec, model, training config or data window; "
+                "checkpoint was written by a different spec, model, training config, data window or number "
+                "of ranks; "
                 "refusing to resume (start without --resume, or use a fresh checkpoint directory)")
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
         self.sparse_opt.load_state_dict(state["sparse_opt"])
         self.dense_opt.load_state_dict(state["dense_opt"])
-        torch.set_rng_state(state["rng"])
-        self.global_step, self.rows_trained = state["global_step"], state["rows_trained"]
+        mine = state["ranks"][self.dist.rank] if "ranks" in state else state
+        torch.set_rng_state(mine["rng"])
+        self.global_step, self.rows_trained = state["global_step"], mine["rows_trained"]
 
     def optimizer_state(self) -> dict:
         """What a warm start continues from besides the weights: both optimizers and loss weights."""
@@ -205,33 +266,49 @@ class Trainer:
         self.loss.load_state_dict(state["loss"])
 
     def _save(self, epoch: int, step_in_epoch: int, history: list[dict], current: EpochStats) -> None:
+        if self.checkpoints is None and not (self.dist.enabled and self._resume_from is not None):
+            return
+        state = self.state_dict(epoch, step_in_epoch, history, current)   # collective when data-parallel
         if self.checkpoints is not None:
-            path = self.checkpoints.save(self.state_dict(epoch, step_in_epoch, history, current), self.global_step)
+            path = self.checkpoints.save(state, self.global_step)
             log.info("checkpoint %s (epoch %d, step %d)", path, epoch, self.global_step)
+
+    def _load_latest(self) -> dict | None:
+        """Rank 0 picks the newest intact checkpoint; every rank loads that same file (work_dir must
+        be shared storage when the ranks are on several machines)."""
+        if self._resume_from is None:
+            raise ValueError("resume needs a checkpoint directory")
+        path = self.dist.broadcast(self._resume_from.latest() if self.dist.is_main else None)
+        return None if path is None else self._resume_from.load(path)
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self, reader: ImpressionReader, resume: bool = False, progress: bool | None = None) -> TrainResult:
-        if reader.batch_size != self.cfg.batch_size:
-            raise ValueError(f"reader batch_size {reader.batch_size} != train.batch_size {self.cfg.batch_size}")
+        """Runs the remaining epochs; data-parallel, every rank calls it with its own shard and gets
+        the whole job's result (rows and accounting summed over ranks, epoch losses pooled)."""
+        if reader.batch_size != self.rank_batch_size:
+            raise ValueError(f"reader batch_size {reader.batch_size} != this rank's share of train.batch_size "
+                             f"({self.cfg.batch_size} / {self.dist.world_size} ranks)")
         history: list[dict] = []
         start_epoch, skip, resumed, current = 0, 0, None, None
         if resume:
-            if self.checkpoints is None:
-                raise ValueError("resume needs a checkpoint directory")
-            state = self.checkpoints.load_latest()
+            state = self._load_latest()
             if state is not None:
                 self.load_state_dict(state)
                 start_epoch, skip, history = state["epoch"], state["step_in_epoch"], list(state["history"])
-                current = EpochStats.from_dict(state["current"]) if skip else None
+                mine = state["ranks"][self.dist.rank] if "ranks" in state else state
+                current = EpochStats.from_dict(mine["current"]) if skip else None
                 resumed = self.global_step
-                log.info("resuming at epoch %d, batch %d (step %d)", start_epoch, skip, self.global_step)
+                log.info("resuming at epoch %d, batch %d (step %d)%s", start_epoch, skip, self.global_step,
+                         self._where())
         accounting = RowAccounting()
         self.model.train()
         for epoch in range(start_epoch, self.cfg.epochs):
             stats = current if current is not None and epoch == start_epoch else EpochStats(epoch)
             history_before = list(history)
             t0 = time.perf_counter() - stats.seconds
-            bar = Progress(f"train epoch {epoch + 1}/{self.cfg.epochs}", total=reader.rows, enabled=progress)
+            desc = f"train epoch {epoch + 1}/{self.cfg.epochs}" + (f" (rank 0 of {self.dist.world_size})"
+                                                                   if self.dist.enabled else "")
+            bar = Progress(desc, total=reader.rows, enabled=progress if self.dist.is_main else False)
             batches = reader.batches(epoch)
             for _ in range(skip):  # same seeded order as the interrupted run: skip what it trained
                 b = next(batches, None)
@@ -239,21 +316,38 @@ class Trainer:
                     break
                 bar.update(b.size)
             step_in_epoch = skip
-            for batch in batches:
-                losses, counts = self.step(batch)
-                stats.add(losses, counts, batch.size)
+            for batch, active in lockstep(batches, self.dist):
+                losses, counts = self.step(batch, active)
+                if batch is not None:
+                    stats.add(losses, counts, batch.size)
+                    bar.update(batch.size, **{t: f"{v:.4f}" for t, v in losses.items()})
                 step_in_epoch += 1
-                bar.update(batch.size, **{t: f"{v:.4f}" for t, v in losses.items()})
                 if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                     stats.seconds = time.perf_counter() - t0
                     self._save(epoch, step_in_epoch, history_before, stats)
             bar.close()
             stats.seconds = time.perf_counter() - t0
             accounting = accounting.merge(reader.accounting)
+            stats = _pooled(self.dist.all_gather(stats))
             history = history_before + [stats.as_dict()]
-            log.info("epoch %d: %s rows, %.0f samples/s, loss %s", epoch + 1, f"{stats.rows:,}",
-                     stats.rows / max(stats.seconds, 1e-9),
-                     " ".join(f"{t}={v:.4f}" for t, v in stats.losses().items()))
+            if self.dist.is_main:
+                log.info("epoch %d: %s rows, %.0f samples/s, loss %s", epoch + 1, f"{stats.rows:,}",
+                         stats.rows / max(stats.seconds, 1e-9),
+                         " ".join(f"{t}={v:.4f}" for t, v in stats.losses().items()))
             skip, current = 0, None
             self._save(epoch + 1, 0, history, EpochStats(epoch + 1))
-        return TrainResult(history, self.global_step, self.rows_trained, accounting, resumed)
+        if self.dist.enabled:
+            log.info("%s: %d steps, sparse all_reduce carried %.0f table rows a step", self.dist,
+                     self.sync.steps, self.sync.rows_sent / max(self.sync.steps, 1))
+        parts = self.dist.all_gather((accounting, self.rows_trained))
+        total = RowAccounting()
+        for acc, _ in parts:
+            total = total.merge(acc)
+        return TrainResult(history, self.global_step, sum(r for _, r in parts), total, resumed)
+
+
+def _pooled(parts: list[EpochStats]) -> EpochStats:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merge(p)
+    return out

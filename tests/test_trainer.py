@@ -103,11 +103,11 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
     calls = {"n": 0}
     real_step = Trainer.step
 
-    def crashing_step(self, batch):
+    def crashing_step(self, batch, active=1):
         calls["n"] += 1
         if calls["n"] == steps - 10:  # mid second epoch, 3 steps after a checkpoint
             raise Interrupt
-        return real_step(self, batch)
+        return real_step(self, batch, active)
 
     monkeypatch.setattr(Trainer, "step", crashing_step)
     with pytest.raises(Interrupt):

@@ -1,0 +1,43 @@
+"""A rank of a real torchrun job for tests/test_distributed.py: trains a small ranker on its shard
+through the production Trainer and leaves what the test compares (weights, gradient kinds, counts).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_worker.py LOGS OUT
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from features.featurize import Featurizer
+from features.spec import load_spec
+from models import ModelConfig
+from pipeline.dataset import open_window
+from pipeline.distributed import process_group
+from pipeline.reader import ImpressionReader, fit_numeric_stats
+from pipeline.trainer import TrainConfig, Trainer, build_model
+
+
+def main(logs: str, out: str) -> None:
+    spec = load_spec()
+    window = open_window(logs, spec)
+    stats = fit_numeric_stats(ImpressionReader(window, spec, progress=False))
+    tc = TrainConfig(batch_size=256, loss_weighting="uncertainty", shuffle=True, seed=3)
+    with process_group() as d:
+        model = build_model(spec, ModelConfig(experts=2, expert_mlp=(16,), tower_mlp=(8,)), tc.seed, stats)
+        trainer = Trainer(model, spec, tc, dist=d)
+        reader = ImpressionReader(window, spec, Featurizer(spec, stats), batch_size=trainer.rank_batch_size,
+                                  shuffle=True, seed=tc.seed, rank=d.rank, world_size=d.world_size, progress=False)
+        own_batches = sum(1 for _ in reader.batches(0))
+        result = trainer.fit(reader, progress=False)
+        info = {"rank": d.rank, "own_rows": reader.rows, "own_batches": own_batches, "steps": result.global_step,
+                "rows_trained": result.rows_trained, "rows_read": result.accounting.rows_read,
+                "table_grads_sparse": [w.grad is not None and w.grad.is_sparse for w in model.sparse_parameters()],
+                "rows_per_step": trainer.sync.rows_sent / max(trainer.sync.steps, 1)}
+        torch.save({"model": model.state_dict(), "loss": trainer.loss.state_dict()}, Path(out) / f"rank{d.rank}.pt")
+        (Path(out) / f"rank{d.rank}.json").write_text(json.dumps(info))
+        del trainer, model
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -17,6 +17,13 @@ Structure of the generator
   synthetic study, so `task_correlation` = rho sets how related the tasks are. Task-specific effects
   (price, discount, shop rating, position, context ...) are added on top, and the biases are
   calibrated on a fixed sample so the marginal rates match BENCHMARKS.md whatever the knobs.
+- Sample selection on an observed feature (`selection` > 0, off by default; the ESMM study): each
+  query topic gets a purchase intent ~ N(0, selection^2), added to both the click and the
+  conversion logit. Clicks then come mostly from high-intent topics, so the clicked rows' conversion
+  rate is far above that of the impressions as a whole, and the topic is seen only through
+  `query_topic` (no rolling feature aggregates it): its intent can be learnt from the click signal of
+  every impression, but hardly from the few clicked rows of a low-intent topic. Drawn from its own
+  stream, so with selection = 0 the logs are unchanged byte for byte.
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ CHUNK_REQUESTS = 4096        # requests per chunk (~123k rows): bounds memory, k
 ZIPF_OFFSET = 10.0           # Zipf-Mandelbrot shift: keeps rank 1 from taking >10 % of all traffic
 NOMINAL_DAILY_IMPRESSIONS = 100_000  # traffic assumed by the rolling 7d/30d features
 UNIVERSE_TAG, CAL_TAG, DAY_TAG, DAYFEAT_TAG = 0x756E6976, 0x63616C69, 0xFFFFFFF0, 0xFFFFFFF1
+SELECTION_TAG = 0x73656C65   # own stream: turning `selection` on moves none of the other draws
 REF_DATE = date(2026, 11, 1)  # calibration day and item-age reference (a constant, not cfg.start)
 
 # Target marginal rates (BENCHMARKS.md): click 5 %, conversion 10 % of clicks, collect and cart
@@ -84,6 +92,7 @@ class ImpressionConfig:
     zipf_a: float = 1.1            # popularity exponent for users/items
     task_correlation: float = 0.8  # rho: cosine between w_click and each post-click task direction
     popularity_drift: float = 0.0  # fraction of item popularity ranks re-drawn per day (0 = stationary)
+    selection: float = 0.0         # sd of a per-query-topic intent in the click and conversion logits (0 = off)
     rows_per_file: int = 1_000_000
     row_group_size: int = 65_536
 
@@ -105,6 +114,8 @@ class ImpressionConfig:
             raise ValueError(f"ImpressionConfig.popularity_drift must be in [0, 1], got {self.popularity_drift!r}")
         if self.zipf_a <= 0:
             raise ValueError(f"ImpressionConfig.zipf_a must be > 0, got {self.zipf_a!r}")
+        if not 0.0 <= self.selection <= 10.0:
+            raise ValueError(f"ImpressionConfig.selection must be in [0, 10], got {self.selection!r}")
 
 
 class WriteRate:
@@ -332,6 +343,11 @@ class _Universe:
         w = [basis[:, 0]] + [rho * basis[:, 0] + np.sqrt(1 - rho**2) * basis[:, k] for k in (1, 2, 3, 4)]
         self.task_dirs = np.stack(w, axis=1)  # [DIM, 5]: click, conversion, collect, cart, stay
         self.task_dirs_t = np.ascontiguousarray(self.task_dirs.T, dtype=np.float32)
+        # sample selection on an observed feature (off by default): purchase intent per query topic
+        self.topic_intent = None
+        if cfg.selection > 0:
+            srng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0, SELECTION_TAG]))
+            self.topic_intent = cfg.selection * srng.standard_normal(len(_vocab("query")))
         self._calibrate(cfg)
 
     def _calibrate(self, cfg: ImpressionConfig) -> None:
@@ -469,6 +485,10 @@ def _logits(u: _Universe, c: dict, base: dict) -> np.ndarray:
     out[2] = 0.8 * proj[2] + 0.3 * q + u.user_collect[user] + u.style_collect[u.item_style[item]] + 0.4 * pref
     out[3] = 0.8 * proj[3] + 0.3 * q + 1.2 * disc + 0.6 * u.user_buy[user] - 0.2 * rel
     out[4] = 0.25 * proj[4] + 0.15 * q + u.type_stay[u.item_type[item]]
+    if u.topic_intent is not None:   # intent raises clicks and purchases alike: selection on query_topic
+        intent = u.topic_intent[c["query"]][req]
+        out[0] += intent
+        out[1] += intent
     return out
 
 

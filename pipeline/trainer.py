@@ -158,8 +158,7 @@ class Trainer:
                                            cfg.sparse_initial_accumulator)
         self.dense_params = model.dense_parameters() + list(self.loss.parameters())
         self.dense_opt = dense_optimizer(self.dense_params, cfg.lr, cfg.weight_decay)
-        self.checkpoints = checkpoints if dist.is_main else None
-        self._resume_from = checkpoints
+        self.checkpoints = checkpoints   # every rank reads it on resume; rank 0 alone writes
         self.fingerprint = self._fingerprint({**(fingerprint or {}),
                                               **({"world_size": dist.world_size} if dist.enabled else {})})
         self.global_step = 0
@@ -266,20 +265,20 @@ class Trainer:
         self.loss.load_state_dict(state["loss"])
 
     def _save(self, epoch: int, step_in_epoch: int, history: list[dict], current: EpochStats) -> None:
-        if self.checkpoints is None and not (self.dist.enabled and self._resume_from is not None):
+        if self.checkpoints is None:
             return
         state = self.state_dict(epoch, step_in_epoch, history, current)   # collective when data-parallel
-        if self.checkpoints is not None:
+        if self.dist.is_main:
             path = self.checkpoints.save(state, self.global_step)
             log.info("checkpoint %s (epoch %d, step %d)", path, epoch, self.global_step)
 
     def _load_latest(self) -> dict | None:
         """Rank 0 picks the newest intact checkpoint; every rank loads that same file (work_dir must
         be shared storage when the ranks are on several machines)."""
-        if self._resume_from is None:
+        if self.checkpoints is None:
             raise ValueError("resume needs a checkpoint directory")
-        path = self.dist.broadcast(self._resume_from.latest() if self.dist.is_main else None)
-        return None if path is None else self._resume_from.load(path)
+        path = self.dist.broadcast(self.checkpoints.latest() if self.dist.is_main else None)
+        return None if path is None else self.checkpoints.load(path)
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self, reader: ImpressionReader, resume: bool = False, progress: bool | None = None) -> TrainResult:

@@ -36,7 +36,7 @@ def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stat
                optimizer: dict | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / "weights.pt", lambda f: torch.save(model.state_dict(), f))
+    write_atomic(path / "weights.pt", lambda f: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f))
     if optimizer is not None:
         write_atomic(path / OPTIMIZER, lambda f: torch.save(optimizer, f))
     write_atomic(path / "feature_spec.yaml", spec.to_yaml().encode())

@@ -76,8 +76,8 @@ class FusedEmbeddings(nn.Module):
                 cols, base = groups[gi]
                 ids = (batch.ids.index_select(1, cols) + base).reshape(-1)    # [B * S_g]
                 values.append(ids)
-                offsets.append(torch.arange(ids.numel(), dtype=torch.long))
-                weights.append(torch.ones(ids.numel()))
+                offsets.append(torch.arange(ids.numel(), dtype=torch.long, device=ids.device))
+                weights.append(torch.ones(ids.numel(), device=ids.device))
                 sizes.append(ids.numel())
                 n = ids.numel()
             bag_names = [name for name in self.bag_tables if self.table_dim[name] == d]
@@ -85,7 +85,7 @@ class FusedEmbeddings(nn.Module):
                 x = batch.bags[name]
                 values.append(x.values + self.table_base[name])
                 offsets.append(x.offsets + n)
-                weights.append(x.weights if x.weights is not None else torch.ones(x.values.numel()))
+                weights.append(x.weights if x.weights is not None else torch.ones(x.values.numel(), device=x.values.device))
                 sizes.append(x.offsets.numel())
                 n += x.values.numel()
             pooled = F.embedding_bag(torch.cat(values), self.weights[gi], torch.cat(offsets), mode="sum",

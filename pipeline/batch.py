@@ -29,6 +29,16 @@ class Batch:
     group: torch.Tensor | None          # int64 [B], evaluation reads only
     truth: dict[str, torch.Tensor]      # task -> float32 [B]
 
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch on `device` (itself when that is the CPU, so the CPU path copies nothing)."""
+        if device.type == "cpu":
+            return self
+        m = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+        bags = {k: TableInput(m(b.values), m(b.offsets), m(b.weights)) for k, b in self.bags.items()}
+        return Batch(self.size, m(self.ids), bags, m(self.dense), {k: m(v) for k, v in self.labels.items()},
+                     {k: m(v) for k, v in self.masks.items()}, m(self.group),
+                     {k: m(v) for k, v in self.truth.items()})
+
     @staticmethod
     def from_arrays(a: FeatureArrays) -> "Batch":
         """Zero-copy: the tensors share memory with the (read-only) numpy arrays polars hands out.

@@ -4,9 +4,10 @@ meet, how ranks stay in step, and how they leave.
 DDP wraps only the dense part of a ranker (bottom + towers, `models.DenseStage`). The embedding
 tables stay outside it: their gradients are sparse (the rows a batch touched) and DDP cannot bucket
 sparse gradients over gloo (torch 2.13 fails in backward with "Cannot access storage of
-SparseTensorImpl"). Each table's gradient is coalesced and summed with one sparse all_reduce, so
-what crosses the wire is the touched rows, never the table, and the gradient stays sparse for the
-row-wise optimizer.
+SparseTensorImpl"). Each table's gradient is coalesced and summed over ranks as a sparse tensor
+(gloo's sparse all_reduce on the CPU, an all_gather of (row, gradient) pairs where nccl carries CUDA
+tables), so what crosses the wire is the touched rows, never the table, and the gradient stays
+sparse for the row-wise optimizer.
 
 Ranks read disjoint shards, so they run out of batches at different steps (row groups differ in
 size, bad rows are set aside). `lockstep` agrees on every step: a rank with no batch left takes a
@@ -86,6 +87,19 @@ class Dist:
 SINGLE = Dist()
 
 
+def resolve_device(want: str, d: Dist = SINGLE) -> torch.device:
+    """Where this rank trains: `auto` takes this rank's GPU when CUDA is present, else the CPU."""
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("train.device: cuda, but torch sees no CUDA device on this machine "
+                         "(use auto or cpu)")
+    if d.local_rank >= torch.cuda.device_count():
+        raise ValueError(f"{d}: local rank {d.local_rank} has no GPU of its own "
+                         f"({torch.cuda.device_count()} visible); start at most that many ranks per node")
+    return torch.device("cuda", d.local_rank)
+
+
 class PeerFailed(RuntimeError):
     """This rank's collective failed because another rank died; that rank reports the cause."""
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -103,9 +117,9 @@ def from_env() -> Dist:
 
 
 def backend() -> str:
-    """gloo: the trainer keeps tensors on the CPU, where nccl cannot run (and nccl has no sparse
-    all_reduce, which the tables' gradients need)."""
-    return "gloo"
+    """gloo for CPU tensors; with CUDA present, nccl for CUDA tensors as well (one group, routed by
+    the tensor's device), so the small CPU collectives (lockstep flags, objects) stay on gloo."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 
 @contextmanager
@@ -121,6 +135,8 @@ def process_group(timeout_minutes: float = 30.0) -> Iterator[Dist]:
     if not d.enabled:
         yield d
         return
+    if torch.cuda.is_available() and d.local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(d.local_rank)   # nccl and DDP use the current device
     tdist.init_process_group(backend(), timeout=dt.timedelta(minutes=timeout_minutes))
     log.info("joined the process group: %s (backend %s)", d, backend())
     ok = False
@@ -162,11 +178,23 @@ def empty_sparse_grad(weight: torch.Tensor) -> torch.Tensor:
 
 class GradientSync:
     """Averages the gradients DDP does not see: the tables' (sparse) and any small dense extras
-    (e.g. uncertainty-weighting log-variances, which live in the loss, outside the model)."""
+    (e.g. uncertainty-weighting log-variances, which live in the loss, outside the model).
 
-    def __init__(self, d: Dist, tables: list[nn.Parameter], extras: list[nn.Parameter]):
+    Two ways to sum a sparse gradient over ranks, the same result either way:
+    - `all_reduce`: gloo's sparse all_reduce (CPU tensors); indices are merged, not densified.
+    - `all_gather`: every rank's (row, gradient) pairs, padded to the longest, gathered and
+      coalesced locally. nccl has no sparse all_reduce, so CUDA tables take this path.
+    """
+
+    MODES = ("all_reduce", "all_gather")
+
+    def __init__(self, d: Dist, tables: list[nn.Parameter], extras: list[nn.Parameter], mode: str | None = None):
         self.d, self.tables, self.extras = d, tables, extras
-        self.rows_sent = 0   # touched rows summed over steps (what the sparse all_reduce carried)
+        on_gpu = any(w.is_cuda for w in tables)
+        self.mode = mode or ("all_gather" if on_gpu else "all_reduce")
+        if self.mode not in self.MODES:
+            raise ValueError(f"sparse sync mode {self.mode!r}: expected one of {self.MODES}")
+        self.rows_sent = 0   # touched rows summed over steps (what the sparse sync carried)
         self.steps = 0
 
     @torch.no_grad()
@@ -176,8 +204,7 @@ class GradientSync:
         ws = self.d.world_size
         for w in self.tables:
             g = w.grad.coalesce() if w.grad is not None else empty_sparse_grad(w)
-            tdist.all_reduce(g)              # gloo: a sparse sum; indices are merged, not densified
-            g = g.coalesce()
+            g = sparse_all_reduce(g) if self.mode == "all_reduce" else sparse_all_gather_sum(g, ws)
             self.rows_sent += g.indices().shape[1]
             w.grad = g / ws
         if self.extras:
@@ -188,3 +215,29 @@ class GradientSync:
             for p, g in zip(self.extras, flat.split([p.numel() for p in self.extras])):
                 p.grad = g.view_as(p).clone()
         self.steps += 1
+
+
+def sparse_all_reduce(g: torch.Tensor) -> torch.Tensor:
+    tdist.all_reduce(g)
+    return g.coalesce()
+
+
+def sparse_all_gather_sum(g: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The sum over ranks of a coalesced sparse gradient with dense collectives only: three
+    all_gathers (row counts, rows, values), padding each rank's part to the longest."""
+    rows, values = g.indices()[0], g.values()
+    count = torch.tensor([rows.numel()], dtype=torch.long, device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(world_size)]
+    tdist.all_gather(counts, count)
+    n = [int(c.item()) for c in counts]
+    longest = max(n)
+    pad = longest - rows.numel()
+    rows = torch.cat([rows, rows.new_zeros(pad)])
+    values = torch.cat([values, values.new_zeros(pad, *values.shape[1:])])
+    all_rows = [torch.empty_like(rows) for _ in range(world_size)]
+    all_values = [torch.empty_like(values) for _ in range(world_size)]
+    tdist.all_gather(all_rows, rows)
+    tdist.all_gather(all_values, values)
+    idx = torch.cat([r[:k] for r, k in zip(all_rows, n)]).unsqueeze(0)
+    val = torch.cat([v[:k] for v, k in zip(all_values, n)])
+    return torch.sparse_coo_tensor(idx, val, g.shape).coalesce()

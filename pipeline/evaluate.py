@@ -40,6 +40,11 @@ def row_outputs(out: dict) -> dict[str, torch.Tensor]:
 FORWARD_ROWS = 16_384
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Batches go where the weights are (the CPU unless a trainer moved the model to a GPU)."""
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
 def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None = None,
                  chunk_rows: int = FORWARD_ROWS) -> dict[str, np.ndarray]:
@@ -52,12 +57,12 @@ def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None 
         t0 = time.perf_counter()
         batch = Batch.from_arrays(featurizer.transform(rows.slice(start, chunk_rows), with_labels=False))
         t1 = time.perf_counter()
-        out = row_outputs(model(batch))
+        out = row_outputs(model(batch.to(model_device(model))))
         if timings is not None:
             timings["featurize_s"] = timings.get("featurize_s", 0.0) + t1 - t0
             timings["forward_s"] = timings.get("forward_s", 0.0) + time.perf_counter() - t1
         for k, v in out.items():
-            parts.setdefault(k, []).append(v.float().numpy())
+            parts.setdefault(k, []).append(v.float().cpu().numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -78,22 +83,23 @@ def predict(model: MultiTaskRanker, reader: ImpressionReader, max_rows: int | No
     groups: list = []
     gate_sums: dict[str, torch.Tensor] = {}
     rows = 0
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    device = model_device(model)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     for batch in reader.batches(0):
         if max_rows is not None and rows >= max_rows:
             break
         take = batch.size if max_rows is None else min(batch.size, max_rows - rows)
         with ctx:
-            out = model(batch)
+            out = model(batch.to(device))
         for k, v in row_outputs(out).items():
-            outs.setdefault(k, []).append(v[:take].float().numpy())
+            outs.setdefault(k, []).append(v[:take].float().cpu().numpy())
         for src, dst in ((batch.labels, labels), (batch.masks, masks), (batch.truth, truth)):
             for k, v in src.items():
                 dst.setdefault(k, []).append(v[:take].numpy())
         if batch.group is not None:
             groups.append(batch.group[:take].numpy())
         for t, g in (out["gates"] or {}).items():
-            s = g[:take].float().sum(0)
+            s = g[:take].float().sum(0).cpu()
             gate_sums[t] = gate_sums[t] + s if t in gate_sums else s
         rows += take
     model.train(was_training)

@@ -33,7 +33,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if "sum" not in state:
-                    state["sum"] = torch.full((p.shape[0],), group["initial_accumulator"], dtype=torch.float32)
+                    state["sum"] = torch.full((p.shape[0],), group["initial_accumulator"], dtype=torch.float32,
+                                              device=p.device)
                 grad = (p.grad if p.grad.is_sparse else p.grad.to_sparse(1)).coalesce()
                 rows, values = grad.indices()[0], grad.values()
                 acc = state["sum"].index_select(0, rows) + values.float().square().mean(1)

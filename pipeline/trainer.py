@@ -25,7 +25,7 @@ from features.numeric import NumericStats
 from features.spec import FeatureSpec
 from models import DenseStage, ModelConfig, MultiTaskRanker
 from pipeline.checkpoint import CheckpointStore
-from pipeline.distributed import SINGLE, Dist, GradientSync, lockstep
+from pipeline.distributed import SINGLE, Dist, GradientSync, lockstep, resolve_device
 from pipeline.losses import MultiTaskLoss
 from pipeline.optim import dense_optimizer, sparse_optimizer
 from pipeline.progress import Progress
@@ -49,6 +49,8 @@ class TrainConfig(BaseModel):
     loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
     grad_clip: float | None = Field(default=10.0, gt=0, description="max L2 norm of dense gradients")
     precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: each rank's GPU when CUDA is present, else the CPU")
     shuffle: bool = True
     shuffle_buffer: int = Field(default=65_536, gt=0)
     seed: int = 0
@@ -57,7 +59,7 @@ class TrainConfig(BaseModel):
 
     def fingerprint_fields(self) -> dict:
         """What must not change between a checkpoint and its resume (epochs may grow)."""
-        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep"})
+        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device"})
 
 
 class NonFiniteLossError(RuntimeError):
@@ -147,13 +149,14 @@ class Trainer:
     def __init__(self, model: MultiTaskRanker, spec: FeatureSpec, cfg: TrainConfig,
                  checkpoints: CheckpointStore | None = None, fingerprint: dict | None = None,
                  dist: Dist = SINGLE):
-        if cfg.precision == "bf16" and not bf16_supported():
+        self.device = resolve_device(cfg.device, dist)
+        if cfg.precision == "bf16" and self.device.type == "cpu" and not bf16_supported():
             raise ValueError("precision: bf16 needs a CPU with avx512_bf16 or AMX; use fp32")
         if cfg.batch_size % dist.world_size:
             raise ValueError(f"train.batch_size {cfg.batch_size} is the global batch and must divide evenly "
                              f"over {dist.world_size} ranks")
-        self.model, self.spec, self.cfg, self.dist = model, spec, cfg, dist
-        self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting)
+        self.model, self.spec, self.cfg, self.dist = model.to(self.device), spec, cfg, dist
+        self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting).to(self.device)
         self.sparse_opt = sparse_optimizer(model.sparse_parameters(), cfg.sparse_optimizer, cfg.sparse_lr,
                                            cfg.sparse_initial_accumulator)
         self.dense_params = model.dense_parameters() + list(self.loss.parameters())
@@ -170,7 +173,9 @@ class Trainer:
 
             for w in model.sparse_parameters():   # same seeded init everywhere; made certain
                 torch.distributed.broadcast(w.data, src=0)
-            self.ddp = DistributedDataParallel(DenseStage(model))  # no buffers to sync
+            on_gpu = self.device.type == "cuda"
+            self.ddp = DistributedDataParallel(DenseStage(model),  # no buffers to sync
+                                               device_ids=[self.device.index] if on_gpu else None)
 
     @property
     def rank_batch_size(self) -> int:
@@ -184,7 +189,7 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------
     def _autocast(self):
         if self.cfg.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _forward(self, batch) -> dict:
@@ -195,12 +200,14 @@ class Trainer:
     def _idle_loss(self) -> torch.Tensor:
         """A rank out of rows still steps with the others: a zero loss over an empty batch gives
         zero gradients to every dense parameter, so DDP's all_reduce buckets match."""
-        raw, gates = self.ddp(torch.zeros(0, self.model.embeddings.output_dim))
-        return sum((t.sum() for t in [raw, *(gates or {}).values()]), torch.zeros(())) * 0.0
+        raw, gates = self.ddp(torch.zeros(0, self.model.embeddings.output_dim, device=self.device))
+        return sum((t.sum() for t in [raw, *(gates or {}).values()]), torch.zeros((), device=self.device)) * 0.0
 
     def step(self, batch, active: int = 1) -> tuple[dict[str, float], dict[str, int]]:
         """One optimiser step; `batch` None (data-parallel only) means this rank has no rows left
         while `active` other ranks still do."""
+        if batch is not None:
+            batch = batch.to(self.device)
         with self._autocast():
             out = self._forward(batch) if batch is not None else None
         if batch is None:

@@ -13,7 +13,7 @@ from features.featurize import Featurizer
 from features.spec import load_spec
 from models import ModelConfig
 from pipeline.dataset import open_window
-from pipeline.distributed import process_group
+from pipeline.distributed import GradientSync, process_group
 from pipeline.reader import ImpressionReader, fit_numeric_stats
 from pipeline.trainer import TrainConfig, Trainer, build_model
 
@@ -34,9 +34,27 @@ def main(logs: str, out: str) -> None:
                 "rows_trained": result.rows_trained, "rows_read": result.accounting.rows_read,
                 "table_grads_sparse": [w.grad is not None and w.grad.is_sparse for w in model.sparse_parameters()],
                 "rows_per_step": trainer.sync.rows_sent / max(trainer.sync.steps, 1)}
+        info["sparse_sync_modes_agree"] = sparse_sync_modes_agree(d, trainer, model, reader)
         torch.save({"model": model.state_dict(), "loss": trainer.loss.state_dict()}, Path(out) / f"rank{d.rank}.pt")
         (Path(out) / f"rank{d.rank}.json").write_text(json.dumps(info))
         del trainer, model
+
+
+def sparse_sync_modes_agree(d, trainer, model, reader) -> bool:
+    """The all_gather sum (what CUDA tables use under nccl) equals gloo's sparse all_reduce."""
+    batch = next(reader.batches(1))
+    model.zero_grad(set_to_none=True)
+    trainer.loss(model(batch), batch)[0].backward()
+    tables = model.sparse_parameters()
+    mine = [w.grad.clone() for w in tables]
+    summed = {}
+    for mode in GradientSync.MODES:
+        for w, g in zip(tables, mine):
+            w.grad = g.clone()
+        GradientSync(d, tables, [], mode=mode)()
+        summed[mode] = [w.grad.coalesce() for w in tables]
+    return all(torch.equal(a.indices(), b.indices()) and torch.allclose(a.values(), b.values(), rtol=0, atol=1e-7)
+               for a, b in zip(summed["all_reduce"], summed["all_gather"]))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ def test_ranks_with_uneven_shards_stay_identical_and_table_gradients_stay_sparse
     assert info[0]["rows_trained"] == info[1]["rows_trained"] == info[0]["rows_read"] == 9000
     assert all(info[0]["table_grads_sparse"]) and all(info[1]["table_grads_sparse"])
     assert info[0]["rows_per_step"] > 0
+    # the nccl path (all_gather of row/gradient pairs) sums exactly as gloo's sparse all_reduce
+    assert info[0]["sparse_sync_modes_agree"] and info[1]["sparse_sync_modes_agree"]
     a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     for part in ("model", "loss"):   # loss: the uncertainty weights are averaged too
         assert a[part].keys() == b[part].keys()
@@ -183,3 +185,18 @@ def test_daily_trains_on_ranks_and_warm_starts_them_from_the_champion(base, smal
     outcome = json.loads((base / "work-daily" / "runs" / "daily" / "2026-11-03" / "metrics.json").read_text())
     assert outcome["ranks"] == 2 and outcome["lineage"]["optimizer_state"] is True
     assert outcome["rows"]["trained"] == 6000
+
+
+def test_device_choice_is_explicit_about_a_missing_gpu():
+    from pipeline.distributed import Dist, resolve_device
+    from pipeline.trainer import TrainConfig
+
+    if torch.cuda.is_available():
+        pytest.skip("this check is about a machine without CUDA")
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu", Dist(1, 2, 1))
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError):
+        TrainConfig(device="tpu")
+    # where the model trains is not part of what a resume must match
+    assert TrainConfig(device="cpu").fingerprint_fields() == TrainConfig(device="auto").fingerprint_fields()

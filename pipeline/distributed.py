@@ -28,6 +28,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from pipeline.optim import coalesce
+
 log = logging.getLogger("mtrank.dist")
 T = TypeVar("T")
 
@@ -203,7 +205,7 @@ class GradientSync:
             return
         ws = self.d.world_size
         for w in self.tables:
-            g = w.grad.coalesce() if w.grad is not None else empty_sparse_grad(w)
+            g = coalesce(w.grad) if w.grad is not None else empty_sparse_grad(w)
             g = sparse_all_reduce(g) if self.mode == "all_reduce" else sparse_all_gather_sum(g, ws)
             self.rows_sent += g.indices().shape[1]
             w.grad = g / ws
@@ -219,7 +221,7 @@ class GradientSync:
 
 def sparse_all_reduce(g: torch.Tensor) -> torch.Tensor:
     tdist.all_reduce(g)
-    return g.coalesce()
+    return coalesce(g)
 
 
 def sparse_all_gather_sum(g: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -240,4 +242,4 @@ def sparse_all_gather_sum(g: torch.Tensor, world_size: int) -> torch.Tensor:
     tdist.all_gather(all_values, values)
     idx = torch.cat([r[:k] for r, k in zip(all_rows, n)]).unsqueeze(0)
     val = torch.cat([v[:k] for v, k in zip(all_values, n)])
-    return torch.sparse_coo_tensor(idx, val, g.shape).coalesce()
+    return coalesce(torch.sparse_coo_tensor(idx, val, g.shape))

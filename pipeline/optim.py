@@ -13,6 +13,22 @@ import torch
 from torch import nn
 
 
+def coalesce(grad: torch.Tensor) -> torch.Tensor:
+    """A sparse row gradient with each row once (duplicates summed), marked coalesced.
+
+    Same result as `Tensor.coalesce()` at about a third of the time on CPU: a batch's table
+    gradient holds one entry per looked-up id (~140k for the standard workload, ~15k distinct),
+    and torch's coalesce reduces the duplicates in a serial loop (~10 ms a step, a third of all
+    non-MLP time), while unique + index_add run parallel kernels."""
+    if grad.is_coalesced():
+        return grad
+    rows, values = grad._indices()[0], grad._values()
+    uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    summed = values.new_zeros(uniq.numel(), *values.shape[1:]).index_add_(0, inverse, values)
+    return torch.sparse_coo_tensor(uniq.unsqueeze(0), summed, grad.shape, is_coalesced=True,
+                                   check_invariants=False)
+
+
 class RowWiseAdagrad(torch.optim.Optimizer):
     """Adagrad for sparse gradients with one squared-gradient accumulator per row.
 
@@ -35,7 +51,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 if "sum" not in state:
                     state["sum"] = torch.full((p.shape[0],), group["initial_accumulator"], dtype=torch.float32,
                                               device=p.device)
-                grad = (p.grad if p.grad.is_sparse else p.grad.to_sparse(1)).coalesce()
+                grad = coalesce(p.grad if p.grad.is_sparse else p.grad.to_sparse(1))
                 rows, values = grad.indices()[0], grad.values()
                 acc = state["sum"].index_select(0, rows) + values.float().square().mean(1)
                 state["sum"].index_copy_(0, rows, acc)

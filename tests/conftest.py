@@ -1,10 +1,12 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from features.spec import load_spec
 
@@ -77,3 +79,34 @@ def sqlite_client(base):
 
     uri = f"sqlite:///{(base / 'work' / 'mlflow.db').resolve()}"
     return mlflow.MlflowClient(uri, uri)
+
+
+DEFAULT_SPEC = Path(__file__).parents[1] / "features" / "default_spec.yaml"
+SMALL_MODEL = {"experts": 3, "expert_mlp": [32, 16], "tower_mlp": [8]}
+
+
+def small_spec(path: Path, max_buckets: int = 8192, dim: int | None = None, **top) -> Path:
+    """The default spec with every table capped at `max_buckets` rows: ~10 MB of weights instead
+    of 230 MB. Job tests save, checksum, upload and load models many times over; the features,
+    tasks and rules stay those of the default. `top` sets top-level keys (e.g. on_bad_row)."""
+    d = yaml.safe_load(DEFAULT_SPEC.read_text())
+    for t in [*d.get("tables", {}).values(), *d["features"]]:
+        if "buckets" in t:
+            t["buckets"] = min(t["buckets"], max_buckets)
+        if dim is not None and "dim" in t:
+            t["dim"] = dim
+    if dim is not None:
+        d["embedding_dim"] = dim
+    d.update(top)
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def write_job(path: Path, name: str, train: dict, *, data: str = "logs", spec: str | None = "spec.yaml",
+              window_days: int = 2, work_dir: str = "work", model: dict | None = None, **extra) -> Path:
+    """A job config for the tests: a small model over `spec` (relative to the config's folder;
+    None = the embedded default spec)."""
+    cfg = {"name": name, "data": data, "spec": spec, "window_days": window_days, "work_dir": work_dir,
+           "model": model or SMALL_MODEL, "train": train, **extra}
+    path.write_text(yaml.safe_dump(cfg))
+    return path

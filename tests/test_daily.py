@@ -5,19 +5,17 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import MTRANK, cli_daily, cli_generate, sqlite_client
+from tests.conftest import MTRANK, cli_daily, cli_generate, small_spec, sqlite_client, write_job
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp("daily")
     cli_generate(base / "logs", days=5, rows=30_000, seed=8, users=2000, items=800)
-    good = {"name": "ranker", "data": "logs", "window_days": 2, "work_dir": "work",
-            "model": {"experts": 3, "expert_mlp": [32, 16], "tower_mlp": [8]},
-            "train": {"batch_size": 1024, "epochs": 2, "lr": 0.003}}
-    (base / "good.yaml").write_text(yaml.safe_dump(good))
-    bad = {**good, "train": {**good["train"], "lr": 1e-7, "sparse_lr": 1e-7, "epochs": 1}}  # learns nothing
-    (base / "bad.yaml").write_text(yaml.safe_dump(bad))
+    small_spec(base / "spec.yaml")
+    train = {"batch_size": 1024, "epochs": 2, "lr": 0.003}
+    write_job(base / "good.yaml", "ranker", train)
+    write_job(base / "bad.yaml", "ranker", {**train, "lr": 1e-7, "sparse_lr": 1e-7, "epochs": 1})  # learns nothing
     return base
 
 

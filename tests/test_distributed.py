@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
-from tests.conftest import MTRANK
+from tests.conftest import MTRANK, small_spec, write_job
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 EVAL_DATE = "2026-11-03"
@@ -56,9 +56,8 @@ def base(tmp_path_factory):
     nan_rows = (pl.int_range(df.height) >= 2048) & (pl.int_range(df.height) < 2053)   # row group 1
     df.with_columns(pl.when(nan_rows).then(float("nan")).otherwise(pl.col("price")).alias("price")) \
       .write_parquet(f, row_group_size=2048)
-    spec = yaml.safe_load(Path("features/default_spec.yaml").read_text())
-    spec["on_bad_row"] = "quarantine"
-    (base / "quarantine_spec.yaml").write_text(yaml.safe_dump(spec))
+    small_spec(base / "quarantine_spec.yaml", on_bad_row="quarantine")
+    small_spec(base / "fail_spec.yaml")
     return base
 
 
@@ -69,13 +68,9 @@ def small(base):
 
 
 def _job(base: Path, name: str, data: str = "bad", **train) -> Path:
-    cfg = {"name": name, "data": data, "spec": str(base / "quarantine_spec.yaml"), "window_days": 2,
-           "work_dir": f"work-{name}", "quarantine_dir": f"quarantine-{name}",
-           "model": {"experts": 3, "expert_mlp": [64, 32], "tower_mlp": [16]},
-           "train": {"batch_size": 512, "checkpoint_every": 10, "epochs": 1, **train}}
-    path = base / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_job(base / f"{name}.yaml", name, {"batch_size": 512, "checkpoint_every": 10, "epochs": 1, **train},
+                     data=data, spec="quarantine_spec.yaml", work_dir=f"work-{name}",
+                     quarantine_dir=f"quarantine-{name}", model={"experts": 3, "expert_mlp": [64, 32], "tower_mlp": [16]})
 
 
 def _train(cmd: list, job: Path, *extra) -> subprocess.CompletedProcess:
@@ -134,7 +129,7 @@ def test_two_ranks_match_one_rank_and_account_for_every_row(base):
 def test_failing_rank_fails_the_job_with_its_error(base):
     job = _job(base, "fails")
     raw = yaml.safe_load(job.read_text())
-    raw.pop("spec")            # default spec: on_bad_row fail, and the bad rows are on rank 1's shard
+    raw["spec"] = "fail_spec.yaml"   # on_bad_row fail, and the bad rows are on rank 1's shard
     job.write_text(yaml.safe_dump(raw))
     r = _train(MTRANK + ["train"], job, "--no-track", "--nproc", "2")
     assert r.returncode != 0

@@ -15,41 +15,25 @@ from pathlib import Path
 import mlflow
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from tests.conftest import MTRANK, cli_generate
+from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 from tests.mlflow_server import MlflowServer as Server
 
 NAME = "faults"
 TINY = {"experts": 2, "expert_mlp": [16], "tower_mlp": [8]}
 
 
-def tiny_spec(path: Path) -> Path:
-    """The default spec with small tables: a model of a few hundred KB uploads in no time."""
-    d = yaml.safe_load((Path(__file__).parents[1] / "features" / "default_spec.yaml").read_text())
-    for t in d.get("tables", {}).values():
-        t.update(buckets=512, dim=8)
-    for f in d["features"]:
-        if "buckets" in f:
-            f["buckets"] = 512
-    d["embedding_dim"] = 8
-    path.write_text(yaml.safe_dump(d))
-    return path
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp("faults")
     cli_generate(base / "logs", days=4, rows=6_000, seed=5, users=1000, items=400)
-    tiny_spec(base / "spec.yaml")
+    small_spec(base / "spec.yaml", max_buckets=512, dim=8)   # a model of a few hundred KB uploads in no time
     return base
 
 
 def job(base: Path, file: str, **over) -> Path:
-    cfg = {"name": NAME, "data": "logs", "spec": "spec.yaml", "window_days": 1, "work_dir": "work",
-           "model": TINY, "train": {"batch_size": 2048, "epochs": 1, "lr": 0.003}, **over}
-    (base / file).write_text(yaml.safe_dump(cfg))
-    return base / file
+    return write_job(base / file, NAME, {"batch_size": 2048, "epochs": 1, "lr": 0.003}, model=TINY,
+                     **{"window_days": 1, **over})
 
 
 def run(*args, preexec_fn=None, code=None, env=None):

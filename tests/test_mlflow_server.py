@@ -4,9 +4,8 @@ import subprocess
 
 import mlflow
 import pytest
-import yaml
 
-from tests.conftest import MTRANK, cli_generate
+from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 from tests.mlflow_server import MlflowServer
 
 
@@ -27,12 +26,12 @@ def test_daily_over_http_promotes_gates_and_reruns(server, tmp_path):
     not promoted, a rerun of a date adds no version."""
     url, root = server
     cli_generate(tmp_path / "logs", days=4, rows=20_000, seed=4, users=1500, items=600)
-    cfg = {"name": "ranker-http", "data": "logs", "window_days": 2, "work_dir": "work", "tracking_uri": url,
-           "model": {"experts": 2, "expert_mlp": [16], "tower_mlp": [8]},
-           "train": {"batch_size": 1024, "epochs": 2, "lr": 0.003}}
-    (tmp_path / "good.yaml").write_text(yaml.safe_dump(cfg))
-    bad = {**cfg, "train": {"batch_size": 1024, "lr": 1e-7, "sparse_lr": 1e-7}}
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    small_spec(tmp_path / "spec.yaml")
+    model = {"experts": 2, "expert_mlp": [16], "tower_mlp": [8]}
+    write_job(tmp_path / "good.yaml", "ranker-http", {"batch_size": 1024, "epochs": 2, "lr": 0.003}, model=model,
+              tracking_uri=url)
+    write_job(tmp_path / "bad.yaml", "ranker-http", {"batch_size": 1024, "lr": 1e-7, "sparse_lr": 1e-7}, model=model,
+              tracking_uri=url)
     r = daily(tmp_path / "good.yaml", "2026-11-03")
     assert r.returncode == 0, r.stderr
     assert "champion (first version" in r.stdout and url in r.stdout

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import MTRANK, cli_generate
+from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 
 DATE = "2026-11-03"
 CAP = 12
@@ -21,11 +21,9 @@ CAP = 12
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp("score")
     cli_generate(base / "logs", days=3, rows=20_000, seed=4, users=2000, items=800)
-    cfg = {"name": "ranker", "data": "logs", "window_days": 2, "work_dir": "work",
-           "model": {"experts": 3, "expert_mlp": [32, 16], "tower_mlp": [8]},
-           "train": {"batch_size": 1024, "epochs": 1, "lr": 0.003},
-           "score": {"list_size": 10, "traffic_cap": {"default_cap": CAP}, "window": {"n": 3, "k": 1}}}
-    (base / "job.yaml").write_text(yaml.safe_dump(cfg))
+    small_spec(base / "spec.yaml")
+    write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
+              score={"list_size": 10, "traffic_cap": {"default_cap": CAP}, "window": {"n": 3, "k": 1}})
     run = lambda *args: subprocess.run([*MTRANK, *map(str, args)], capture_output=True, text=True)  # noqa: E731
     r = run("daily", "--config", base / "job.yaml", "--date", DATE)
     assert r.returncode == 0, r.stderr

@@ -8,24 +8,20 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 
 from jobs.config import load_config
 from features.spec import SpecError
 
-from tests.conftest import MTRANK, cli_generate
+from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     base = tmp_path_factory.mktemp("job")
     cli_generate(base / "logs", days=3, rows=40_000, seed=5, users=3000, items=1000)
-    cfg = {"name": "t", "data": "logs", "window_days": 2, "work_dir": "work",
-           "model": {"experts": 3, "expert_mlp": [64, 32], "tower_mlp": [16]},
-           "train": {"batch_size": 512, "checkpoint_every": 20, "epochs": 2}}
-    path = base / "job.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    small_spec(base / "spec.yaml")
+    return write_job(base / "job.yaml", "t", {"batch_size": 512, "checkpoint_every": 20, "epochs": 2},
+                     model={"experts": 3, "expert_mlp": [64, 32], "tower_mlp": [16]})
 
 
 def train(job, *extra):

@@ -8,13 +8,12 @@ import mlflow
 import numpy as np
 import pyarrow as pa
 import pytest
-import yaml
 
 from jobs.tune_fusion import _capped
 from pipeline.scoring.config import FusionConfig
 from pipeline.scoring.tuning import (RequestMatrix, evaluate, graded_gain, relative_change, search,
                                      split_requests)
-from tests.conftest import MTRANK, cli_generate
+from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 
 FLAT = FusionConfig(alpha=0.001, beta=1.0, a=0.0, b=0.0, c=0.0)  # only pCTR, pCVR and price matter
 
@@ -207,10 +206,9 @@ def test_reader_keeps_extra_columns_and_names_a_missing_one(tmp_path, spec):
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("tune")
     cli_generate(base / "logs", days=4, rows=20_000, seed=5, users=2000, items=800)
-    job = {"name": "ranker", "data": "logs", "window_days": 2, "work_dir": "work",
-           "model": {"experts": 2, "expert_mlp": [16], "tower_mlp": [8]},
-           "train": {"batch_size": 1024, "epochs": 1, "lr": 0.003}}
-    (base / "job.yaml").write_text(yaml.safe_dump(job))
+    small_spec(base / "spec.yaml")
+    write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
+              model={"experts": 2, "expert_mlp": [16], "tower_mlp": [8]})
     r = subprocess.run([*MTRANK, "daily", "--config", base / "job.yaml", "--date", "2026-11-03"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -17,7 +17,7 @@ from pipeline.evaluate import predict, task_metrics
 from pipeline.reader import ImpressionReader
 from pipeline.trainer import build_model
 from features.featurize import Featurizer
-from tests.conftest import MTRANK, cli_daily, cli_generate, sqlite_client
+from tests.conftest import MTRANK, cli_daily, cli_generate, small_spec, sqlite_client, write_job
 
 SMALL = ModelConfig(experts=2, expert_mlp=[8], tower_mlp=[4])
 
@@ -74,11 +74,9 @@ def test_transfer_copies_tables_and_layers_and_reinitialises_changed_tables(spec
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp("warm")
     cli_generate(base / "logs", days=5, rows=20_000, seed=12, users=2000, items=800)
-    cfg = {"name": "inc", "data": "logs", "window_days": 2, "work_dir": "work",
-           "model": {"experts": 3, "expert_mlp": [32, 16], "tower_mlp": [8]},
-           "train": {"batch_size": 1024, "epochs": 1, "lr": 0.003},
-           "warm_start": {"from": "champion", "days": 1}}
-    (base / "job.yaml").write_text(yaml.safe_dump(cfg))
+    small_spec(base / "spec.yaml")
+    write_job(base / "job.yaml", "inc", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
+              warm_start={"from": "champion", "days": 1})
     for date in ("2026-11-03", "2026-11-04", "2026-11-05"):  # full, then two increments, each a new process
         r = daily(base, "job.yaml", date)
         assert r.returncode == 0, r.stderr
@@ -111,7 +109,7 @@ def test_lineage_tags_across_three_days(base):
 
 def test_warm_start_continues_training(base):
     """On the parent's own training data, the child's loss does not jump (a fresh model's does)."""
-    spec = load_spec(None)
+    spec = load_spec(base / "spec.yaml")
     runs = base / "work" / "runs" / "inc"
     parent, child = load_model(runs / "2026-11-03" / "model"), load_model(runs / "2026-11-04" / "model")
     assert (runs / "2026-11-04" / "model" / "optimizer.pt").exists()
@@ -132,8 +130,8 @@ def test_warm_start_continues_training(base):
 
 
 def test_incompatible_spec_is_refused_naming_the_table(base):
-    raw = yaml.safe_load(load_spec(None).to_yaml())
-    _buckets(raw, "item_id", 500_000)
+    raw = yaml.safe_load((base / "spec.yaml").read_text())
+    _buckets(raw, "item_id", 4096)
     (base / "changed_spec.yaml").write_text(yaml.safe_dump(raw))
     cfg = yaml.safe_load((base / "job.yaml").read_text())
     cfg["spec"] = "changed_spec.yaml"

@@ -4,7 +4,7 @@ Used by the speed benchmark (as a child process, one JSON line, so peak RSS is i
 the quality benchmark (in-process, predictions kept). Data loading is inside the timed epoch:
 the reader streams Parquet -> validate -> hash -> shuffle -> Batch while training.
 
-    .venv/bin/python -m bench.mtrank_run [--rows N] [--eval-rows N] [--bf16] [--bottom mmoe] [--no-esmm]
+    .venv/bin/python -m bench.mtrank_run [--rows N] [--eval-rows N] [--bf16] [--bottom mmoe] [--no-esmm] [--seed S]
 """
 from __future__ import annotations
 
@@ -89,9 +89,10 @@ def main() -> None:
     p.add_argument("--no-esmm", action="store_true")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad")
     p.add_argument("--sparse-lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
     a = p.parse_args()
     mc = ModelConfig(bottom=a.bottom, esmm=not a.no_esmm)
-    tc = TrainConfig(precision="bf16" if a.bf16 else "fp32", sparse_optimizer=a.sparse_optimizer,
+    tc = TrainConfig(precision="bf16" if a.bf16 else "fp32", sparse_optimizer=a.sparse_optimizer, seed=a.seed,
                      **({"sparse_lr": a.sparse_lr} if a.sparse_lr else {}))
     out, _ = train_eval(a.rows, a.eval_rows, mc, tc)
     out.pop("metrics")

@@ -74,7 +74,7 @@ def train_eval(rows: int | None, eval_rows: int, model_cfg: ModelConfig, train_c
     metrics = task_metrics(pred, spec)
     out = {"rows_trained": result.rows_trained, "seconds": round(seconds, 3),
            "samples_per_s": round(result.rows_trained / seconds, 1), "prep_seconds": round(prep, 3),
-           "auc": {k: round(m["auc"], 4) for k, m in metrics.items() if "auc" in m},
+           "auc": {k: round(m["auc"], 6) for k, m in metrics.items() if "auc" in m},   # tables print 4 decimals
            "oracle_auc": {k: round(m["oracle_auc"], 4) for k, m in metrics.items() if "oracle_auc" in m},
            "metrics": metrics, "accounting": result.accounting.as_dict(), "epochs": result.epochs}
     return out, pred

@@ -90,8 +90,9 @@ def main() -> None:
                   + " | ".join(f"{oracle[t]:.4f}" if t in oracle else "-" for t in AUC_TASKS) + " |")
     if "mtrank fp32" in med and "mtrank bf16" in med:
         f32, b16 = results["mtrank fp32"][-1]["auc"], results["mtrank bf16"][-1]["auc"]
-        worst = max(abs(f32[t] - b16[t]) for t in f32)
-        md.append(f"\nbf16 vs fp32 AUC: largest per-task difference {worst:.4f}.")
+        worst = max(f32, key=lambda t: abs(f32[t] - b16[t]))
+        md.append(f"\nbf16 vs fp32 AUC: largest per-task difference {b16[worst] - f32[worst]:+.5f} ({worst}; from "
+                  "unrounded AUCs).")
     md.append("\nPeer settings (what had to change to run them on this workload):\n")
     for key, runs in results.items():
         if "settings" in runs[-1] and ("rechub" in key or "deepctr" in key):

@@ -25,7 +25,7 @@ from pipeline.checkpoint import CheckpointStore, write_atomic
 from pipeline.dataset import open_window
 from pipeline.distributed import SINGLE, Dist
 from pipeline.evaluate import merge_predictions, predict, task_curves, task_metrics
-from pipeline.reader import ImpressionReader, fit_numeric_stats, skipped_files
+from pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, skipped_files
 from pipeline.trainer import TrainResult, Trainer, build_model
 
 log = logging.getLogger("mtrank.train")
@@ -148,9 +148,7 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     if not dist.is_main:
         return TrainOutcome(out, result, {}, {}, written=False)
     pred = merge_predictions([p for p, _ in parts])
-    ev_accounting = parts[0][1]
-    for _, acc in parts[1:]:
-        ev_accounting = ev_accounting.merge(acc)
+    ev_accounting = RowAccounting.total(acc for _, acc in parts)
     metrics = task_metrics(pred, spec)
     curves = task_curves(pred, spec)
     summary = {"date": date.isoformat(), "train_window": window.describe(), "eval_window": eval_window.describe(),

@@ -12,7 +12,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -53,6 +53,14 @@ class RowAccounting:
         return RowAccounting(self.rows_read + other.rows_read, self.rows_accepted + other.rows_accepted,
                              self.rejected + other.rejected, self.row_groups + other.row_groups,
                              self.quarantine_files + other.quarantine_files, self.unreadable + other.unreadable)
+
+    @staticmethod
+    def total(parts: Iterable[RowAccounting]) -> RowAccounting:
+        """Several readers' accounts as one (epochs of a pass, ranks of a job)."""
+        out = RowAccounting()
+        for p in parts:
+            out = out.merge(p)
+        return out
 
     def as_dict(self) -> dict:
         return {"rows_read": self.rows_read, "rows_accepted": self.rows_accepted,

@@ -346,10 +346,8 @@ class Trainer:
             log.info("%s: %d steps, sparse all_reduce carried %.0f table rows a step", self.dist,
                      self.sync.steps, self.sync.rows_sent / max(self.sync.steps, 1))
         parts = self.dist.all_gather((accounting, self.rows_trained))
-        total = RowAccounting()
-        for acc, _ in parts:
-            total = total.merge(acc)
-        return TrainResult(history, self.global_step, sum(r for _, r in parts), total, resumed)
+        return TrainResult(history, self.global_step, sum(r for _, r in parts),
+                           RowAccounting.total(acc for acc, _ in parts), resumed)
 
 
 def _pooled(parts: list[EpochStats]) -> EpochStats:

@@ -53,7 +53,7 @@ def run(job: Path, nproc: int, threads: int) -> dict:
     if r.returncode != 0:
         raise RuntimeError(f"mtrank train --nproc {nproc} failed:\n{r.stderr[-3000:]}")
     out = json.loads(next((job.parent / "work" / "runs" / "ddp-bench").glob("*/metrics.json")).read_text())
-    rows_per_step = re.search(r"sparse all_reduce carried (\d+) table rows a step", r.stderr)
+    rows_per_step = re.search(r"sparse table sync \(\w+\) carried (\d+) rows a step", r.stderr)
     return {"samples_per_s": out["epochs"][-1]["samples_per_s"], "wall_s": wall, "train_s": out["train_seconds"],
             "rows": out["rows"], "auc": {t: out["tasks"][t]["auc"] for t in TASKS},
             "table_rows_per_step": int(rows_per_step.group(1)) if rows_per_step else None}

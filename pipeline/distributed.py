@@ -232,8 +232,7 @@ def sparse_all_gather_sum(g: torch.Tensor, world_size: int) -> torch.Tensor:
     counts = [torch.empty_like(count) for _ in range(world_size)]
     tdist.all_gather(counts, count)
     n = [int(c.item()) for c in counts]
-    longest = max(n)
-    pad = longest - rows.numel()
+    pad = max(n) - rows.numel()
     rows = torch.cat([rows, rows.new_zeros(pad)])
     values = torch.cat([values, values.new_zeros(pad, *values.shape[1:])])
     all_rows = [torch.empty_like(rows) for _ in range(world_size)]

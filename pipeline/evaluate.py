@@ -53,11 +53,12 @@ def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None 
     from pipeline.batch import Batch
 
     parts: dict[str, list[np.ndarray]] = {}
+    device = model_device(model)
     for start in range(0, rows.num_rows, chunk_rows):
         t0 = time.perf_counter()
         batch = Batch.from_arrays(featurizer.transform(rows.slice(start, chunk_rows), with_labels=False))
         t1 = time.perf_counter()
-        out = row_outputs(model(batch.to(model_device(model))))
+        out = row_outputs(model(batch.to(device)))
         if timings is not None:
             timings["featurize_s"] = timings.get("featurize_s", 0.0) + t1 - t0
             timings["forward_s"] = timings.get("forward_s", 0.0) + time.perf_counter() - t1

@@ -343,8 +343,8 @@ class Trainer:
             skip, current = 0, None
             self._save(epoch + 1, 0, history, EpochStats(epoch + 1))
         if self.dist.enabled:
-            log.info("%s: %d steps, sparse all_reduce carried %.0f table rows a step", self.dist,
-                     self.sync.steps, self.sync.rows_sent / max(self.sync.steps, 1))
+            log.info("%s: %d steps, the sparse table sync (%s) carried %.0f rows a step", self.dist,
+                     self.sync.steps, self.sync.mode, self.sync.rows_sent / max(self.sync.steps, 1))
         parts = self.dist.all_gather((accounting, self.rows_trained))
         return TrainResult(history, self.global_step, sum(r for _, r in parts),
                            RowAccounting.total(acc for acc, _ in parts), resumed)

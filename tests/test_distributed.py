@@ -16,7 +16,6 @@ import mlflow
 import polars as pl
 import pytest
 import torch
-import yaml
 
 from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 from tests.conftest import MTRANK, small_spec, write_job
@@ -67,10 +66,12 @@ def small(base):
     return _logs(base / "small", days=3, rows=6000, rg=1024, seed=9)
 
 
-def _job(base: Path, name: str, data: str = "bad", **train) -> Path:
+def _job(base: Path, name: str, data: str = "bad", job: dict | None = None, **train) -> Path:
+    """A job named `name` over `data`; `job` overrides top-level keys, `train` the train section."""
+    top = {"spec": "quarantine_spec.yaml", "work_dir": f"work-{name}", "quarantine_dir": f"quarantine-{name}",
+           "model": {"experts": 3, "expert_mlp": [64, 32], "tower_mlp": [16]}, **(job or {})}
     return write_job(base / f"{name}.yaml", name, {"batch_size": 512, "checkpoint_every": 10, "epochs": 1, **train},
-                     data=data, spec="quarantine_spec.yaml", work_dir=f"work-{name}",
-                     quarantine_dir=f"quarantine-{name}", model={"experts": 3, "expert_mlp": [64, 32], "tower_mlp": [16]})
+                     data=data, **top)
 
 
 def _train(cmd: list, job: Path, *extra) -> subprocess.CompletedProcess:
@@ -127,10 +128,7 @@ def test_two_ranks_match_one_rank_and_account_for_every_row(base):
 
 
 def test_failing_rank_fails_the_job_with_its_error(base):
-    job = _job(base, "fails")
-    raw = yaml.safe_load(job.read_text())
-    raw["spec"] = "fail_spec.yaml"   # on_bad_row fail, and the bad rows are on rank 1's shard
-    job.write_text(yaml.safe_dump(raw))
+    job = _job(base, "fails", job={"spec": "fail_spec.yaml"})   # on_bad_row fail; the bad rows are on rank 1's shard
     r = _train(MTRANK + ["train"], job, "--no-track", "--nproc", "2")
     assert r.returncode != 0
     assert "[rank 1/2]: error:" in r.stderr and "column 'price': rule non_finite" in r.stderr
@@ -164,10 +162,7 @@ def test_repeated_two_rank_jobs_exit_cleanly_register_once_and_resume_exactly(ba
 def test_daily_trains_on_ranks_and_warm_starts_them_from_the_champion(base, small):
     """`mtrank daily --nproc 2` twice: a full retrain, then a warm start from v1 whose weights and
     optimizer state reach both ranks; tracking and promotion stay in the daily process."""
-    job = _job(base, "daily", data="small")
-    raw = yaml.safe_load(job.read_text())
-    raw["window_days"], raw["warm_start"] = 1, {"from": "champion"}
-    job.write_text(yaml.safe_dump(raw))
+    job = _job(base, "daily", data="small", job={"window_days": 1, "warm_start": {"from": "champion"}})
     for date in ("2026-11-02", "2026-11-03"):
         r = subprocess.run([*MTRANK, "daily", "--config", job, "--date", date, "--nproc", "2"], capture_output=True,
                            text=True, cwd=base, timeout=600)

@@ -53,7 +53,9 @@ def first_rows(window, rows: int | None):
 
 
 def train_eval(rows: int | None, eval_rows: int, model_cfg: ModelConfig, train_cfg: TrainConfig,
-               root: str | None = None, spec: FeatureSpec | None = None) -> tuple[dict, Predictions]:
+               root: str | None = None, spec: FeatureSpec | None = None,
+               init_hook=None) -> tuple[dict, Predictions]:
+    """`init_hook(model)`: changes the initial weights before training (a control experiment)."""
     spec = spec or load_spec()
     root = root or ensure_data()
     window = first_rows(open_window(root, spec, TRAIN_DAY, TRAIN_DAY), rows)
@@ -62,6 +64,8 @@ def train_eval(rows: int | None, eval_rows: int, model_cfg: ModelConfig, train_c
     prep = time.perf_counter() - t0
     fz = Featurizer(spec, stats)
     model = build_model(spec, model_cfg, train_cfg.seed, stats)
+    if init_hook is not None:
+        init_hook(model)
     trainer = Trainer(model, spec, train_cfg)
     reader = ImpressionReader(window, spec, fz, batch_size=train_cfg.batch_size, shuffle=train_cfg.shuffle,
                               shuffle_buffer=train_cfg.shuffle_buffer, seed=train_cfg.seed, progress=False)

@@ -99,7 +99,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         parent = load_parent(a.parent)
     with process_group() as dist:
         out = train(cfg, a.date, resume=a.resume, dist=dist, parent=parent)
-    if not out.written:   # ranks other than 0: rank 0 writes, tracks and reports the whole job
+    if not out.written or a.for_daily:   # rank 0 writes, tracks and reports the job (or daily does)
         return 0
     track = None if a.no_track else _track(cfg, out)
     rows = out.summary["rows"]
@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=_positive, default=1,
                    help="data-parallel ranks on this machine (launches torchrun; default 1: one process)")
     t.add_argument("--parent", default=None, help=argparse.SUPPRESS)   # daily -> its ranks: the warm-start parent
+    t.add_argument("--for-daily", action="store_true", help=argparse.SUPPRESS)   # daily prints the outcome itself
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="offline report for a saved model on one day")

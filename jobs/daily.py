@@ -81,7 +81,8 @@ def _train_ranks(cfg: JobConfig, date: dt.date, parent: Parent | None, resume: b
 
     job = tmp / "job.yaml"
     job.write_text(yaml.safe_dump(absolute_paths(cfg).model_dump(mode="json", by_alias=True)))
-    argv = ["train", "--config", str(job), "--date", date.isoformat(), "--no-track", "--nproc", str(nproc)]
+    argv = ["train", "--config", str(job), "--date", date.isoformat(), "--no-track", "--nproc", str(nproc),
+            "--for-daily"]
     if resume:
         argv.append("--resume")
     if parent is not None:

@@ -167,6 +167,7 @@ def test_daily_trains_on_ranks_and_warm_starts_them_from_the_champion(base, smal
         r = subprocess.run([*MTRANK, "daily", "--config", job, "--date", date, "--nproc", "2"], capture_output=True,
                            text=True, cwd=base, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count("population") == 1, r.stdout   # one metrics table: daily's, not rank 0's too
     uri = f"sqlite:///{(base / 'work-daily' / 'mlflow.db').resolve()}"
     versions = {v.version: v for v in mlflow.MlflowClient(uri, uri).search_model_versions("name='daily'")}
     assert sorted(int(v) for v in versions) == [1, 2]

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pipeline.metrics import auc, calibration_bins, gauc, logloss, normalized_entropy
+from pipeline.metrics import auc, calibration_bins, expected_auc, gauc, logloss, normalized_entropy
 
 
 @settings(max_examples=60, deadline=None)
@@ -18,6 +18,35 @@ def test_auc_matches_sklearn_with_heavy_ties(rows):
         return
     assert auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.floats(0.0, 1.0)), min_size=2, max_size=40))
+def test_expected_auc_equals_the_pairwise_sum(rows):
+    s = np.array([r[0] for r in rows], float)   # ties
+    p = np.array([r[1] for r in rows])
+    win = pairs = 0.0
+    for i in range(s.size):
+        for j in range(s.size):
+            if i != j:
+                w = p[i] * (1 - p[j])
+                pairs += w
+                win += w * (1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0)
+    if pairs <= 1e-12:
+        return
+    assert expected_auc(s, p) == pytest.approx(win / pairs, abs=1e-9)
+
+
+def test_expected_auc_is_the_mean_auc_over_label_draws():
+    rng = np.random.default_rng(3)
+    p = rng.beta(1, 12, 3000)                   # rare positives, as for conversions
+    s = np.round(p + rng.normal(0, 0.05, p.size), 2)   # a noisy, tied score
+    draws = np.array([auc(s, rng.random(p.size) < p) for _ in range(400)])
+    assert abs(draws.mean() - expected_auc(s, p)) < 4 * draws.std() / np.sqrt(draws.size)
+    assert draws.std() > 0.005                  # one draw's AUC is noisy; the expectation is not
+    assert expected_auc(p, p) > expected_auc(s, p) > 0.5
+    assert expected_auc(np.zeros(p.size), p) == pytest.approx(0.5)
+    assert expected_auc(-s, p) == pytest.approx(1 - expected_auc(s, p))
 
 def test_gauc_equals_weighted_per_group_loop():
     rng = np.random.default_rng(0)

@@ -68,12 +68,13 @@ def _capped(frames: Iterator[pa.RecordBatch], max_rows: int | None, rid: str) ->
 
 
 def predict_day(saved: SavedModel, data: str | Path, day: dt.date, price_column: str,
-                max_rows: int | None = None, quarantine_dir: str | Path | None = None) -> tuple[dict, dict]:
-    """(columns, accounting): flat arrays request_id, price, click, conversion, cart, collect and the
-    model's fusion outputs for every accepted row of day `day` (first `max_rows` when set)."""
+                max_rows: int | None = None, quarantine_dir: str | Path | None = None,
+                item_column: str = "item_id") -> tuple[dict, dict]:
+    """(columns, accounting): flat arrays request_id, item, price, click, conversion, cart, collect and
+    the model's fusion outputs for every accepted row of day `day` (first `max_rows` when set)."""
     spec = saved.spec
     labels = {a: spec.task_by_name[t].label if t in spec.task_by_name else d for a, (t, d) in ACTIONS.items()}
-    extras = list(dict.fromkeys([spec.request_id, price_column, *labels.values()]))
+    extras = list(dict.fromkeys([spec.request_id, item_column, price_column, *labels.values()]))
     window = open_window(data, spec, day, day)
     reader = ImpressionReader(window, spec, quarantine_dir=quarantine_dir, progress=False, extra_columns=extras)
     featurizer = Featurizer(spec, saved.stats)
@@ -91,6 +92,7 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, price_column:
     side = pa.Table.from_batches(sides)
     cols = {k: np.concatenate(v) for k, v in outputs.items()}
     cols["request_id"] = side[spec.request_id].to_numpy(zero_copy_only=False)
+    cols["item"] = side[item_column].to_numpy(zero_copy_only=False)
     cols["price"] = pc.cast(side[price_column], pa.float64()).to_numpy(zero_copy_only=False)
     for action, label in labels.items():
         cols[action] = pc.fill_null(side[label], 0).to_numpy(zero_copy_only=False)
@@ -103,7 +105,7 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, price_column:
 def _matrix(cols: dict, rows: np.ndarray, k: int) -> tuning.RequestMatrix:
     return tuning.RequestMatrix.build(cols["request_id"][rows], {o: cols[o][rows] for o in OUTPUTS if o in cols},
                                       cols["price"][rows], cols["click"][rows], cols["conversion"][rows],
-                                      cols["cart"][rows], cols["collect"][rows], k)
+                                      cols["cart"][rows], cols["collect"][rows], k, item_ids=cols["item"][rows])
 
 
 def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, *, k: int = 10,
@@ -118,7 +120,8 @@ def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, 
         saved = load_model(resolve_model(model_ref, Path(tmp), tracking_uri(cfg)))
     version = model_version_of(model_ref, tracking_uri(cfg))
     qdir = Path(cfg.quarantine_dir or Path(cfg.work_dir) / "quarantine") / "tune-fusion"
-    cols, accounting = predict_day(saved, data, day, base.price_column, max_rows, qdir)
+    cols, accounting = predict_day(saved, data, day, base.price_column, max_rows, qdir,
+                                   item_column=cfg.score.item_column)
     t1 = time.perf_counter()
 
     holdout = tuning.split_requests(cols["request_id"])

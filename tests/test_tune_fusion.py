@@ -76,6 +76,29 @@ def test_rows_of_a_request_need_not_be_contiguous():
     assert evaluate(a, {}, FLAT) == evaluate(b, {}, FLAT)
 
 
+
+def test_equal_fused_scores_rank_as_the_scorer_ranks_them():
+    """Ties (here: equal predictions and price) go to the smaller item id, as in `rerank`, not to
+    whichever row was logged first."""
+    from pipeline.scoring.fusion import fuse
+    from pipeline.scoring.rerank import rerank
+
+    items = np.array([30, 10, 20, 7, 5])
+    rid, conv = ["A", "A", "A", "B", "B"], [1, 0, 0, 1, 0]   # each request's logged-first item converted
+    preds = dict(p_ctr=[0.2] * 5, p_cvr=[0.1] * 5, price=[1.0] * 5, click=conv, conversion=conv, k=1)
+    assert evaluate(matrix(rid, **preds), {}, FLAT).gmv == pytest.approx(1.0)   # logged order: 30 and 7
+    by_item = RequestMatrix.build(np.asarray(rid), {"p_ctr": np.full(5, 0.2), "p_cvr": np.full(5, 0.1)},
+                                  np.ones(5), np.asarray(conv), np.asarray(conv), np.zeros(5), np.zeros(5), 1,
+                                  item_ids=items)
+    # the scorer on the same rows: its first slot per request
+    cols, _ = fuse({"p_ctr": np.full(5, 0.2), "p_cvr": np.full(5, 0.1)}, np.ones(5), np.ones(5), FLAT)
+    _, item_code = np.unique(items, return_inverse=True)
+    ranking = rerank(np.array([0, 0, 0, 1, 1]), cols["score"], item_code, eligible=np.ones(5, bool))
+    first = {r: items[(ranking.rank == 1) & (np.array(rid) == r)][0] for r in "AB"}
+    assert first == {"A": 10, "B": 5}
+    gmv_scorer = np.mean([np.asarray(conv)[items == first[r]][0] for r in "AB"])
+    assert evaluate(by_item, {}, FLAT).gmv == pytest.approx(gmv_scorer) == pytest.approx(0.0)
+
 # -- a price weight that is clearly best ------------------------------------------------------------
 
 def price_world(n_requests: int, seed: int = 0):

@@ -63,7 +63,9 @@ def _clean_price(price: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RequestMatrix:
-    """Rows of logged requests, grouped by request (logged order kept within a request).
+    """Rows of logged requests, grouped by request; within a request by item id when `item_ids` are
+    given (so equal fused scores rank as the scorer ranks them: `rerank` breaks ties by item), else
+    in logged order.
 
     `outputs`/`price` are flat (what `fuse` reads); `pos` puts flat row i at [pos // L, pos % L] of
     the padded [requests, L] matrices `gmv` (price * conversion) and `gain` (graded action).
@@ -82,7 +84,7 @@ class RequestMatrix:
     @classmethod
     def build(cls, request_ids: np.ndarray, outputs: Mapping[str, np.ndarray], price: np.ndarray,
               click: np.ndarray, conversion: np.ndarray, cart: np.ndarray, collect: np.ndarray,
-              k: int) -> "RequestMatrix":
+              k: int, item_ids: np.ndarray | None = None) -> "RequestMatrix":
         n = len(request_ids)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -92,7 +94,13 @@ class RequestMatrix:
                 raise ValueError(f"{name}: {len(arr)} values for {n} rows")
         _, code = np.unique(np.asarray(request_ids), return_inverse=True)
         code = code.ravel()
-        order = np.argsort(code, kind="stable")   # grouped, logged order kept inside a request
+        if item_ids is None:
+            order = np.argsort(code, kind="stable")   # grouped, logged order kept inside a request
+        else:
+            if len(item_ids) != n:
+                raise ValueError(f"item_ids: {len(item_ids)} values for {n} rows")
+            _, item = np.unique(np.asarray(item_ids), return_inverse=True)
+            order = np.lexsort((item.ravel(), code))   # grouped, item ids ascending inside a request
         code = code[order]
         counts = np.bincount(code) if n else np.zeros(0, np.int64)
         r = len(counts)

@@ -29,6 +29,7 @@ from pipeline.dataset import open_window
 from pipeline.reader import ImpressionReader
 from pipeline.scoring import tuning
 from pipeline.scoring.fusion import CART, COLLECT, CTR, CVR, STAY
+from pipeline.scoring.stage import dense_codes
 
 OUTPUTS = (CTR, CVR, STAY, CART, COLLECT)
 # action -> (task whose label it is, label name when the spec has no such task)
@@ -67,6 +68,17 @@ def _capped(frames: Iterator[pa.RecordBatch], max_rows: int | None, rid: str) ->
     yield from t.to_batches(max_chunksize=FORWARD_ROWS)
 
 
+def item_codes(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Codes numbered like the item ids (the scorer's tie-break order), a missing id after them all."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    valid = pc.is_valid(ids).to_numpy(zero_copy_only=False)
+    codes = np.zeros(len(ids), np.int64)
+    if valid.any():
+        codes[valid] = dense_codes(ids.filter(pa.array(valid)))[0]
+    codes[~valid] = codes[valid].max() + 1 if valid.any() else 0
+    return codes
+
+
 def predict_day(saved: SavedModel, data: str | Path, day: dt.date, price_column: str,
                 max_rows: int | None = None, quarantine_dir: str | Path | None = None,
                 item_column: str = "item_id") -> tuple[dict, dict]:
@@ -92,7 +104,7 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, price_column:
     side = pa.Table.from_batches(sides)
     cols = {k: np.concatenate(v) for k, v in outputs.items()}
     cols["request_id"] = side[spec.request_id].to_numpy(zero_copy_only=False)
-    cols["item"] = side[item_column].to_numpy(zero_copy_only=False)
+    cols["item"] = item_codes(side[item_column])
     cols["price"] = pc.cast(side[price_column], pa.float64()).to_numpy(zero_copy_only=False)
     for action, label in labels.items():
         cols[action] = pc.fill_null(side[label], 0).to_numpy(zero_copy_only=False)

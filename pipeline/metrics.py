@@ -29,7 +29,6 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-
 def expected_auc(scores: np.ndarray, prob: np.ndarray) -> float:
     """The AUC a score would get on average over label draws y_i ~ Bernoulli(prob_i), where the
     true probabilities are known (generated data).
@@ -51,6 +50,7 @@ def expected_auc(scores: np.ndarray, prob: np.ndarray) -> float:
     below = np.cumsum(gq) - gq                         # expected negatives scored strictly lower
     wins = np.dot(gp, below) + 0.5 * (gp * gq - gpq).sum()
     return float(wins / pairs)
+
 
 def logloss(p: np.ndarray, y: np.ndarray, eps: float = 1e-7) -> float:
     p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)

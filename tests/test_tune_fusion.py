@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs.tune_fusion import _capped
+from jobs.tune_fusion import _capped, item_codes
 from pipeline.scoring.config import FusionConfig
 from pipeline.scoring.tuning import (RequestMatrix, evaluate, graded_gain, relative_change, search,
                                      split_requests)
@@ -98,6 +98,12 @@ def test_equal_fused_scores_rank_as_the_scorer_ranks_them():
     assert first == {"A": 10, "B": 5}
     gmv_scorer = np.mean([np.asarray(conv)[items == first[r]][0] for r in "AB"])
     assert evaluate(by_item, {}, FLAT).gmv == pytest.approx(gmv_scorer) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("ids", [["b", None, "a", "c", "a"], [20, None, 3, 100, 3]])
+def test_item_codes_follow_the_ids_with_a_missing_id_last(ids):
+    codes = item_codes(pa.chunked_array([pa.array(ids[:2]), pa.array(ids[2:])]))
+    assert codes.tolist() == [1, 3, 0, 2, 0]
 
 # -- a price weight that is clearly best ------------------------------------------------------------
 

@@ -75,7 +75,7 @@ def item_codes(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     codes = np.zeros(len(ids), np.int64)
     if valid.any():
         codes[valid] = dense_codes(ids.filter(pa.array(valid)))[0]
-    codes[~valid] = codes[valid].max() + 1 if valid.any() else 0
+        codes[~valid] = codes[valid].max() + 1
     return codes
 
 

@@ -18,12 +18,14 @@ from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 FLAT = FusionConfig(alpha=0.001, beta=1.0, a=0.0, b=0.0, c=0.0)  # only pCTR, pCVR and price matter
 
 
-def matrix(rid, p_ctr, p_cvr, price, click=None, conversion=None, cart=None, collect=None, k=10, **more):
+def matrix(rid, p_ctr, p_cvr, price, click=None, conversion=None, cart=None, collect=None, k=10, item_ids=None,
+           **more):
     n = len(rid)
     z = np.zeros(n)
     outs = {"p_ctr": np.asarray(p_ctr, float), "p_cvr": np.asarray(p_cvr, float), **more}
     return RequestMatrix.build(np.asarray(rid), outs, np.asarray(price, float),
-                               *(z if x is None else np.asarray(x) for x in (click, conversion, cart, collect)), k)
+                               *(z if x is None else np.asarray(x) for x in (click, conversion, cart, collect)), k,
+                               item_ids=item_ids)
 
 
 # -- objectives ------------------------------------------------------------------------------------
@@ -87,11 +89,10 @@ def test_equal_fused_scores_rank_as_the_scorer_ranks_them():
     rid, conv = ["A", "A", "A", "B", "B"], [1, 0, 0, 1, 0]   # each request's logged-first item converted
     preds = dict(p_ctr=[0.2] * 5, p_cvr=[0.1] * 5, price=[1.0] * 5, click=conv, conversion=conv, k=1)
     assert evaluate(matrix(rid, **preds), {}, FLAT).gmv == pytest.approx(1.0)   # logged order: 30 and 7
-    by_item = RequestMatrix.build(np.asarray(rid), {"p_ctr": np.full(5, 0.2), "p_cvr": np.full(5, 0.1)},
-                                  np.ones(5), np.asarray(conv), np.asarray(conv), np.zeros(5), np.zeros(5), 1,
-                                  item_ids=items)
+    by_item = matrix(rid, **preds, item_ids=items)
     # the scorer on the same rows: its first slot per request
-    cols, _ = fuse({"p_ctr": np.full(5, 0.2), "p_cvr": np.full(5, 0.1)}, np.ones(5), np.ones(5), FLAT)
+    outs = {"p_ctr": np.asarray(preds["p_ctr"]), "p_cvr": np.asarray(preds["p_cvr"])}
+    cols, _ = fuse(outs, np.asarray(preds["price"]), np.ones(5), FLAT)
     _, item_code = np.unique(items, return_inverse=True)
     ranking = rerank(np.array([0, 0, 0, 1, 1]), cols["score"], item_code, eligible=np.ones(5, bool))
     first = {r: items[(ranking.rank == 1) & (np.array(rid) == r)][0] for r in "AB"}

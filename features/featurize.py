@@ -172,12 +172,13 @@ class Featurizer:
                 plain[t.label] = rb.column(t.label)
                 exprs.append(pl.col(t.label).cast(pl.Float32).alias(f"__label/{t.name}"))
         truth: dict[str, str] = {}
-        if with_eval:
+        if with_eval and spec.group_key:
             g = rb.column(spec.group_key)
             if pa.types.is_dictionary(g.type):
                 g = g.dictionary_decode()
             plain[spec.group_key] = g
             exprs.append(group_key_expr(pl.col(spec.group_key), _pl_dtype(g), spec.hash_seed).alias("__group"))
+        if with_eval:
             truth = {t: c for t, c in spec.ground_truth.items() if c in rb.schema.names}
             for t, c in truth.items():
                 plain[c] = rb.column(c)
@@ -202,7 +203,7 @@ class Featurizer:
             for t in spec.tasks:
                 space = spec.task_by_name.get(t.space)
                 masks[t.name] = np.ones(n, bool) if space is None else labels[space.name] > 0
-        return FeatureArrays(n, id_matrix, bags, dense, labels, masks, col("__group") if with_eval else None,
+        return FeatureArrays(n, id_matrix, bags, dense, labels, masks, col("__group") if with_eval and spec.group_key else None,
                              {t: col(f"__truth/{t}") for t in truth})
 
     def _bags(self, fields: tuple[str, ...], n: int, ids: dict[str, np.ndarray],

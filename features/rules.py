@@ -8,6 +8,8 @@ rows read = rows accepted + sum(rows rejected by reason).
 """
 from __future__ import annotations
 
+from features.base import MtrankError
+
 from dataclasses import dataclass
 
 import polars as pl
@@ -31,7 +33,7 @@ EMPTY_PARTITION = "empty_partition"
 MISSING_PARTITION = "missing_partition"
 
 
-class BadInputError(ValueError):
+class BadInputError(MtrankError, ValueError):
     """Input that cannot be used; names where (file), what (column) and why (rule, count)."""
 
     def __init__(self, file: str, column: str | None, rule: str, detail: str, count: int | None = None):
@@ -58,7 +60,7 @@ def _is_number(t: pa.DataType) -> bool:
 
 def _kind_check(spec: FeatureSpec, labels: bool = True) -> dict[str, tuple[str, callable]]:
     """column -> (expected description, predicate over the Arrow type)."""
-    checks: dict[str, tuple[str, callable]] = {spec.group_key: ("string or integer", _is_id_type)}
+    checks: dict[str, tuple[str, callable]] = {c: ("string or integer", _is_id_type) for c in spec.group_columns}
     for f in spec.features:
         if isinstance(f, CategoricalFeature):
             checks[f.name] = ("string or integer (categorical)", _is_id_type)
@@ -119,7 +121,7 @@ def row_rules(spec: FeatureSpec, float_columns: frozenset[str] = frozenset(), la
             rules.append(RowRule(col, NON_FINITE, pl.col(col).is_nan().fill_null(False) |
                                  pl.col(col).is_infinite().fill_null(False)))
 
-    rules.append(RowRule(spec.group_key, NULL, pl.col(spec.group_key).is_null()))
+    rules += [RowRule(c, NULL, pl.col(c).is_null()) for c in spec.group_columns]
     for f in spec.numeric:
         if f.fill is None:
             rules.append(RowRule(f.name, NULL, pl.col(f.name).is_null()))

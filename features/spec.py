@@ -11,20 +11,24 @@ import json
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from features.base import MtrankError, StrictConfig
 
 DEFAULT_SPEC = "default_spec.yaml"
 
+if TYPE_CHECKING:
+    from features.outputs import OutputSchema
 
-class SpecError(ValueError):
+
+class SpecError(MtrankError, ValueError):
     """A FeatureSpec that cannot be used; the message names the file and key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Strict = StrictConfig
 
 
 class TableSpec(_Strict):
@@ -94,6 +98,8 @@ class TaskSpec(_Strict):
     weight: float = Field(default=1.0, ge=0.0)
     space: str = Field(default="all", description="'all' or the task whose positives form the population")
     parent: str | None = Field(default=None, description="entire-space product: p(this & parent) = p_parent * p_this")
+    product: str | None = Field(default=None, description="name of the entire-space product (default "
+                                "'<parent>_<name>'); only with a parent")
 
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":
@@ -103,7 +109,16 @@ class TaskSpec(_Strict):
             raise ValueError("regression task needs loss 'mse' or 'mse_log1p'")
         if self.parent is not None and self.type != "binary":
             raise ValueError("only binary tasks can have an entire-space parent")
+        if self.product is not None and self.parent is None:
+            raise ValueError("product names an entire-space product: it needs a parent")
         return self
+
+    @property
+    def product_name(self) -> str | None:
+        """The entire-space product's name (metrics key and output stem), None without a parent."""
+        if self.parent is None:
+            return None
+        return self.product or f"{self.parent}_{self.name}"
 
     @property
     def nonnegative_label(self) -> bool:
@@ -117,9 +132,12 @@ class FeatureSpec(_Strict):
     embedding_dim: int = Field(default=16, gt=0)
     on_bad_row: Literal["fail", "quarantine"] = "fail"
     allow_empty_partitions: bool = False
-    request_id: str = "request_id"
-    group_key: str = "user_id"
-    timestamp: str | None = "ts"
+    request_id: str | None = Field(default="request_id", description="groups candidates into one ranked "
+                                   "list; needed by scoring and fusion tuning only (null: absent)")
+    group_key: str | None = Field(default="user_id", description="GAUC groups (e.g. the user); null: no "
+                                  "GAUC, and the column is not required")
+    timestamp: str | None = Field(default="ts", description="event time; used by scoring's serving order "
+                                  "only (null: absent)")
     tables: dict[str, TableSpec] = Field(default_factory=dict)
     features: tuple[Feature, ...]
     tasks: tuple[TaskSpec, ...]
@@ -161,6 +179,11 @@ class FeatureSpec(_Strict):
                 if t.space != t.parent:
                     raise ValueError(f"tasks.{t.name}: an entire-space child must be trained on its parent's "
                                      f"positives (space: {t.parent})")
+        products = [t.product_name for t in self.tasks if t.parent is not None]
+        for name in products:
+            if name in by_name or products.count(name) > 1:
+                raise ValueError(f"tasks: product name {name!r} is used twice (task and product names share "
+                                 "one namespace; set `product:` on the task)")
         for task in self.ground_truth:
             if task not in by_name:
                 raise ValueError(f"ground_truth.{task}: unknown task")
@@ -253,6 +276,13 @@ class FeatureSpec(_Strict):
     def task_by_name(self) -> dict[str, TaskSpec]:
         return {t.name: t for t in self.tasks}
 
+    @cached_property
+    def outputs(self) -> "OutputSchema":
+        """The names of every model output this spec's tasks produce."""
+        from features.outputs import OutputSchema
+
+        return OutputSchema(self)
+
     def space_label(self, task: TaskSpec) -> str | None:
         """Label column whose positives define the task's population (None = all rows)."""
         return None if task.space == "all" else self.task_by_name[task.space].label
@@ -265,7 +295,12 @@ class FeatureSpec(_Strict):
     @cached_property
     def feature_columns(self) -> tuple[str, ...]:
         """Columns the model reads from a row (what a scoring candidate needs)."""
-        return tuple(dict.fromkeys([self.group_key, *(f.name for f in self.features)]))
+        return tuple(dict.fromkeys([*self.group_columns, *(f.name for f in self.features)]))
+
+    @cached_property
+    def group_columns(self) -> tuple[str, ...]:
+        """The GAUC group column, if the spec names one (it is optional)."""
+        return (self.group_key,) if self.group_key else ()
 
     def fingerprint(self) -> str:
         """Stable content hash: two specs hash the same iff they hash and transform identically."""

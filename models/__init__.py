@@ -2,7 +2,8 @@
 from models.bottoms import MMoE, OMoE, PLE, BatchedMLP, SharedBottom
 from models.config import ModelConfig
 from models.embedding import FusedEmbeddings
-from models.ranker import DenseStage, MultiTaskRanker, build_bottom, product_key
+from models.batch import Batch, ModelOutput, TableInput
+from models.ranker import DenseStage, MultiTaskRanker, build_bottom
 
-__all__ = ["BatchedMLP", "DenseStage", "FusedEmbeddings", "MMoE", "ModelConfig", "MultiTaskRanker", "OMoE", "PLE",
-           "SharedBottom", "build_bottom", "product_key"]
+__all__ = ["Batch", "BatchedMLP", "DenseStage", "FusedEmbeddings", "MMoE", "ModelConfig", "ModelOutput",
+           "MultiTaskRanker", "OMoE", "PLE", "SharedBottom", "TableInput", "build_bottom"]

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from features.base import StrictConfig
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(StrictConfig):
     """Architecture knobs; task list and inputs come from the FeatureSpec, never from here."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     bottom: Literal["shared_bottom", "omoe", "mmoe", "ple"] = "mmoe"
     experts: int = Field(default=8, gt=0, description="MoE expert count; PLE: shared experts per level")

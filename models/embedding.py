@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from features.spec import FeatureSpec
-from pipeline.batch import Batch
+from models.batch import Batch
 
 
 class FusedEmbeddings(nn.Module):

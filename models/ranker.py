@@ -10,21 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from features.spec import FeatureSpec, TaskSpec
+from features.outputs import OutputSchema
+from features.spec import FeatureSpec
 from models.bottoms import MMoE, OMoE, PLE, BatchedMLP, SharedBottom
 from models.config import ModelConfig
 from models.embedding import FusedEmbeddings
-from pipeline.batch import Batch
-
-
-def product_key(task: TaskSpec) -> str:
-    """Name of the entire-space product p(parent & task): parent 'ctr' + 'cvr' -> 'ctcvr'.
-
-    The parent's trailing 'r' (rate) is dropped, so the chain reads like the ESMM paper's pCTCVR
-    and extends to 'ctcollect', 'ctcart'. Returns the name without the 'p_' / 'log_p_' prefix.
-    """
-    assert task.parent is not None
-    return task.parent.removesuffix("r") + task.name
+from models.batch import Batch, ModelOutput
 
 
 def build_bottom(cfg: ModelConfig, tasks: tuple[str, ...], in_dim: int) -> nn.Module:
@@ -51,18 +42,19 @@ class DenseStage(nn.Module):
 
 
 class MultiTaskRanker(nn.Module):
-    """forward(batch) -> {'logits': {task: [B]}, 'gates': ..., 'p_<task>', 'p_<prod>', 'log_p_<prod>', '<regression task>'}.
+    """forward(batch) -> ModelOutput, its predictions named by the spec's `OutputSchema`.
 
-    Binary tasks: `p_<task>` = sigmoid(logit). Children with a `parent`: also
-    `p_<prod>` = p_parent * p_task and `log_p_<prod>` = logsigmoid sum, finite for any logit, so
-    the entire-space BCE can be computed in log space. Regression tasks: the logit is the raw
-    prediction; with loss mse_log1p it is log1p(value) and `<task>` = expm1(clamp(raw, min=0)).
+    Binary tasks: probability = sigmoid(logit). Children with a `parent`: also the product
+    p_parent * p_task and its log (a logsigmoid sum, finite for any logit, so the entire-space BCE
+    can be computed in log space). Regression tasks: the logit is the raw prediction; with loss
+    mse_log1p it is log1p(value) and the prediction is expm1(clamp(raw, min=0)).
     """
 
     def __init__(self, spec: FeatureSpec, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
         self.task_specs = spec.tasks
+        self.schema: OutputSchema = spec.outputs
         self.tasks = tuple(t.name for t in spec.tasks)
         self.embeddings = FusedEmbeddings(spec)
         self.bottom = build_bottom(cfg, self.tasks, self.embeddings.output_dim)
@@ -94,7 +86,7 @@ class MultiTaskRanker(nn.Module):
         sparse = {id(p) for p in self.sparse_parameters()}
         return [p for p in self.parameters() if id(p) not in sparse]
 
-    def forward(self, batch: Batch) -> dict:
+    def forward(self, batch: Batch) -> ModelOutput:
         return self.outputs(*self.dense(self.embeddings(batch)))
 
     def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
@@ -107,21 +99,24 @@ class MultiTaskRanker(nn.Module):
         with torch.autocast(x.device.type, enabled=False):   # towers in fp32 under bf16 autocast
             return self.towers(h.float()).squeeze(-1), gates  # [T, B]
 
-    def outputs(self, raw: torch.Tensor, gates: dict | None) -> dict:
+    def outputs(self, raw: torch.Tensor, gates: dict | None) -> ModelOutput:
         """Raw tower outputs -> logits, probabilities, products, regression values (no parameters)."""
         logits = {t: raw[i] for i, t in enumerate(self.tasks)}
-        out: dict = {"logits": logits, "gates": gates}
+        preds: dict[str, torch.Tensor] = {}
+        log_products: dict[str, torch.Tensor] = {}
+        own = {}
         for t in self.task_specs:
             z = logits[t.name]
             if t.type == "binary":
-                out[f"p_{t.name}"] = torch.sigmoid(z)
+                own[t.name] = torch.sigmoid(z)
             elif t.loss == "mse_log1p":
-                out[t.name] = torch.expm1(z.clamp(min=0))
+                own[t.name] = torch.expm1(z.clamp(min=0))
             else:
-                out[t.name] = z
+                own[t.name] = z
         for t in self.task_specs:  # products always exist: scoring and evaluation read them
-            if t.parent is not None:
-                key = product_key(t)
-                out[f"p_{key}"] = out[f"p_{t.parent}"] * out[f"p_{t.name}"]
-                out[f"log_p_{key}"] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
-        return out
+            preds[self.schema.own(t.name).name] = own[t.name]
+            prod = self.schema.product(t.name)
+            if prod is not None:
+                preds[prod.name] = own[t.parent] * own[t.name]
+                log_products[t.name] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
+        return ModelOutput(logits, preds, log_products, gates)

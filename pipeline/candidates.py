@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, BadInputError,
                             RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
-from features.spec import FeatureSpec
+from features.spec import FeatureSpec, SpecError
 from pipeline.checkpoint import write_atomic
 from pipeline.reader import RowAccounting, open_parquet
 from pipeline.scoring.config import ScoringConfig
@@ -46,7 +46,7 @@ def candidate_files(path: str | Path, day: dt.date | None = None) -> list[str]:
 def rule_columns_needed(cfg: ScoringConfig, request_column: str) -> dict[str, str]:
     """column -> what needs it, for the scoring keys and every enabled rule."""
     need = {request_column: "the request key", cfg.item_column: "the item key (item_column)",
-            cfg.fusion.price_column: "the fusion formula (fusion.price_column)"}
+            **{c: "a fusion factor (score.fusion.factors)" for c in cfg.fusion.columns}}
     if cfg.window.enabled:
         need[cfg.window.attribute] = "the N-pick-1 rule (window.attribute; disable with window.enabled: false)"
     if cfg.new_item.enabled:
@@ -65,6 +65,9 @@ class CandidateReader:
                  quarantine_dir: str | Path | None = None, chunk_rows: int = 65_536,
                  extra_columns: tuple[str, ...] = ()):
         self.files, self.spec, self.cfg, self.chunk_rows = files, spec, cfg, chunk_rows
+        if spec.request_id is None:
+            raise SpecError("the model's FeatureSpec has request_id: null; scoring ranks candidates per request "
+                            "and needs a request id column (set request_id in the spec)")
         self.request_column = spec.request_id
         self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
         if cfg.on_bad_row == "quarantine" and self.quarantine_dir is None:
@@ -117,7 +120,7 @@ class CandidateReader:
 
     def _rule_inputs(self) -> list[str]:
         spec = self.spec
-        return [spec.group_key, *(f.name for f in spec.numeric)]
+        return [*spec.group_columns, *(f.name for f in spec.numeric)]
 
     def _reject(self, rows: pa.RecordBatch, reason: pl.Series, file: str, chunk: int) -> None:
         counts = reason.value_counts(sort=True)

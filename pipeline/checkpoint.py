@@ -7,6 +7,8 @@ moment leaves either the previous checkpoint or the new one, never a half-writte
 """
 from __future__ import annotations
 
+from features.base import MtrankError
+
 import contextlib
 import errno
 import hashlib
@@ -20,7 +22,7 @@ import torch
 MANIFEST = "latest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MtrankError, RuntimeError):
     pass
 
 
@@ -32,7 +34,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class OutputError(OSError):
+class OutputError(MtrankError, OSError):
     """An output could not be written (disk full, file too large, not a directory, ...): names the
     path and the OS error; nothing is left under the final name."""
 

@@ -1,7 +1,8 @@
 """Predict over an evaluation window and score each task on its own population.
 
-CTR and the entire-space products (CTCVR, ...) are judged over all impressions; post-click tasks
-(CVR, collect, cart) over clicked rows; stay (regression) over clicked rows. Where the data carries
+Each figure of the spec's `OutputSchema` is judged on its population: a task on its `space` (all rows,
+or its space task's positives, e.g. clicked rows for post-click tasks), an entire-space product over
+its parent's population; regression tasks by RMSE / R² on their space. Where the data carries
 the generator's true probabilities, the oracle AUC (truth as the score) is reported beside the
 model's, so "how good" has a ceiling to be read against.
 """
@@ -15,26 +16,21 @@ import numpy as np
 import torch
 
 from features.spec import FeatureSpec
-from models import MultiTaskRanker, product_key
+from features.outputs import OutputKind, joint_positive
+from models import MultiTaskRanker
 from pipeline.metrics import auc, calibration_bins, gauc, logloss, normalized_entropy, r2, rmse, roc_points
 from pipeline.reader import ImpressionReader
 
 
 @dataclass
 class Predictions:
-    outputs: dict[str, np.ndarray]      # p_<task>, p_<product>, <regression task>
+    outputs: dict[str, np.ndarray]      # output name (the spec's OutputSchema) -> per-row values
     labels: dict[str, np.ndarray]
     masks: dict[str, np.ndarray]
     truth: dict[str, np.ndarray]
     group: np.ndarray | None
     gate_means: dict[str, np.ndarray]   # task -> mean softmax weight per expert
     rows: int
-
-
-def row_outputs(out: dict) -> dict[str, torch.Tensor]:
-    """The per-row predictions of a forward pass: p_<task>, p_<product>, regression values
-    (not logits, gates or log-probabilities)."""
-    return {k: v for k, v in out.items() if k not in ("logits", "gates") and not k.startswith("log_p_")}
 
 
 FORWARD_ROWS = 16_384
@@ -50,15 +46,15 @@ def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None 
                  chunk_rows: int = FORWARD_ROWS) -> dict[str, np.ndarray]:
     """Predictions for raw feature rows (an Arrow table or record batch), featurized and run in
     chunks; `timings` accumulates featurize_s and forward_s when given."""
-    from pipeline.batch import Batch
+    from pipeline.batch import batch_from_arrays
 
     parts: dict[str, list[np.ndarray]] = {}
     device = model_device(model)
     for start in range(0, rows.num_rows, chunk_rows):
         t0 = time.perf_counter()
-        batch = Batch.from_arrays(featurizer.transform(rows.slice(start, chunk_rows), with_labels=False))
+        batch = batch_from_arrays(featurizer.transform(rows.slice(start, chunk_rows), with_labels=False))
         t1 = time.perf_counter()
-        out = row_outputs(model(batch.to(device)))
+        out = model(batch.to(device)).predictions
         if timings is not None:
             timings["featurize_s"] = timings.get("featurize_s", 0.0) + t1 - t0
             timings["forward_s"] = timings.get("forward_s", 0.0) + time.perf_counter() - t1
@@ -92,14 +88,14 @@ def predict(model: MultiTaskRanker, reader: ImpressionReader, max_rows: int | No
         take = batch.size if max_rows is None else min(batch.size, max_rows - rows)
         with ctx:
             out = model(batch.to(device))
-        for k, v in row_outputs(out).items():
+        for k, v in out.predictions.items():
             outs.setdefault(k, []).append(v[:take].float().cpu().numpy())
         for src, dst in ((batch.labels, labels), (batch.masks, masks), (batch.truth, truth)):
             for k, v in src.items():
                 dst.setdefault(k, []).append(v[:take].numpy())
         if batch.group is not None:
             groups.append(batch.group[:take].numpy())
-        for t, g in (out["gates"] or {}).items():
+        for t, g in (out.gates or {}).items():
             s = g[:take].float().sum(0).cpu()
             gate_sums[t] = gate_sums[t] + s if t in gate_sums else s
         rows += take
@@ -155,25 +151,21 @@ class BinarySet:
 
 
 def binary_sets(pred: Predictions, spec: FeatureSpec) -> dict[str, BinarySet]:
-    """Every binary task, then its entire-space product when the model outputs it, in spec order."""
+    """Every binary figure of the spec's outputs (a task on its own population, a product on its
+    parent's), keyed by figure name, in spec order; products a model did not output are left out."""
     out: dict[str, BinarySet] = {}
-
-    def take(name: str, population: str, mask: np.ndarray, score_key: str, label: np.ndarray,
-             truth: np.ndarray | None) -> None:
-        out[name] = BinarySet(name, population, pred.outputs[score_key][mask], label[mask],
-                              None if truth is None else truth[mask],
-                              None if pred.group is None else pred.group[mask])
-
-    for t in spec.tasks:
-        if t.type != "binary":
+    for f in spec.outputs.binary:
+        if f.name not in pred.outputs:
             continue
-        take(t.name, t.space, pred.masks[t.name], f"p_{t.name}", pred.labels[t.name], pred.truth.get(t.name))
-        key = product_key(t) if t.parent is not None else None
-        if key is not None and f"p_{key}" in pred.outputs:
-            label = ((pred.labels[t.parent] > 0) & (pred.labels[t.name] > 0)).astype(np.int8)
-            truth = (pred.truth[t.parent] * pred.truth[t.name]
-                     if t.name in pred.truth and t.parent in pred.truth else None)
-            take(key, spec.task_by_name[t.parent].space, pred.masks[t.parent], f"p_{key}", label, truth)
+        # a task's rows are its space's; a product's are its parent's (targets[0])
+        mask = pred.masks[f.task if f.kind is OutputKind.PROBABILITY else f.targets[0]]
+        label = joint_positive(pred.labels, f.targets).astype(np.int8)
+        truth = None
+        if all(t in pred.truth for t in f.targets):
+            truth = np.prod([pred.truth[t] for t in f.targets], axis=0)
+        out[f.figure] = BinarySet(f.figure, f.population, pred.outputs[f.name][mask], label[mask],
+                                  None if truth is None else truth[mask],
+                                  None if pred.group is None else pred.group[mask])
     return out
 
 
@@ -189,18 +181,18 @@ def task_curves(pred: Predictions, spec: FeatureSpec, points: int = 200) -> dict
 
 
 def task_metrics(pred: Predictions, spec: FeatureSpec) -> dict[str, dict]:
-    """{name: metrics}: one entry per task on its population, plus one per entire-space product."""
+    """{figure: metrics}: one entry per task on its population, plus one per entire-space product."""
     sets = binary_sets(pred, spec)
     res: dict[str, dict] = {}
-    for t in spec.tasks:
-        if t.type == "binary":
-            for name in (t.name, product_key(t) if t.parent is not None else None):
-                if name in sets:
-                    b = sets[name]
-                    res[name] = {"population": b.population, **_binary(b.score, b.label, b.oracle, b.group)}
+    for f in spec.outputs:
+        if f.binary:
+            if f.figure in sets:
+                b = sets[f.figure]
+                res[f.figure] = {"population": b.population, **_binary(b.score, b.label, b.oracle, b.group)}
             continue
+        t = spec.task_by_name[f.task]
         pop = pred.masks[t.name]
-        y, p = pred.labels[t.name][pop], pred.outputs[t.name][pop]
+        y, p = pred.labels[t.name][pop], pred.outputs[f.name][pop]
         m = {"population": t.space, "rows": int(y.size), "rmse": rmse(p, y), "r2": r2(p, y)}
         if t.loss == "mse_log1p":
             m["rmse_log1p"] = rmse(np.log1p(p), np.log1p(y))

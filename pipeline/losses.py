@@ -4,8 +4,8 @@ Each task record becomes a `LossTerm` that says which model output to read, whic
 average over and which target to compare against. ESMM is not a special case here: with
 `esmm: true` a task with a parent is trained on its *entire-space product* (log p_parent +
 log p_task against parent ∧ task over the parent's population); without it, on its own logit
-over its own population (clicked rows). Post-click terms average over their own population, so a
-batch with 3 clicks gives the CVR term the weight of 3 rows' mean, not of 4096 rows' mean.
+over its own population (its space task's positives). Such terms average over their own population,
+so a batch with 3 positives of the space task weighs the term as 3 rows' mean, not 4096 rows'.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from features.spec import FeatureSpec
-from models.ranker import product_key
-from pipeline.batch import Batch
+from features.outputs import joint_positive
+from models.batch import Batch, ModelOutput
 
 LOG_HALF = -math.log(2.0)
 
@@ -28,8 +28,7 @@ LOG_HALF = -math.log(2.0)
 class LossTerm:
     """How one task is trained: the model output, the population, the target and the loss."""
 
-    task: str
-    output: str                      # key in out["logits"] (logit) or out (log-probability)
+    task: str                        # the task record; logits and log-products are keyed by it
     kind: Literal["logit_bce", "logprob_bce", "mse", "mse_log1p"]
     population: str                  # task whose mask selects the rows (its own or its parent's)
     targets: tuple[str, ...]         # labels that must all be positive (binary) / the label (regression)
@@ -41,12 +40,12 @@ def loss_terms(spec: FeatureSpec, esmm: bool) -> tuple[LossTerm, ...]:
     terms = []
     for t in spec.tasks:
         if t.type == "regression":
-            terms.append(LossTerm(t.name, t.name, t.loss, t.name, (t.name,), t.weight, False))
+            terms.append(LossTerm(t.name, t.loss, t.name, (t.name,), t.weight, False))
         elif esmm and t.parent is not None:
-            terms.append(LossTerm(t.name, f"log_p_{product_key(t)}", "logprob_bce", t.parent,
-                                  (t.parent, t.name), t.weight, True))
+            terms.append(LossTerm(t.name, "logprob_bce", t.parent, spec.outputs.product(t.name).targets,
+                                  t.weight, True))
         else:
-            terms.append(LossTerm(t.name, t.name, "logit_bce", t.name, (t.name,), t.weight, True))
+            terms.append(LossTerm(t.name, "logit_bce", t.name, (t.name,), t.weight, True))
     return tuple(terms)
 
 
@@ -95,29 +94,27 @@ class MultiTaskLoss(nn.Module):
         self.register_buffer("weights", torch.tensor([t.weight for t in self.terms]), persistent=False)
         self.uncertainty = UncertaintyWeights(self.terms) if weighting == "uncertainty" else None
 
-    def per_task(self, out: dict, batch: Batch) -> tuple[list[torch.Tensor], list[int]]:
+    def per_task(self, out: ModelOutput, batch: Batch) -> tuple[list[torch.Tensor], list[int]]:
         losses, counts = [], []
         for t in self.terms:
             mask = batch.masks[t.population]
             if t.kind == "logit_bce":
-                rows = F.binary_cross_entropy_with_logits(out["logits"][t.output].float(),
+                rows = F.binary_cross_entropy_with_logits(out.logits[t.task].float(),
                                                           batch.labels[t.task], reduction="none")
             elif t.kind == "logprob_bce":
-                y = batch.labels[t.targets[0]] > 0
-                for extra in t.targets[1:]:
-                    y = y & (batch.labels[extra] > 0)
-                rows = bce_from_log_prob(out[t.output].float(), y.float())
+                y = joint_positive(batch.labels, t.targets)
+                rows = bce_from_log_prob(out.log_products[t.task].float(), y.float())
             else:
                 target = batch.labels[t.task]
                 if t.kind == "mse_log1p":
                     target = torch.log1p(target)
-                rows = (out["logits"][t.output].float() - target).square()
+                rows = (out.logits[t.task].float() - target).square()
             loss, n = masked_mean(rows, mask)
             losses.append(loss)
             counts.append(n)
         return losses, counts
 
-    def forward(self, out: dict, batch: Batch) -> tuple[torch.Tensor, dict[str, float], dict[str, int]]:
+    def forward(self, out: ModelOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, float], dict[str, int]]:
         losses, counts = self.per_task(out, batch)
         stacked = torch.stack(losses)
         weighted = self.weights * (stacked if self.uncertainty is None else self.uncertainty(stacked))

@@ -25,7 +25,8 @@ from features.numeric import NumericStats
 from features.rules import (MISSING_COLUMN, REASON, UNREADABLE, BadInputError, float_columns,
                             reject_reason_expr, row_rules)
 from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature
-from pipeline.batch import Batch
+from models.batch import Batch
+from pipeline.batch import batch_from_arrays
 from pipeline.dataset import SKIP_HINT, DataWindow, RowGroup
 from pipeline.progress import Progress
 
@@ -82,7 +83,7 @@ def skipped_files(*sources) -> list[dict]:
 
 def rule_columns(spec: FeatureSpec) -> list[str]:
     """Columns the row rules look at (small, numeric: cheap to validate on their own)."""
-    return list(dict.fromkeys([spec.group_key, *(f.name for f in spec.numeric), *(t.label for t in spec.tasks)]))
+    return list(dict.fromkeys([*spec.group_columns, *(f.name for f in spec.numeric), *(t.label for t in spec.tasks)]))
 
 
 def read_columns(spec: FeatureSpec, schema: pa.Schema, with_eval: bool) -> list[str]:
@@ -277,7 +278,7 @@ class ImpressionReader:
             arrays = arrays.take(rng.permutation(arrays.rows))
         n = arrays.rows if final else arrays.rows - arrays.rows % self.batch_size
         for start in range(0, n, self.batch_size):
-            yield Batch.from_arrays(arrays.slice(start, min(start + self.batch_size, n)))
+            yield batch_from_arrays(arrays.slice(start, min(start + self.batch_size, n)))
         return arrays.slice(n, arrays.rows)
 
 

@@ -8,6 +8,8 @@ position in the epoch's (seeded) batch order.
 """
 from __future__ import annotations
 
+from features.base import MtrankError, StrictConfig
+
 import contextlib
 import hashlib
 import json
@@ -18,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from features.numeric import NumericStats
 from features.spec import FeatureSpec
-from models import DenseStage, ModelConfig, MultiTaskRanker
+from models import DenseStage, ModelConfig, ModelOutput, MultiTaskRanker
 from pipeline.checkpoint import CheckpointStore
 from pipeline.distributed import SINGLE, Dist, GradientSync, lockstep, resolve_device
 from pipeline.losses import MultiTaskLoss
@@ -34,10 +36,8 @@ from pipeline.reader import ImpressionReader, RowAccounting
 log = logging.getLogger("mtrank.train")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StrictConfig):
     """Optimisation knobs; strict so that a misspelt key in a job config is an error."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: int = Field(default=1, gt=0)
     batch_size: int = Field(default=4096, gt=0)
@@ -62,11 +62,11 @@ class TrainConfig(BaseModel):
         return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device"})
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MtrankError, RuntimeError):
     pass
 
 
-class ResumeMismatchError(RuntimeError):
+class ResumeMismatchError(MtrankError, RuntimeError):
     pass
 
 
@@ -192,7 +192,7 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _forward(self, batch) -> dict:
+    def _forward(self, batch) -> "ModelOutput":
         if self.ddp is None:
             return self.model(batch)
         return self.model.outputs(*self.ddp(self.model.embeddings(batch)))

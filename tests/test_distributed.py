@@ -136,11 +136,11 @@ def test_failing_rank_fails_the_job_with_its_error(base):
 
 
 def test_repeated_two_rank_jobs_exit_cleanly_register_once_and_resume_exactly(base, small):
-    """Three 2-rank jobs, each must exit 0: torchrun -m jobs.train (tracked: one MLflow run, one
+    """Three 2-rank jobs, each must exit 0: torchrun -m jobs.cli train (tracked: one MLflow run, one
     version), then the same job for one epoch and its --resume to two epochs, which must end with the
     weights of the uninterrupted two-epoch job."""
     full = _job(base, "full", data="small", epochs=2)
-    r = _train(TORCHRUN + ["-m", "jobs.train"], full)   # tracked: the default sqlite store under work_dir
+    r = _train(TORCHRUN + ["-m", "jobs.cli", "train"], full)   # tracked: the default sqlite store under work_dir
     assert r.returncode == 0, r.stderr[-3000:]
     uri = f"sqlite:///{(base / 'work-full' / 'mlflow.db').resolve()}"
     client = mlflow.MlflowClient(uri, uri)

@@ -8,7 +8,7 @@ from features.featurize import FeatureArrays, Featurizer
 from features.hashing import NULL_ID, hash_value
 from features.numeric import Moments, NumericStats, pre_standardize_expr
 from features.spec import parse_spec
-from pipeline.batch import Batch
+from pipeline.batch import batch_from_arrays
 from tests.conftest import make_frame
 
 
@@ -111,7 +111,7 @@ def test_slice_take_concat_match_transform_of_rows(spec):
     _same(whole.slice(16, 45), parts[1])
     perm = np.random.default_rng(0).permutation(60)
     _same(whole.take(perm), feat.transform(df[perm], with_eval=True))
-    batch = Batch.from_arrays(whole.slice(0, 16))
+    batch = batch_from_arrays(whole.slice(0, 16))
     assert batch.size == 16 and torch.equal(batch.dense, torch.from_numpy(whole.dense[:16]))
 
 

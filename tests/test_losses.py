@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from features.spec import load_spec
-from pipeline.batch import Batch
+from models.batch import Batch, ModelOutput
 from pipeline.losses import MultiTaskLoss, bce_from_log_prob, log1mexp, loss_terms
 
 
@@ -25,10 +25,9 @@ def fake(spec, n=64, seed=0):
     labels["stay"] = click * torch.rand(n, generator=g) * 60
     masks = {t.name: torch.ones(n, dtype=torch.bool) if t.space == "all" else click > 0 for t in spec.tasks}
     logits = {t.name: torch.randn(n, generator=g, requires_grad=True) for t in spec.tasks}
-    out = {"logits": logits}
-    for t in spec.tasks:
-        if t.parent:
-            out[f"log_p_{t.parent.removesuffix('r')}{t.name}"] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
+    log_products = {t.name: F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
+                    for t in spec.tasks if t.parent}
+    out = ModelOutput(logits, {}, log_products, None)
     batch = Batch(n, torch.zeros(n, 1, dtype=torch.long), {}, torch.zeros(n, 0), labels, masks, None, {})
     return out, batch
 
@@ -37,7 +36,7 @@ def test_terms_follow_task_records(spec):
     esmm = {t.task: t for t in loss_terms(spec, esmm=True)}
     plain = {t.task: t for t in loss_terms(spec, esmm=False)}
     assert esmm["cvr"].kind == "logprob_bce" and esmm["cvr"].population == "ctr"
-    assert esmm["cvr"].targets == ("ctr", "cvr") and esmm["cvr"].output == "log_p_ctcvr"
+    assert esmm["cvr"].targets == ("ctr", "cvr")
     assert plain["cvr"].kind == "logit_bce" and plain["cvr"].population == "cvr"
     assert esmm["stay"].kind == "mse_log1p" == plain["stay"].kind
     assert esmm["ctr"] == plain["ctr"]
@@ -49,22 +48,22 @@ def test_post_click_loss_averages_over_clicked_rows_only(spec):
     loss = MultiTaskLoss(spec, esmm=False)
     _, per_task, counts = loss(out, batch)
     clicked = batch.masks["cvr"]
-    expected = F.binary_cross_entropy_with_logits(out["logits"]["cvr"][clicked], batch.labels["cvr"][clicked])
+    expected = F.binary_cross_entropy_with_logits(out.logits["cvr"][clicked], batch.labels["cvr"][clicked])
     assert per_task["cvr"] == pytest.approx(expected.item(), rel=1e-6)
     assert counts["cvr"] == int(clicked.sum()) and counts["ctr"] == batch.size
     # rows outside the population cannot move the term: change their logits and labels wildly
-    out["logits"]["cvr"].data[~clicked] = 50.0
+    out.logits["cvr"].data[~clicked] = 50.0
     batch.labels["cvr"][~clicked] = 1.0
     assert loss(out, batch)[1]["cvr"] == pytest.approx(per_task["cvr"], rel=1e-6)
     stay_target = torch.log1p(batch.labels["stay"][clicked])
-    assert per_task["stay"] == pytest.approx(((out["logits"]["stay"][clicked] - stay_target) ** 2).mean().item(),
+    assert per_task["stay"] == pytest.approx(((out.logits["stay"][clicked] - stay_target) ** 2).mean().item(),
                                              rel=1e-6)
 
 
 def test_esmm_term_is_entire_space_bce_of_product(spec):
     out, batch = fake(spec, seed=1)
     _, per_task, counts = MultiTaskLoss(spec, esmm=True)(out, batch)
-    p = torch.sigmoid(out["logits"]["ctr"]) * torch.sigmoid(out["logits"]["cvr"])
+    p = torch.sigmoid(out.logits["ctr"]) * torch.sigmoid(out.logits["cvr"])
     y = batch.labels["ctr"] * batch.labels["cvr"]
     assert per_task["cvr"] == pytest.approx(F.binary_cross_entropy(p, y).item(), rel=1e-5)
     assert counts["cvr"] == batch.size  # the parent's population: every impression
@@ -77,7 +76,7 @@ def test_empty_population_gives_zero_with_graph(spec):
     total, per_task, counts = MultiTaskLoss(spec, esmm=False)(out, batch)
     assert per_task["cvr"] == 0.0 and counts["cvr"] == 0
     total.backward()
-    assert torch.all(out["logits"]["cvr"].grad == 0)
+    assert torch.all(out.logits["cvr"].grad == 0)
 
 
 def test_log_space_bce_is_finite_where_probability_product_is_not():

@@ -4,8 +4,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from features.spec import load_spec, parse_spec
-from models import BatchedMLP, FusedEmbeddings, ModelConfig, MultiTaskRanker, product_key
-from pipeline.batch import Batch, TableInput
+from models import BatchedMLP, FusedEmbeddings, ModelConfig, MultiTaskRanker
+from models.batch import Batch, TableInput
+from pipeline.batch import batch_from_arrays
 
 SMALL = {
     "hash_seed": 1,
@@ -66,11 +67,14 @@ def test_config_strict_and_frozen():
 def test_output_shapes_all_bottoms(small, bottom):
     model = MultiTaskRanker(small, ModelConfig(bottom=bottom, **TINY))
     out = model(make_batch(small, 7))
-    assert set(out["logits"]) == {"ctr", "cvr", "stay", "cart"}
-    for k in ("p_ctr", "p_cvr", "p_cart", "p_ctcvr", "p_ctcart", "log_p_ctcvr", "log_p_ctcart", "stay"):
-        assert out[k].shape == (7,), k
-    assert (out["stay"] >= 0).all()
-    gates = out["gates"]
+    assert set(out.logits) == {"ctr", "cvr", "stay", "cart"}
+    assert set(out.predictions) == {"p_ctr", "p_cvr", "p_ctr_cvr", "stay", "p_cart", "p_ctr_cart"}
+    assert list(out.predictions) == list(small.outputs.names)
+    for k, v in out.predictions.items():
+        assert v.shape == (7,), k
+    assert set(out.log_products) == {"cvr", "cart"} and all(v.shape == (7,) for v in out.log_products.values())
+    assert (out.predictions["stay"] >= 0).all()
+    gates = out.gates
     if bottom == "shared_bottom":
         assert gates is None
     else:
@@ -88,10 +92,10 @@ def test_default_spec_outputs():
     assert emb.output_dim == 16 * (n_id + n_bag) + len(spec.dense)
     out = model(make_batch(spec, 5))
     for k in ("p_ctr", "p_cvr", "p_ctcvr", "p_collect", "p_ctcollect", "p_cart", "p_ctcart", "stay"):
-        assert out[k].shape == (5,)
-    assert product_key(spec.task_by_name["cvr"]) == "ctcvr"
+        assert out.predictions[k].shape == (5,)
+    assert spec.outputs.product("cvr").figure == "ctcvr"   # the demo spec names its products
     # esmm only changes how children are trained; the products are outputs either way
-    assert "p_ctcvr" in MultiTaskRanker(spec, ModelConfig(esmm=False, **TINY))(make_batch(spec, 2))
+    assert "p_ctcvr" in MultiTaskRanker(spec, ModelConfig(esmm=False, **TINY))(make_batch(spec, 2)).predictions
 
 
 def test_featurizer_batch_end_to_end(spec):
@@ -101,26 +105,26 @@ def test_featurizer_batch_end_to_end(spec):
     from features.numeric import NumericStats
 
     df = make_frame(spec, 12)
-    batch = Batch.from_arrays(Featurizer(spec, NumericStats.of_frame(df, spec)).transform(df))
+    batch = batch_from_arrays(Featurizer(spec, NumericStats.of_frame(df, spec)).transform(df))
     model = MultiTaskRanker(spec, ModelConfig(bottom="ple", **TINY))
     out = model(batch)
-    assert out["p_ctcvr"].shape == (12,) and torch.isfinite(out["log_p_ctcvr"]).all()
-    out["log_p_ctcvr"].sum().backward()
+    assert out.predictions["p_ctcvr"].shape == (12,) and torch.isfinite(out.log_products["cvr"]).all()
+    out.log_products["cvr"].sum().backward()
     assert all(p.grad.is_sparse for p in model.sparse_parameters())
 
 
 def test_esmm_product_and_stable_log(small):
     model = MultiTaskRanker(small, ModelConfig(**TINY))
     out = model(make_batch(small, 9))
-    torch.testing.assert_close(out["p_ctcvr"], out["p_ctr"] * out["p_cvr"])
-    torch.testing.assert_close(out["log_p_ctcvr"], torch.log(out["p_ctcvr"]))
+    torch.testing.assert_close(out.predictions["p_ctr_cvr"], out.predictions["p_ctr"] * out.predictions["p_cvr"])
+    torch.testing.assert_close(out.log_products["cvr"], torch.log(out.predictions["p_ctr_cvr"]))
     with torch.no_grad():  # force every logit to -100
         model.towers.weights[-1].zero_()
         model.towers.biases[-1].fill_(-100.0)
     out = model(make_batch(small, 9))
-    assert torch.isfinite(out["log_p_ctcvr"]).all()
-    torch.testing.assert_close(out["log_p_ctcvr"], torch.full((9,), -200.0))
-    out["log_p_ctcvr"].sum().backward()
+    assert torch.isfinite(out.log_products["cvr"]).all()
+    torch.testing.assert_close(out.log_products["cvr"], torch.full((9,), -200.0))
+    out.log_products["cvr"].sum().backward()
     assert torch.isfinite(model.towers.biases[-1].grad).all()
 
 
@@ -150,7 +154,7 @@ def test_shared_table_same_rows(small):
 def test_sparse_and_dense_grads(small):
     model = MultiTaskRanker(small, ModelConfig(bottom="ple", **TINY))
     out = model(make_batch(small, 6))
-    (sum(v.sum() for v in out["logits"].values())).backward()
+    (sum(v.sum() for v in out.logits.values())).backward()
     sparse = model.sparse_parameters()
     assert len(sparse) == 3  # dims 2, 4, 8
     for p in sparse:
@@ -166,7 +170,7 @@ def test_sparse_and_dense_grads(small):
 
 def test_mmoe_gates_differ_per_task(small):
     model = MultiTaskRanker(small, ModelConfig(bottom="mmoe", **TINY))
-    gates = model(make_batch(small, 8))["gates"]
+    gates = model(make_batch(small, 8)).gates
     for g in gates.values():
         torch.testing.assert_close(g.sum(1), torch.ones(8))
     assert not torch.allclose(gates["ctr"], gates["cvr"])
@@ -228,7 +232,7 @@ def test_tiny_model_learns(small):
     for step in range(200):
         batch = make_batch(small, 128, seed=step)
         y = (batch.ids[:, uid] % 3 == 0).float()  # click iff user id in a subset
-        loss = F.binary_cross_entropy_with_logits(model(batch)["logits"]["ctr"], y)
+        loss = F.binary_cross_entropy_with_logits(model(batch).logits["ctr"], y)
         opt_s.zero_grad(), opt_d.zero_grad()
         loss.backward()
         opt_s.step(), opt_d.step()

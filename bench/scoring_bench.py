@@ -22,22 +22,36 @@ from bench.common import CACHE, machine, repeat, write_results
 from bench.mtrank_run import EVAL_DAY, ROOT, TRAIN_DAY, ensure_data
 from bench.scoring_loop import score_loop
 from features.featurize import Featurizer
+from features.outputs import OutputKind
 from features.spec import load_spec
 from jobs.config import load_config
 from jobs.exposures import count_exposures
 from jobs.model_io import save_model
 from jobs.score import read_exposures, score
-from pipeline.batch import Batch
+from pipeline.batch import batch_from_arrays
 from pipeline.dataset import open_window
 from pipeline.evaluate import FORWARD_ROWS
 from pipeline.reader import ImpressionReader, fit_numeric_stats
 from pipeline.scoring import score_candidates
+from pipeline.scoring.fusion import resolve
 from pipeline.synthetic.candidates import generate_candidates
 from pipeline.synthetic.impressions import ImpressionConfig
 from pipeline.trainer import build_model
 
-TRUTH = {"p_ctr": "true_p_click", "p_cvr": "true_p_conversion", "p_cart": "true_p_cart",
-         "p_collect": "true_p_collect", "stay": "true_stay_seconds"}
+
+
+def truth_outputs(spec, table) -> dict:
+    """The generator's true values as model outputs: each task's own output (named by the spec's
+    OutputSchema) read from its ground-truth column, and each entire-space product as parent × child."""
+    schema = spec.outputs
+    out = {schema.own(t).name: table[c].to_numpy() for t, c in spec.ground_truth.items()}
+    for f in schema:
+        if f.kind is OutputKind.PRODUCT and all(schema.own(t).name in out for t in f.targets):
+            v = out[schema.own(f.targets[0]).name]
+            for t in f.targets[1:]:
+                v = v * out[schema.own(t).name]
+            out[f.name] = v
+    return out
 
 
 def ensure_candidates(requests: int) -> Path:
@@ -67,7 +81,7 @@ def bare_forward(model_dir: Path, candidates: Path) -> tuple[int, float]:
     saved = load_model(model_dir)
     table = pq.read_table(candidates / f"dt={EVAL_DAY}")
     feat = Featurizer(saved.spec, saved.stats)
-    batches = [Batch.from_arrays(feat.transform(table.slice(s, FORWARD_ROWS), with_labels=False))
+    batches = [batch_from_arrays(feat.transform(table.slice(s, FORWARD_ROWS), with_labels=False))
                for s in range(0, table.num_rows, FORWARD_ROWS)]
     del table
     t0 = time.perf_counter()
@@ -98,13 +112,15 @@ def main() -> None:
     # ---------------------------------------------------------------- fusion + rules
     table = pq.read_table(cand_root / f"dt={EVAL_DAY}")
     n = table.num_rows
-    outputs = {k: table[c].to_numpy() for k, c in TRUTH.items()}
+    spec = load_spec(job.spec)
+    plan = resolve(cfg.fusion, spec.outputs)
+    outputs = {k: v for k, v in truth_outputs(spec, table).items() if k in plan.required_outputs()}
     side = table.select([c for c in table.column_names if not c.startswith("true_")])
-    vec = repeat("vectorised", n, lambda: score_candidates(side, outputs, cfg, exposures=exposures), reps=reps)
-    res = score_candidates(side, outputs, cfg, exposures=exposures)
+    vec = repeat("vectorised", n, lambda: score_candidates(side, outputs, cfg, plan, exposures=exposures), reps=reps)
+    res = score_candidates(side, outputs, cfg, plan, exposures=exposures)
     seen = dict(zip(exposures[cfg.item_column].to_pylist(), exposures["exposures"].to_pylist()))
     t0 = time.perf_counter()
-    rank, flags, _ = score_loop(side, outputs, cfg, exposures=seen)
+    rank, flags, _ = score_loop(side, outputs, cfg, plan, exposures=seen)
     loop_s = time.perf_counter() - t0
     d = res.table.select(["request_id", "item_id", "rank", "rule_flags"]).to_pydict()
     got = {(r, i): (k or 0, f) for r, i, k, f in zip(d["request_id"], d["item_id"], d["rank"], d["rule_flags"])}
@@ -128,7 +144,7 @@ def main() -> None:
     loop_rate = n / loop_s
     payload = {
         "machine": machine(), "candidates": n, "requests": requests, "reps": reps,
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json"), "formula": plan.formula(),
         "rules": {"vectorised_per_s": vec.rates, "loop_per_s": loop_rate, "speedup": vec.median / loop_rate,
                   "identical_to_loop": identical, "summary": res.summary},
         "end_to_end": {"score_per_s": e2e, "bare_forward_per_s": fwd, "ratio": e2e_rate / fwd_rate,
@@ -136,6 +152,7 @@ def main() -> None:
     }
     mid = parts[len(parts) // 2]
     md = [f"# Scoring: {n:,} candidates ({requests:,} requests), median of {reps}, {machine()['cores']} cores", "",
+          f"score = {plan.formula()}", "",
           "| what | candidates/s | ratio |", "|---|---|---|",
           f"| fusion + all rules, vectorised (pipeline/scoring) | {vec.cell()} | {vec.median / loop_rate:.1f}x the loop |",
           f"| same rules, per-request Python loop (bench/scoring_loop.py) | {loop_rate:,.0f} | 1.0 |",

@@ -2,7 +2,8 @@
 
 This is the baseline of the scoring benchmark and the oracle of the scoring tests: it implements
 the same fusion and rules as pipeline/scoring (same formula, same operation order, same tie-break)
-with no vectorisation and no cleverness, requests served one after another.
+with no vectorisation and no cleverness, requests served one after another. The fusion walks the
+plan's factors (`pipeline.scoring.fusion.resolve`) one by one, so it scores any spec's outputs.
 """
 from __future__ import annotations
 
@@ -11,21 +12,46 @@ import math
 import numpy as np
 import pyarrow as pa
 
+from features.outputs import OutputKind
 from pipeline.scoring.config import ScoringConfig
 from pipeline.scoring.fate import Fate
+from pipeline.scoring.fusion import FusionPlan, ScoringError
 
 INF = float("inf")
 
 
-def _factors(cfg: ScoringConfig, out: dict, price, age, campaign: bool, quality) -> tuple[float, float, int, bool]:
-    f = cfg.fusion
+def _probability(plan: FusionPlan, name: str, task: str, out: dict) -> float:
+    x = out[name]
+    r = plan.keep_rates.get(task, 1.0)
+    return x if r == 1.0 else x / (x + (1.0 - x) / r)
+
+
+def _value(plan: FusionPlan, fac, out: dict, row: dict) -> tuple[float, int, bool]:
+    """(value, flags, eligible) of one factor for one candidate."""
+    o = fac.output
+    if o is None:
+        v = row[fac.column]
+        if v is not None and not (isinstance(v, float) and math.isnan(v)) and v > 0:
+            return float(v), 0, True
+        if fac.on_bad_value == "error":
+            raise ScoringError(f"column {fac.column!r}: rule on_bad_value: a candidate has a missing, NaN or "
+                               "non-positive value")
+        if fac.on_bad_value == "filter":
+            return 0.0, int(Fate.FILTERED_VALUE), False
+        return 0.0, int(Fate.VALUE_DEFAULTED), True
+    if o.kind is OutputKind.REGRESSION:
+        return out[o.name], 0, True
+    if o.kind is OutputKind.PRODUCT and any(plan.keep_rates.get(t, 1.0) != 1.0 for t in o.targets):
+        v = 1.0
+        for t in o.targets:   # the product rebuilt from its re-calibrated parts
+            v *= _probability(plan, plan.schema.own(t).name, t, out)
+        return v, 0, True
+    return _probability(plan, o.name, o.task, out), 0, True
+
+
+def _factors(cfg: ScoringConfig, plan: FusionPlan, out: dict, row: dict, age, campaign: bool,
+             quality) -> tuple[float, float, int, bool]:
     flags, eligible, weight = 0, True, 1.0
-    p = {}
-    for name in ("p_ctr", "p_cvr", "p_cart", "p_collect"):
-        if name in out:
-            x = out[name]
-            r = f.negative_keep_rate.get(name[2:], 1.0)
-            p[name] = x if r == 1.0 else x / (x + (1.0 - x) / r)
     if cfg.new_item.enabled and age is not None and not math.isnan(age) and age < cfg.new_item.max_age_days:
         weight *= cfg.new_item.multiplier
         flags |= Fate.BOOSTED_NEW
@@ -39,29 +65,31 @@ def _factors(cfg: ScoringConfig, out: dict, price, age, campaign: bool, quality)
         else:
             weight *= cfg.low_quality.multiplier
             flags |= Fate.DEMOTED_LOW_QUALITY
-    good_price = price is not None and price > 0
-    if not good_price:
-        flags |= Fate.PRICE_DEFAULTED
-        if f.bad_price == "filter":
-            eligible = False
-            flags |= Fate.FILTERED_PRICE
-    score = p["p_ctr"] * (f.alpha + p["p_cvr"])
-    score *= f.beta + (price if good_price else 0.0)
-    score *= out["stay"] ** f.a if f.a != 0 else 1.0
-    score *= p["p_cart"] ** f.b if f.b != 0 else 1.0
-    score *= p["p_collect"] ** f.c if f.c != 0 else 1.0
-    score *= weight
+    score = weight   # rule_weight first, then each factor in the plan's order (as `fuse` multiplies)
+    for fac in plan.factors:
+        if fac.exponent == 0:   # 0 ** 0 == 1: a zero exponent switches the factor off
+            continue
+        value, fl, ok = _value(plan, fac, out, row)
+        flags |= fl
+        eligible = eligible and ok
+        base = fac.offset + value
+        score *= base if fac.exponent == 1 else base ** fac.exponent
     return score, weight, int(flags), eligible
 
 
-def score_loop(table: pa.Table, outputs: dict[str, np.ndarray], cfg: ScoringConfig, *,
+def score_loop(table: pa.Table, outputs: dict[str, np.ndarray], cfg: ScoringConfig, plan: FusionPlan, *,
                caps: dict | None = None, exposures: dict | None = None,
                campaign_items: set | None = None) -> tuple[list[int], list[int], list[float]]:
-    """(rank, flags, score) per input row; rank 0 = not shown."""
+    """(rank, flags, score) per input row; rank 0 = not shown. `plan`: cfg.fusion resolved against
+    the model's outputs."""
     cols = table.to_pydict()
     outs = {k: np.asarray(v, dtype=np.float64).tolist() for k, v in outputs.items()}
     n = table.num_rows
     names = list(outs)
+    factor_columns = [f.column for f in plan.factors if f.column is not None and f.exponent != 0]
+    for c in factor_columns:
+        if c not in cols:
+            raise ScoringError(f"candidates have no column {c!r}")
     rank, flags, scores, eligible = [0] * n, [0] * n, [0.0] * n, [True] * n
     requests: dict = {}
     none = [None] * n
@@ -69,12 +97,10 @@ def score_loop(table: pa.Table, outputs: dict[str, np.ndarray], cfg: ScoringConf
     age_col, quality_col = cols.get(cfg.new_item.column, none), cols.get(cfg.low_quality.column, none)
     ts_col = cols.get("ts", none)
     for i in range(n):
-        price = cols[cfg.fusion.price_column][i]
-        price = None if price is None or (isinstance(price, float) and math.isnan(price)) else price
         item = cols[cfg.item_column][i]
         campaign = bool(campaign_col[i]) or \
             (campaign_items is not None and item in campaign_items)
-        s, _, fl, ok = _factors(cfg, {k: outs[k][i] for k in names}, price,
+        s, _, fl, ok = _factors(cfg, plan, {k: outs[k][i] for k in names}, {c: cols[c][i] for c in factor_columns},
                                 age_col[i], campaign, quality_col[i])
         scores[i], flags[i], eligible[i] = s, fl, ok
         rid = cols["request_id"][i]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,13 @@ import pyarrow.parquet as pq
 from features.featurize import Featurizer
 from features.rules import MISSING_COLUMN, BadInputError
 from jobs.config import JobConfig
-from jobs.model_io import load_model
+from jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
 from pipeline.evaluate import predict_rows
 from pipeline.candidates import CandidateReader, candidate_files
 from pipeline.checkpoint import make_dirs, write_atomic
 from pipeline.progress import Progress
 from pipeline.scoring import ScoringConfig, score_candidates
+from pipeline.scoring.fusion import resolve
 
 @dataclass
 class ScoreOutcome:
@@ -35,6 +35,7 @@ class ScoreOutcome:
     summary: dict
     table: pa.Table
     run_id: str | None = None
+    request_column: str = "request_id"
 
 
 def _side_table(path: str | None, columns: dict[str, str], what: str) -> pa.Table | None:
@@ -88,15 +89,13 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
           exposures: str | None = None, scoring: ScoringConfig | None = None, track: bool = True,
           progress: bool | None = None) -> ScoreOutcome:
     """Score one day's candidates with a model (registry URI or saved-model directory)."""
-    from jobs.tracking import log_scoring, model_version_of, resolve_model, tracking_uri
-
     sc = scoring or cfg.score
     make_dirs(Path(out).parent)  # an unwritable output folder fails before any work, naming it
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mtrank-score-") as tmp:
-        saved = load_model(resolve_model(model_ref, Path(tmp), tracking_uri(cfg)))
+    saved = open_model(model_ref, tracking_uri(cfg))
     version = model_version_of(model_ref, tracking_uri(cfg))
+    plan = resolve(sc.fusion, saved.spec.outputs)  # a factor the model cannot feed fails before any row
     timings["load_model_s"] = time.perf_counter() - t0
     featurizer = Featurizer(saved.spec, saved.stats)
     reader = CandidateReader(candidate_files(candidates, day), saved.spec, sc,
@@ -124,7 +123,7 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
         preds = {k: v[keep] for k, v in preds.items()}
 
     t2 = time.perf_counter()
-    scored = score_candidates(side_table, preds, sc, request_column=saved.spec.request_id,
+    scored = score_candidates(side_table, preds, sc, plan, request_column=saved.spec.request_id,
                               time_column=saved.spec.timestamp,
                               campaign_items=read_campaign(sc.campaign.items_file, sc.item_column, day)
                               if sc.campaign.enabled else None,
@@ -140,29 +139,31 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
     summary = {"date": str(day), "model_uri": model_ref, "model_version": version,
                "rows_read": acc.rows_read, "rows_rejected": acc.rows_rejected,
                "rejected_by_reason": dict(acc.rejected), **scored.summary,
-               "rows_out": scored.table.num_rows, "output": str(out), "seconds": timings,
+               "rows_out": scored.table.num_rows, "output": str(out), "formula": plan.formula(),
+               "seconds": timings,
                "balanced": acc.rows_read == scored.summary["rows_in"] + acc.rows_rejected}
     summary_path = out.with_name(out.name + ".summary.json")
     write_atomic(summary_path, json.dumps(summary, indent=1, default=str).encode())
     run_id = log_scoring(cfg, str(day), model_ref, summary, summary_path) if track else None
-    return ScoreOutcome(out, summary, scored.table, run_id)
+    return ScoreOutcome(out, summary, scored.table, run_id, saved.spec.request_id)
 
 
 def format_lists(table: pa.Table, requests: int = 3, top: int = 8, request_column: str = "request_id",
                  item_column: str = "item_id") -> str:
-    """The first ranked requests as a small text table (for the CLI and `make train`)."""
+    """The first ranked requests as a small text table, one column per fusion factor (for the CLI)."""
     import polars as pl
 
     df = pl.from_arrow(table).filter(pl.col("rank").is_not_null())
+    factors = [c for c in df.columns if c.startswith("factor_")]
     first = df.get_column(request_column).unique(maintain_order=True).head(requests)
     lines = []
     for rid in first:
         rows = df.filter(pl.col(request_column) == rid).head(top)
         lines.append(f"request {rid}: {df.filter(pl.col(request_column) == rid).height} shown")
-        lines.append(f"  {'rank':>4} {'item':>10} {'score':>9} {'p_ctr':>6} {'p_cvr':>6} {'b+price':>8} "
-                     f"{'weight':>6}  rules")
+        head = "".join(f" {c.removeprefix('factor_')[:9]:>9}" for c in factors)
+        lines.append(f"  {'rank':>4} {'item':>10} {'score':>9}{head} {'weight':>6}  rules")
         for r in rows.iter_rows(named=True):
-            price = r["factor_price"]
-            lines.append(f"  {r['rank']:>4} {str(r[item_column]):>10} {r['score']:>9.4f} {r['p_ctr']:>6.3f} "
-                         f"{r['p_cvr']:>6.3f} {price:>8.2f} {r['rule_weight']:>6.2f}  {r['rules'] or '-'}")
+            vals = "".join(f" {r[c]:>9.4g}" for c in factors)
+            lines.append(f"  {r['rank']:>4} {str(r[item_column]):>10} {r['score']:>9.4g}{vals} "
+                         f"{r['rule_weight']:>6.2f}  {r['rules'] or '-'}")
     return "\n".join(lines)

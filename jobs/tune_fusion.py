@@ -1,15 +1,14 @@
-"""`mtrank tune-fusion`: search the fusion parameters on a held-out logged day.
+"""`mtrank tune-fusion`: search the fusion factors' offsets and exponents on a held-out logged day.
 
 The registered model predicts every logged row of day D exactly as `mtrank score` would (its own
-FeatureSpec and statistics, chunked, inference mode); request id, price and the action labels ride
-along. Requests are split by an xxhash of their id into a tuning half (searched) and a holdout half
+FeatureSpec and statistics, chunked, inference mode); the request id, the factors' columns, the
+value column and the task labels ride along. Requests are split by an xxhash of their id into a tuning half (searched) and a holdout half
 (only evaluated); the pure objective and search live in `pipeline/scoring/tuning.py`.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +20,17 @@ import pyarrow.compute as pc
 
 from features.featurize import Featurizer
 from features.rules import BadInputError
+from features.spec import SpecError
 from jobs.config import JobConfig
-from jobs.model_io import SavedModel, load_model
+from jobs.tracking import log_tuning, model_version_of, open_model, tracking_uri
+from jobs.model_io import SavedModel
 from pipeline.evaluate import FORWARD_ROWS, predict_rows
 from pipeline.checkpoint import write_atomic
 from pipeline.dataset import open_window
 from pipeline.reader import ImpressionReader
 from pipeline.scoring import tuning
-from pipeline.scoring.fusion import CART, COLLECT, CTR, CVR, STAY
+from pipeline.scoring.fusion import FusionPlan, resolve
 from pipeline.scoring.stage import dense_codes
-
-OUTPUTS = (CTR, CVR, STAY, CART, COLLECT)
-# action -> (task whose label it is, label name when the spec has no such task)
-ACTIONS = {"click": ("ctr", "click"), "conversion": ("cvr", "conversion"), "cart": ("cart", "cart"),
-           "collect": ("collect", "collect")}
 
 
 @dataclass
@@ -79,22 +75,28 @@ def item_codes(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return codes
 
 
-def predict_day(saved: SavedModel, data: str | Path, day: dt.date, price_column: str,
+def predict_day(saved: SavedModel, data: str | Path, day: dt.date, plan: FusionPlan, value_column: str | None,
                 max_rows: int | None = None, quarantine_dir: str | Path | None = None,
                 item_column: str = "item_id") -> tuple[dict, dict]:
-    """(columns, accounting): flat arrays request_id, item, price, click, conversion, cart, collect and
-    the model's fusion outputs for every accepted row of day `day` (first `max_rows` when set)."""
+    """(columns, accounting) for every accepted row of day `day` (first `max_rows` when set): flat
+    arrays `request_id`, `item`, `outputs` (the formula's), `columns` (the factors' candidate columns),
+    `labels` (task -> label) and `value` (the value column, if any)."""
     spec = saved.spec
-    labels = {a: spec.task_by_name[t].label if t in spec.task_by_name else d for a, (t, d) in ACTIONS.items()}
-    extras = list(dict.fromkeys([spec.request_id, item_column, price_column, *labels.values()]))
+    if spec.request_id is None:
+        raise BadInputError(str(data), None, "missing_column", "the model's spec has request_id: null; "
+                            "tune-fusion ranks logged rows per request and needs a request id column")
+    binary = [t for t in spec.tasks if t.type == "binary"]
+    extras = list(dict.fromkeys([spec.request_id, item_column, *plan.columns,
+                                 *([value_column] if value_column else []), *(t.label for t in binary)]))
     window = open_window(data, spec, day, day)
     reader = ImpressionReader(window, spec, quarantine_dir=quarantine_dir, progress=False, extra_columns=extras)
     featurizer = Featurizer(spec, saved.stats)
+    need = set(plan.required_outputs(searching=True))
     outputs: dict[str, list[np.ndarray]] = {}
     sides: list[pa.RecordBatch] = []
     for rb in _capped(reader.frames(), max_rows, spec.request_id):
         for k, v in predict_rows(saved.model, featurizer, rb).items():
-            if k in OUTPUTS:
+            if k in need:
                 outputs.setdefault(k, []).append(v)
         sides.append(rb.select(extras))
     acc = reader.accounting
@@ -102,48 +104,60 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, price_column:
         raise BadInputError(f"{data}/dt={day}", None, "no_rows", "no logged row passed validation",
                             count=acc.rows_read)
     side = pa.Table.from_batches(sides)
-    cols = {k: np.concatenate(v) for k, v in outputs.items()}
-    cols["request_id"] = side[spec.request_id].to_numpy(zero_copy_only=False)
-    cols["item"] = item_codes(side[item_column])
-    cols["price"] = pc.cast(side[price_column], pa.float64()).to_numpy(zero_copy_only=False)
-    for action, label in labels.items():
-        cols[action] = pc.fill_null(side[label], 0).to_numpy(zero_copy_only=False)
+    floats = lambda c: pc.cast(side[c], pa.float64()).to_numpy(zero_copy_only=False)  # noqa: E731
+    cols = {"outputs": {k: np.concatenate(v) for k, v in outputs.items()},
+            "columns": {c: floats(c) for c in plan.columns},
+            "labels": {t.name: pc.fill_null(side[t.label], 0).to_numpy(zero_copy_only=False) for t in binary},
+            "request_id": side[spec.request_id].to_numpy(zero_copy_only=False),
+            "item": item_codes(side[item_column]),
+            "value": floats(value_column) if value_column else None}
     accounting = {"rows_read": acc.rows_read, "rows_rejected": acc.rows_rejected,
                   "rejected_by_reason": dict(acc.rejected), "rows_used": side.num_rows,
                   "capped": max_rows is not None and side.num_rows < acc.rows_accepted}
     return cols, accounting
 
 
-def _matrix(cols: dict, rows: np.ndarray, k: int) -> tuning.RequestMatrix:
-    return tuning.RequestMatrix.build(cols["request_id"][rows], {o: cols[o][rows] for o in OUTPUTS if o in cols},
-                                      cols["price"][rows], cols["click"][rows], cols["conversion"][rows],
-                                      cols["cart"][rows], cols["collect"][rows], k, item_ids=cols["item"][rows])
+def _matrix(cols: dict, rows: np.ndarray, k: int, gains: dict[str, float], value_task: str | None) -> tuning.RequestMatrix:
+    labels = {t: v[rows] for t, v in cols["labels"].items()}
+    value = (cols["value"][rows] * (labels[value_task] > 0) if value_task else np.zeros(len(rows)))
+    return tuning.RequestMatrix.build(cols["request_id"][rows], {o: v[rows] for o, v in cols["outputs"].items()},
+                                      {c: v[rows] for c, v in cols["columns"].items()}, value,
+                                      tuning.graded_gain(labels, gains), k, item_ids=cols["item"][rows])
 
 
 def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, *, k: int = 10,
-                trials: int = 200, objective: str = "gmv", max_rows: int | None = None, seed: int = 0,
+                trials: int = 200, objective: str | None = None, max_rows: int | None = None, seed: int = 0,
                 json_path: str | Path | None = None, track: bool = True) -> TuneOutcome:
-    """Search alpha, beta, a, b, c on the tuning half of day `day`; report start vs best on both halves."""
-    from jobs.tracking import log_tuning, model_version_of, resolve_model, tracking_uri
-
-    base = cfg.score.fusion
+    """Search the fusion factors' free parameters on the tuning half of day `day`; report start vs
+    best on both halves. `objective`: value | ndcg (default: value when score.tune names a value
+    column, else ndcg)."""
+    tc = cfg.score.tune
+    has_value = tc.value_column is not None
+    objective = objective or ("value" if has_value else "ndcg")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mtrank-tune-") as tmp:
-        saved = load_model(resolve_model(model_ref, Path(tmp), tracking_uri(cfg)))
+    saved = open_model(model_ref, tracking_uri(cfg))
     version = model_version_of(model_ref, tracking_uri(cfg))
+    plan = resolve(cfg.score.fusion, saved.spec.outputs)
+    gains = tuning.check_tune(tc, saved.spec.outputs)
+    if not plan.bounds():
+        raise SpecError("score.fusion.factors: no factor has a `search` range (offset or exponent), so "
+                        "tune-fusion has nothing to search")
+    if objective == "value" and not has_value:
+        raise SpecError("objective value needs score.tune.value_column and score.tune.value_task")
     qdir = Path(cfg.quarantine_dir or Path(cfg.work_dir) / "quarantine") / "tune-fusion"
-    cols, accounting = predict_day(saved, data, day, base.price_column, max_rows, qdir,
+    cols, accounting = predict_day(saved, data, day, plan, tc.value_column, max_rows, qdir,
                                    item_column=cfg.score.item_column)
     t1 = time.perf_counter()
 
     holdout = tuning.split_requests(cols["request_id"])
-    halves = {"tune": _matrix(cols, np.flatnonzero(~holdout), k),
-              "holdout": _matrix(cols, np.flatnonzero(holdout), k)}
-    found = tuning.search(halves["tune"], base, k=k, trials=trials, objective=objective, seed=seed)
+    halves = {"tune": _matrix(cols, np.flatnonzero(~holdout), k, gains, tc.value_task),
+              "holdout": _matrix(cols, np.flatnonzero(holdout), k, gains, tc.value_task)}
+    found = tuning.search(halves["tune"], plan, k=k, trials=trials, objective=objective, seed=seed,
+                          has_value=has_value)
     t2 = time.perf_counter()
 
     start, best = found.start.params, found.best_trial.params
-    report = {name: {half: vars(tuning.evaluate(m, params, base, k)) for half, m in halves.items()}
+    report = {name: {half: vars(tuning.evaluate(m, params, plan, k, has_value)) for half, m in halves.items()}
               for name, params in (("start", start), ("best", best))}
     change = {half: {o: tuning.relative_change(report["start"][half][o], report["best"][half][o])
                      for o in tuning.OBJECTIVES} for half in halves}
@@ -151,11 +165,15 @@ def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, 
         "date": str(day), "model_uri": model_ref, "model_version": version, "objective": objective, "k": k,
         "trials": len(found.trials), "trial_budget": trials, "seed": seed, "max_rows": max_rows,
         "rows": accounting,
+        "formula": {"start": plan.formula(), "best": plan.with_params(best).formula()},
         "split": {"method": "xxhash64(request_id) & 1: 0 = tune, 1 = holdout (seed fixed in "
                             "pipeline/scoring/tuning.py); the search sees the tune half only",
                   **{half: m.describe() for half, m in halves.items()}},
-        "gain": "NDCG gain: 0 no click, 1 click, 2 cart or collect, 3 conversion; requests with no "
-                "positive are excluded from the NDCG mean (ndcg_excluded_requests)",
+        "gain": f"NDCG gain per row: the highest of {gains} among the tasks it is positive on, else 0; "
+                "requests with no positive are excluded from the NDCG mean (ndcg_excluded_requests)",
+        "value": (f"value@K: sum over the top K of {tc.value_column} where {tc.value_task} is positive"
+                  if has_value else "not configured (score.tune.value_column / value_task)"),
+        "search_bounds": {p: list(b) for p, b in plan.bounds().items()},
         "start": {"params": start, **report["start"]},
         "best": {"params": best, "trial": found.best, "phase": found.best_trial.phase, **report["best"]},
         "change": change,
@@ -193,16 +211,17 @@ def format_result(r: dict) -> str:
              f"rows used {r['rows']['rows_used']:,} (read {r['rows']['rows_read']:,}, rejected "
              f"{r['rows']['rows_rejected']:,}{', capped by --max-rows' if r['rows']['capped'] else ''}); "
              f"requests tune {sp['tune']['requests']:,} / holdout {sp['holdout']['requests']:,} "
-             f"(split by xxhash64 of request_id)",
+             f"(split by xxhash64 of the request id)",
+             f"start: score = {r['formula']['start']}",
+             f"best:  score = {r['formula']['best']}",
              "",
-             f"  {'param':<6} {'start':>10} {'best':>10}"]
-    for name in tuning.PARAMS:
-        fixed = "  (fixed: model has no such output)" if name in r["fixed_params"] else ""
-        lines.append(f"  {name:<6} {p0[name]:>10.4g} {p1[name]:>10.4g}{fixed}")
-    lines += ["", f"  {'half':<8} {'metric':<8} {'start':>12} {'best':>12} {'change':>9}"]
+             f"  {'parameter':<24} {'start':>10} {'best':>10}"]
+    for name in r["search_bounds"]:
+        lines.append(f"  {name:<24} {p0[name]:>10.4g} {p1[name]:>10.4g}")
+    lines += ["", f"  {'half':<8} {'metric':<9} {'start':>12} {'best':>12} {'change':>9}"]
     for half in ("tune", "holdout"):
-        for o, label in (("gmv", f"GMV@{k}"), ("ndcg", f"NDCG@{k}")):
-            lines.append(f"  {half:<8} {label:<8} {r['start'][half][o]:>12.4f} {r['best'][half][o]:>12.4f} "
+        for o, label in (("value", f"value@{k}"), ("ndcg", f"NDCG@{k}")):
+            lines.append(f"  {half:<8} {label:<9} {r['start'][half][o]:>12.4f} {r['best'][half][o]:>12.4f} "
                          f"{_pct(r['change'][half][o]):>9}")
     lines += ["",
               f"NDCG excludes requests with no positive: {sp['tune']['ndcg_excluded_requests']:,} tune, "

@@ -110,3 +110,26 @@ def write_job(path: Path, name: str, train: dict, *, data: str = "logs", spec: s
            "model": model or SMALL_MODEL, "train": train, **extra}
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def other_names_spec():
+    """A spec whose tasks are not the demo's: regression `watch_time` listed first, binary
+    `click_through`, and `purchase` with click_through as entire-space parent (no product name)."""
+    from features.spec import parse_spec
+
+    return parse_spec({
+        "hash_seed": 1,
+        "embedding_dim": 4,
+        "features": [
+            {"name": "user_id", "kind": "categorical", "buckets": 50},
+            {"name": "item_id", "kind": "categorical", "buckets": 30},
+            {"name": "age", "kind": "numeric", "fill": 0.0},
+        ],
+        "tasks": [
+            {"name": "watch_time", "label": "stay_seconds", "type": "regression", "loss": "mse_log1p",
+             "space": "click_through"},
+            {"name": "click_through", "label": "click", "type": "binary"},
+            {"name": "purchase", "label": "conversion", "type": "binary", "space": "click_through",
+             "parent": "click_through"},
+        ],
+    })

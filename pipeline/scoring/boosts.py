@@ -21,8 +21,7 @@ class RuleWeights:
 
 
 def rule_weights(cfg: ScoringConfig, n: int, *, item_age_days: np.ndarray | None = None,
-                 in_campaign: np.ndarray | None = None, quality: np.ndarray | None = None,
-                 price: np.ndarray | None = None) -> RuleWeights:
+                 in_campaign: np.ndarray | None = None, quality: np.ndarray | None = None) -> RuleWeights:
     weight = np.ones(n)
     eligible = np.ones(n, dtype=bool)
     flags = np.zeros(n, dtype=np.int16)
@@ -46,6 +45,4 @@ def rule_weights(cfg: ScoringConfig, n: int, *, item_age_days: np.ndarray | None
             apply(low, None, Fate.FILTERED_LOW_QUALITY)
         else:
             apply(low, cfg.low_quality.multiplier, Fate.DEMOTED_LOW_QUALITY)
-    if cfg.fusion.bad_price == "filter" and price is not None:
-        apply(~(np.asarray(price, dtype=np.float64) > 0), None, Fate.FILTERED_PRICE)
     return RuleWeights(weight, eligible, flags)

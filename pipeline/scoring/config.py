@@ -7,37 +7,115 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from features.base import StrictConfig as _Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Range(_Strict):
+    """A search interval for `mtrank tune-fusion`: offsets are drawn log-uniformly (lo > 0), exponents
+    uniformly."""
+    lo: float = Field(ge=0)
+    hi: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Range":
+        if not self.lo < self.hi:
+            raise ValueError(f"lo {self.lo} must be < hi {self.hi}")
+        return self
+
+
+class FactorSearch(_Strict):
+    offset: Range | None = None
+    exponent: Range | None = None
+
+    @model_validator(mode="after")
+    def _log(self) -> "FactorSearch":
+        if self.offset is not None and self.offset.lo <= 0:
+            raise ValueError("offset range: lo must be > 0 (offsets are searched log-uniformly)")
+        return self
+
+
+class Factor(_Strict):
+    """One factor `(offset + value) ^ exponent` of the fused score.
+
+    `value` is a model output named by the spec (`output: p_<task>`, a product, or a regression
+    task's prediction) or a candidate column (`column: price`). Exponents are >= 0 so each factor is
+    monotone non-decreasing in its value; 0 switches the factor off (and the output is then not needed).
+    """
+    name: str | None = Field(default=None, description="output column factor_<name>; default: the output "
+                                                       "or column name")
+    output: str | None = Field(default=None, description="a model output (see the model's spec)")
+    column: str | None = Field(default=None, description="a numeric candidate column")
+    offset: float = Field(default=0.0, ge=0)
+    exponent: float = Field(default=1.0, ge=0)
+    on_bad_value: Literal["zero", "filter", "error"] = Field(
+        default="zero", description="column factors: a missing, NaN or <= 0 value counts as 0 (marked "
+                                    "value_defaulted), filters the item out (marked), or fails naming the rows")
+    search: FactorSearch | None = Field(default=None, description="tune-fusion bounds for offset / exponent")
+
+    @model_validator(mode="after")
+    def _source(self) -> "Factor":
+        if (self.output is None) == (self.column is None):
+            raise ValueError("a factor reads exactly one of `output` (a model output) or `column` (a candidate column)")
+        if self.output is not None and self.on_bad_value != "zero":
+            raise ValueError("on_bad_value applies to column factors (model outputs are checked, never defaulted)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.output or self.column  # type: ignore[return-value]
 
 
 class FusionConfig(_Strict):
-    """score = pCTR·(alpha + pCVR)·(beta + price)·stay^a·cart^b·collect^c·rule_weight.
+    """score = Π (offset + value) ^ exponent over `factors`, × rule_weight.
 
-    alpha keeps items that rarely convert in play (value of the click itself); beta keeps free or
-    unpriced items in play. Exponents are >= 0 so each factor is monotone non-decreasing in its task.
+    Checked against the model's spec when scoring starts. No factors: rank by the probability of the
+    spec's first binary task trained on all rows. The demo's job YAML spells out its formula (six
+    factors: three probabilities, an offset probability, price with an offset, a dwell prediction).
     """
-    alpha: float = Field(default=0.05, ge=0)
-    beta: float = Field(default=1.0, gt=0, description="> 0 so an item with price 0 keeps a positive score")
-    a: float = Field(default=0.2, ge=0, description="exponent of predicted dwell seconds")
-    b: float = Field(default=0.2, ge=0, description="exponent of p(cart | click)")
-    c: float = Field(default=0.1, ge=0, description="exponent of p(collect | click)")
-    price_column: str = "price"
-    bad_price: Literal["zero", "filter", "error"] = Field(
-        default="zero", description="price missing, NaN or <= 0: count it as 0 (factor = beta, marked), "
-                                    "filter the item out (marked), or fail naming the rows")
+    factors: tuple[Factor, ...] | None = None
     negative_keep_rate: dict[str, float] = Field(
         default_factory=dict, description="task -> keep rate r of negatives in its training data; "
-                                          "p is re-calibrated to p / (p + (1 - p) / r) before fusion")
+                                          "its probability is re-calibrated to p / (p + (1 - p) / r) before fusion")
 
     @model_validator(mode="after")
-    def _rates(self) -> "FusionConfig":
+    def _check(self) -> "FusionConfig":
         for task, r in self.negative_keep_rate.items():
             if not 0 < r <= 1:
                 raise ValueError(f"negative_keep_rate.{task} must be in (0, 1], got {r}")
+        if self.factors is not None:
+            if not self.factors:
+                raise ValueError("factors: give at least one factor (or leave factors out for the default)")
+            labels = [f.label for f in self.factors]
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"factors: {', '.join(dup)} named twice (give one of them a `name`)")
+        return self
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Candidate columns the configured factors read."""
+        return tuple(f.column for f in self.factors or () if f.column is not None)
+
+
+class TuneConfig(_Strict):
+    """What `mtrank tune-fusion` optimises on a logged day (task names are the spec's)."""
+    gains: dict[str, float] | None = Field(
+        default=None, description="task -> NDCG gain of a row positive on that task (the highest applies); "
+                                  "default: 1 for binary tasks on all rows, 2 for the others")
+    value_column: str | None = Field(default=None, description="logged column of a row's value (e.g. price): "
+                                     "the `value` objective sums value × label over the top K")
+    value_task: str | None = Field(default=None, description="the task whose positives realise the value "
+                                   "(e.g. the purchase task); required with value_column")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TuneConfig":
+        if (self.value_column is None) != (self.value_task is None):
+            raise ValueError("value_column and value_task go together")
+        for task, g in (self.gains or {}).items():
+            if not g > 0:
+                raise ValueError(f"gains.{task} must be > 0, got {g}")
         return self
 
 
@@ -93,6 +171,7 @@ class LowQuality(_Strict):
 
 class ScoringConfig(_Strict):
     fusion: FusionConfig = FusionConfig()
+    tune: TuneConfig = TuneConfig()
     window: WindowRule = WindowRule()
     traffic_cap: TrafficCap = TrafficCap()
     new_item: NewItemBoost = NewItemBoost()

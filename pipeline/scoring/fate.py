@@ -13,8 +13,8 @@ class Fate(IntFlag):
     BOOSTED_CAMPAIGN = 1 << 1     # rule_weight x campaign multiplier
     DEMOTED_LOW_QUALITY = 1 << 2  # rule_weight x low-quality multiplier (< 1)
     FILTERED_LOW_QUALITY = 1 << 3  # not eligible: low quality with action "filter"
-    PRICE_DEFAULTED = 1 << 4      # price missing or <= 0, counted as 0
-    FILTERED_PRICE = 1 << 5       # not eligible: price missing or <= 0 with bad_price "filter"
+    VALUE_DEFAULTED = 1 << 4      # a column factor's value (e.g. price) missing or <= 0, counted as 0
+    FILTERED_VALUE = 1 << 5       # not eligible: a column factor's value missing or <= 0, on_bad_value "filter"
     CAPPED = 1 << 6               # not eligible in this request: the item's daily cap was used up
     WINDOW_DEFERRED = 1 << 7      # passed over by N-pick-1 at least once (shown later, or not at all)
     WINDOW_RELAXED = 1 << 8       # placed although it breaks N-pick-1 (fallback "relax")

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pipeline.scoring.boosts import rule_weights
 from pipeline.scoring.config import ScoringConfig
 from pipeline.scoring.fate import Fate, counts, describe
-from pipeline.scoring.fusion import FACTORS, ScoringError, fuse
+from pipeline.scoring.fusion import FusionPlan, ScoringError, fuse
 from pipeline.scoring.rerank import rerank
 
 UNCAPPED = np.iinfo(np.int64).max // 4
@@ -87,29 +87,35 @@ def item_budget(uniques: pa.Array, n_requests: int, cfg: ScoringConfig, caps: pa
     return np.where(cap >= UNCAPPED, n_requests + 1, np.maximum(cap, 0))
 
 
-def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: ScoringConfig, *,
+def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: ScoringConfig, plan: FusionPlan, *,
                      request_column: str = "request_id", time_column: str | None = "ts",
                      campaign_items: pa.Array | None = None, caps: pa.Table | None = None,
                      exposures: pa.Table | None = None) -> Scored:
     """Rank the candidates in `table` (one row per request × item) given the model's `outputs`.
 
+    `plan`: the fusion config resolved against the model's outputs (`fusion.resolve`).
     `exposures`: the day's existing exposures (item column, exposures); `caps`: (item column, cap).
     """
     n = table.num_rows
     if n == 0:
         raise ScoringError("no candidates to score")
-    f = cfg.fusion
     request, requests = serving_order(table[request_column],
                                       table[time_column] if time_column in table.column_names else None)
     item, items = dense_codes(table[cfg.item_column])
-    price = _floats(table, f.price_column)
-    if price is None:
-        raise ScoringError(f"candidates have no column {f.price_column!r} (fusion.price_column)")
-    if f.bad_price == "error" and not (price > 0).all():
-        bad = int((~(price > 0)).sum())
-        first = table[request_column][int(np.flatnonzero(~(price > 0))[0])]
-        raise ScoringError(f"column {f.price_column!r}: rule bad_price: {bad:,} candidates have a missing, NaN "
-                           f"or non-positive price (first in request {first}); set fusion.bad_price to zero or filter")
+    columns = {}
+    for fac in plan.factors:
+        if fac.column is None or fac.exponent == 0:
+            continue
+        values = _floats(table, fac.column)
+        if values is None:
+            raise ScoringError(f"candidates have no column {fac.column!r} (fusion factor {fac.label!r})")
+        if fac.on_bad_value == "error" and not (values > 0).all():
+            bad = int((~(values > 0)).sum())
+            first = table[request_column][int(np.flatnonzero(~(values > 0))[0])]
+            raise ScoringError(f"column {fac.column!r}: rule on_bad_value: {bad:,} candidates have a missing, NaN "
+                               f"or non-positive value (first in request {first}); set the factor's on_bad_value "
+                               "to zero or filter")
+        columns[fac.column] = values
     in_campaign = None
     if cfg.campaign.enabled:
         in_campaign = np.zeros(n, dtype=bool)
@@ -122,8 +128,8 @@ def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: Sc
             active[code[code >= 0]] = True
             in_campaign |= active[item]
     rw = rule_weights(cfg, n, item_age_days=_floats(table, cfg.new_item.column), in_campaign=in_campaign,
-                      quality=_floats(table, cfg.low_quality.column), price=price)
-    cols, price_flags = fuse(outputs, price, rw.weight, f)
+                      quality=_floats(table, cfg.low_quality.column))
+    cols, value_flags, valued = fuse(outputs, columns, rw.weight, plan)
     attribute = None
     if cfg.window.enabled:
         if cfg.window.attribute not in table.column_names:
@@ -131,9 +137,9 @@ def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: Sc
         attribute = pc.fill_null(pc.dictionary_encode(_plain(table[cfg.window.attribute])).indices, -1) \
             .to_numpy(zero_copy_only=False).astype(np.int64)
     budget = item_budget(items, len(requests), cfg, caps, exposures)
-    ranking = rerank(request, cols["score"], item, eligible=rw.eligible, window=cfg.window,
+    ranking = rerank(request, cols["score"], item, eligible=rw.eligible & valued, window=cfg.window,
                      attribute=attribute, budget=budget, list_size=cfg.list_size)
-    flags = rw.flags | price_flags | ranking.flags
+    flags = rw.flags | value_flags | ranking.flags
 
     rank = ranking.rank
     shown = rank > 0
@@ -147,7 +153,7 @@ def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: Sc
     }
     for name, values in outputs.items():
         out[name] = pa.array(np.asarray(values, dtype=np.float64)[order])
-    for name in (*FACTORS, "rule_weight"):
+    for name in (*plan.factor_columns, "rule_weight"):
         out[name] = pa.array(cols[name][order])
     out["rules"] = describe(flags[order])
     out["rule_flags"] = pa.array(flags[order])

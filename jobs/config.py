@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from features.base import StrictConfig
 from features.spec import SpecError, read_yaml
 from models import ModelConfig
 from pipeline.scoring.config import ScoringConfig
@@ -19,30 +20,44 @@ from pipeline.trainer import TrainConfig
 DEFAULT_JOB = "default_job.yaml"
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class EvalConfig(StrictConfig):
 
     max_rows: int | None = Field(default=None, gt=0, description="evaluate on the first N rows of the day")
     batch_size: int = Field(default=16_384, gt=0)
 
 
-class PromoteConfig(BaseModel):
-    """The gate a challenger passes to become champion: per-task AUC may drop at most this much."""
+class PromoteConfig(StrictConfig):
+    """The gate a challenger passes to become champion (decision rule: jobs/promote.py).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Every binary task and entire-space product of the challenger's spec is gated, paired on the
+    same rows of the evaluation day: a figure fails when the challenger's AUC is lower than the
+    champion's by more than its tolerance with `confidence` (DeLong's test, one-sided). Names in
+    `tolerances` and `skip` are checked against the model's figures when the gate runs (this
+    config cannot know the spec): an unknown name is an error listing the valid ones.
+    """
 
-    tolerances: dict[str, float] = Field(default_factory=lambda: {
-        "ctr": 0.002, "ctcvr": 0.003, "cvr": 0.005, "collect": 0.005, "cart": 0.005})
+    tolerance: float = Field(default=0.002, ge=0.0, le=1.0, description="AUC drop allowed on every gated "
+                             "task/product unless `tolerances` names it")
+    tolerances: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=dict, description="per-task/product tolerance overrides")
+    skip: list[str] = Field(default_factory=list, description="tasks/products left out of the gate, explicitly")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0, description="one-sided confidence with which a "
+                              "figure must be shown worse than its tolerance to fail")
     max_rows: int | None = Field(default=None, gt=0, description="evaluate on the first N rows of the day")
 
+    @model_validator(mode="after")
+    def _skip_xor_tolerance(self) -> "PromoteConfig":
+        both = sorted(set(self.skip) & set(self.tolerances))
+        if both:
+            raise ValueError(f"{', '.join(both)}: both skipped and given a tolerance; choose one")
+        return self
 
-class TrackingConfig(BaseModel):
+
+class TrackingConfig(StrictConfig):
     """How hard to try the tracking server before giving up (applied to MLflow's HTTP client:
     MLFLOW_HTTP_REQUEST_MAX_RETRIES / _BACKOFF_FACTOR / _TIMEOUT, jitter 0). Each request is tried
     1 + retries times, waiting 0, 2·b, 4·b, … seconds between tries (urllib3's exponential backoff
     with factor b = backoff_seconds); a request gets timeout_seconds to connect and to answer."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     retries: int = Field(default=3, ge=0, le=10, description="retries per request after the first try")
     backoff_seconds: int = Field(default=1, ge=0, le=120, description="backoff factor (doubling)")
@@ -52,7 +67,7 @@ class TrackingConfig(BaseModel):
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
-class WarmStartConfig(BaseModel):
+class WarmStartConfig(StrictConfig):
     """Daily increments: continue from a registered version and train on the newest day(s) only.
 
     `from: none` (or no such version yet, or `mtrank daily --full`) trains from scratch on the
@@ -60,7 +75,7 @@ class WarmStartConfig(BaseModel):
     running moments since the last full retrain: each day moves the standardisation by O(1/days));
     `frozen` keeps the parent's, so inputs keep exactly their meaning until the next full retrain.
     """
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(**StrictConfig.model_config, populate_by_name=True)
 
     source: Literal["champion", "challenger", "none"] = Field(default="none", alias="from")
     days: int = Field(default=1, gt=0, description="train on [D - days, D - 1] when warm-starting")
@@ -69,8 +84,7 @@ class WarmStartConfig(BaseModel):
     numeric_stats: Literal["running", "frozen"] = "running"
 
 
-class JobConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class JobConfig(StrictConfig):
 
     name: str = Field(default="mtrank-ranker", min_length=1, max_length=128, description="registered model "
                       "name; also names run directories and the lock file, so it must be a plain file name")

@@ -1,7 +1,7 @@
 """The offline evaluation report: one self-contained HTML file (plots embedded) + metrics.json.
 
-Every figure is on its task's population (CTR and the entire-space products over all impressions,
-post-click tasks over clicked rows), with the population size beside it and the oracle figure
+Every figure is on its task's population (tasks on all rows and entire-space products over all
+impressions, tasks with a `space` over that task's positives), with the population size beside it and the oracle figure
 where the data carries the generator's true probabilities. With a baseline the two models are
 shown side by side with deltas.
 """
@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from pipeline.checkpoint import make_dirs, write_atomic_all  # noqa: E402
 
 BINARY_COLS = [("rows", "rows", "{:,}"), ("positives", "positives", "{:,}"), ("auc", "AUC", "{:.4f}"),
-               ("oracle_auc", "oracle AUC", "{:.4f}"), ("gauc", "GAUC (user)", "{:.4f}"),
+               ("oracle_auc", "oracle AUC", "{:.4f}"), ("gauc", "GAUC", "{:.4f}"),
                ("oracle_gauc", "oracle GAUC", "{:.4f}"), ("logloss", "logloss", "{:.4f}"), ("ne", "NE", "{:.4f}"),
                ("mean_pred", "mean pred", "{:.4f}"), ("observed_rate", "observed", "{:.4f}"),
                ("pcoc", "PCOC", "{:.3f}")]
@@ -143,8 +143,8 @@ def render(title: str, meta: dict, metrics: dict, curves: dict, gates: dict | No
                                  f"<code>{html.escape(json.dumps(v, default=str))}</code></td></tr>"
                                  for k, v in meta.items()) + "</table>",
              "<h2>Metrics</h2>", metrics_table(metrics, baseline),
-             "<p>AUC is exact over the whole evaluation set (ties averaged). GAUC: per-user AUC weighted by "
-             "impressions, users with one class excluded. NE: logloss / entropy of the observed rate. "
+             "<p>AUC is exact over the whole evaluation set (ties averaged). GAUC: per-group AUC (groups: the "
+             "spec's group_key, see 'GAUC groups' above) weighted by impressions, groups with one class excluded. NE: logloss / entropy of the observed rate. "
              "PCOC: mean prediction / observed rate. Oracle: the generator's true probabilities as the score.</p>",
              "<h2>ROC</h2>", f"<img src='{roc_figure(curves)}'>",
              "<h2>Calibration</h2>", f"<img src='{reliability_figure(curves)}'>",
@@ -154,6 +154,11 @@ def render(title: str, meta: dict, metrics: dict, curves: dict, gates: dict | No
         parts += ["<h2>Expert utilisation</h2>", f"<img src='{g}'>"]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def gauc_note(group_key: str | None) -> str:
+    """What the report says about GAUC: its group column, or why it is absent."""
+    return group_key if group_key else "none: the spec has no group_key, so GAUC is omitted"
 
 
 def write_report(out_dir: str | Path, title: str, meta: dict, metrics: dict, curves: dict,
@@ -166,3 +171,45 @@ def write_report(out_dir: str | Path, title: str, meta: dict, metrics: dict, cur
     write_atomic_all({out / "report.html": page.encode(),   # both complete, then both renamed
                       out / "metrics.json": json.dumps(payload, indent=1, default=str).encode()})
     return out / "report.html", out / "metrics.json"
+
+
+GATE_START, GATE_END = "<section id='gate'>", "</section><!-- gate -->"
+
+
+def gate_section(gate: dict) -> str:
+    """The promotion decision as an HTML section: each figure's AUCs, delta, interval, bound, outcome."""
+    head = "".join(f"<th>{h}</th>" for h in ("figure", "population", "positives", "negatives", "AUC challenger",
+                                             "AUC champion", "delta", "CI", "bound", "tolerance", "outcome"))
+    colour = {"pass": "#1a7f37", "fail": "#cf222e", "undefined": "#9a6700"}
+    rows = []
+    for f in gate.get("figures", []):
+        num = lambda v, fmt="{:+.4f}": _fmt(fmt, v)  # noqa: E731
+        ci = "–" if f.get("ci_lower") is None else f"[{f['ci_lower']:+.4f}, {f['ci_upper']:+.4f}]"
+        rows.append(f"<tr><td>{html.escape(f['name'])}</td><td>{html.escape(str(f['population']))}</td>"
+                    f"<td>{f['positives']:,}</td><td>{f['negatives']:,}</td>"
+                    f"<td>{num(f['auc_challenger'], '{:.4f}')}</td><td>{num(f['auc_champion'], '{:.4f}')}</td>"
+                    f"<td>{num(f['delta'])}</td><td>{ci}</td><td>{num(f['bound'])}</td><td>{f['tolerance']:g}</td>"
+                    f"<td style='color:{colour.get(f['outcome'], '#000')};font-weight:bold'>{f['outcome']}</td></tr>")
+    verdict = "promoted to champion" if gate.get("promoted") else "not promoted"
+    champion = gate.get("champion_version")
+    return (f"{GATE_START}<h2>Promotion gate: {verdict}</h2>"
+            f"<p>{'vs champion v' + html.escape(str(champion)) if champion else 'first version: no champion'}"
+            f" on {html.escape(str(gate.get('date')))}. Rule: {html.escape(str(gate.get('rule', '')))}</p>"
+            + (f"<table><tr>{head}</tr>{''.join(rows)}</table>" if rows else "")
+            + f"<p><code>{html.escape(str(gate.get('reason', '')))}</code></p>{GATE_END}")
+
+
+def add_gate(report_dir: str | Path, gate: dict) -> list[Path]:
+    """gate.json beside the report, and the gate's section in report.html (replacing an earlier one),
+    written atomically together; returns the files written."""
+    report_dir = Path(report_dir)
+    files = {report_dir / "gate.json": json.dumps(gate, indent=1, default=str).encode()}
+    page_path = report_dir / "report.html"
+    if page_path.exists():
+        page = page_path.read_text()
+        if GATE_START in page:
+            start = page.index(GATE_START)
+            page = page[:start] + page[page.index(GATE_END, start) + len(GATE_END):]
+        files[page_path] = page.replace("</body>", gate_section(gate) + "\n</body>", 1).encode()
+    write_atomic_all(files)
+    return list(files)

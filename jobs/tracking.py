@@ -15,13 +15,16 @@ import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
+from features.base import MtrankError
 from jobs.config import JobConfig
+from jobs.model_io import load_model, read_spec
+from jobs.paths import run_dir
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(MtrankError, RuntimeError):
     """The tracking server did not answer within the configured retries (job config `tracking:`)."""
 
 
@@ -114,8 +117,6 @@ def _log_hint(cfg: JobConfig, run_dir: Path) -> str:
 
 
 def _find_hint(cfg: JobConfig, date: str) -> str:
-    from jobs.train import run_dir  # the run directory a daily for this date uses
-
     out = run_dir(cfg, dt.date.fromisoformat(date))
     return _outcome_hint(out, date) if (out / "metrics.json").exists() else REGISTRY_HINT
 
@@ -182,8 +183,6 @@ def log_training(cfg: JobConfig, run_dir: Path) -> tuple[str, str]:
     whose tracking failed is logged later exactly as it would have been. Returns (run_id, version).
     """
     import torch
-
-    from jobs.model_io import read_spec
 
     outcome = json.loads((run_dir / "metrics.json").read_text())
     metrics = outcome.pop("tasks")
@@ -290,13 +289,27 @@ def set_challenger(cfg: JobConfig, version: str) -> None:
     _client(cfg)[1].set_registered_model_alias(cfg.name, CHALLENGER, version)
 
 
+@_guarded("logging the gate to the challenger's run")
+def log_report_files(cfg: JobConfig, run_id: str, files: list[Path]) -> None:
+    """Files of a run's report folder (re)logged under its `report/` artifacts."""
+    _, client = _client(cfg)
+    for f in files:
+        client.log_artifact(run_id, str(f), "report")
+
+
 @_guarded("recording the promotion decision")
-def record_decision(cfg: JobConfig, version: str, promoted: bool, reason: str, date: str) -> None:
+def record_decision(cfg: JobConfig, version: str, promoted: bool, reason: str, date: str,
+                    tags: dict[str, str] | None = None) -> None:
     """The decision tag goes last: a run cut off half-way has no decision, so a rerun decides again
-    (the decision tag is what makes promotion idempotent)."""
+    (the decision tag is what makes promotion idempotent). `tags`: further version tags that
+    describe the decision (the gate's per-figure results), written before it."""
     _, client = _client(cfg)
     client.set_model_version_tag(cfg.name, version, "promotion.reason", reason[:4000])
     client.set_model_version_tag(cfg.name, version, "promotion.date", date)
+    for key, value in (tags or {}).items():
+        if key == "promotion.decision":
+            raise ValueError("the decision tag is written by record_decision itself, last")
+        client.set_model_version_tag(cfg.name, version, key, str(value)[:4000])
     if promoted:
         client.set_registered_model_alias(cfg.name, CHAMPION, version)
     client.set_model_version_tag(cfg.name, version, "promotion.decision", "promoted" if promoted else "rejected")
@@ -317,6 +330,16 @@ def resolve_model(ref: str, dst: Path, uri: str | None = None) -> Path:
     with _reachable(uri or mlflow.get_tracking_uri(), f"downloading {ref}", DOWNLOAD_HINT):
         local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst))
     return Path(local) / "artifacts" / "model"
+
+
+def open_model(ref: str | Path, uri: str | None = None, with_optimizer: bool = False):
+    """The one way to open a model reference — a saved-model directory, `models:/NAME@alias`,
+    `models:/NAME/N` or `runs:/ID/model` — as a loaded `SavedModel` (downloads go to a temporary
+    directory that is gone when this returns)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mtrank-model-") as tmp:
+        return load_model(resolve_model(str(ref), Path(tmp), uri), with_optimizer=with_optimizer)
 
 
 def model_version_of(ref: str, uri: str) -> str | None:

@@ -1,6 +1,9 @@
 """Exact offline metrics over whole evaluation sets (numpy, vectorised, ties handled)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from statistics import NormalDist
+
 import numpy as np
 
 
@@ -146,3 +149,90 @@ def roc_points(scores: np.ndarray, labels: np.ndarray, points: int = 200) -> dic
     fp = np.cumsum(~yy)[last_of_tie]
     keep = np.unique(np.linspace(0, tp.size - 1, min(points, tp.size)).astype(np.int64))
     return {"fpr": [0.0] + (fp[keep] / n_neg).tolist(), "tpr": [0.0] + (tp[keep] / n_pos).tolist()}
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of `x` in its own order, tied values sharing their average rank (one sort)."""
+    ranks = np.empty(x.size, np.float64)
+    if x.size == 0:
+        return ranks
+    order = np.argsort(x, kind="stable")
+    s = x[order]
+    new = np.empty(s.size, bool)
+    new[0] = True
+    np.not_equal(s[1:], s[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, s.size))
+    ranks[order] = np.repeat(starts + (sizes + 1) / 2.0, sizes)
+    return ranks
+
+
+def _structural_components(score: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's placements, by Sun & Xu's midranks: V10_i = P(score of positive i beats a random
+    negative), V01_j = P(a random positive beats negative j), ties counting one half."""
+    x, y = score[pos], score[~pos]
+    m, n = x.size, y.size
+    tz = _midranks(np.concatenate([x, y]))
+    v10 = (tz[:m] - _midranks(x)) / n                  # negatives below positive i (+ half the ties)
+    v01 = 1.0 - (tz[m:] - _midranks(y)) / m            # positives above negative j (+ half the ties)
+    return v10, v01
+
+
+@dataclass(frozen=True)
+class PairedAUC:
+    """Two AUCs on the same rows and their difference, with DeLong's standard error.
+
+    `lower`/`upper`: the two-sided `confidence` interval of delta; `bound`: the one-sided upper
+    confidence bound delta + z·se, z = Φ⁻¹(confidence) ("a is worse than b by more than t" is shown
+    with that confidence when bound < -t). `defined` is False, and the undefined fields NaN, when a
+    class is empty (no AUC) or has a single row (no variance: the AUCs are still given then).
+    """
+
+    auc_a: float
+    auc_b: float
+    delta: float
+    se: float
+    lower: float
+    upper: float
+    bound: float
+    confidence: float
+    positives: int
+    negatives: int
+    defined: bool
+
+
+def paired_auc_test(score_a: np.ndarray, score_b: np.ndarray, label: np.ndarray,
+                    confidence: float = 0.95) -> PairedAUC:
+    """DeLong, DeLong & Clarke-Pearson (1988) for two correlated AUCs scored on the same rows.
+
+    delta = AUC_a - AUC_b; its variance is S10/m + S01/n over the per-positive and per-negative
+    differences of the structural components (sample variances, m positives, n negatives). The
+    components come from midranks as in Sun & Xu (2014): three sorts per score, O(N log N), no
+    per-row loop. Ties count one half, so the AUCs equal `auc`. Scores must be finite.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    a = np.asarray(score_a, np.float64).ravel()
+    b = np.asarray(score_b, np.float64).ravel()
+    pos = np.asarray(label).ravel() > 0
+    if not a.size == b.size == pos.size:
+        raise ValueError(f"paired AUC test needs the same rows: {a.size}, {b.size} scores, {pos.size} labels")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired AUC test needs finite scores")
+    m = int(pos.sum())
+    n = int(pos.size - m)
+    nan = float("nan")
+    if m == 0 or n == 0:
+        return PairedAUC(nan, nan, nan, nan, nan, nan, nan, confidence, m, n, False)
+    v10a, v01a = _structural_components(a, pos)
+    v10b, v01b = _structural_components(b, pos)
+    auc_a, auc_b = float(v10a.mean()), float(v10b.mean())
+    delta = float((v10a - v10b).mean())                # exactly 0 for identical scores
+    if m < 2 or n < 2:
+        return PairedAUC(auc_a, auc_b, delta, nan, nan, nan, nan, confidence, m, n, False)
+    var = float((v10a - v10b).var(ddof=1) / m + (v01a - v01b).var(ddof=1) / n)
+    se = float(np.sqrt(max(var, 0.0)))
+    z2 = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    z1 = NormalDist().inv_cdf(confidence)
+    return PairedAUC(auc_a, auc_b, delta, se, delta - z2 * se, delta + z2 * se, delta + z1 * se,
+                     confidence, m, n, True)

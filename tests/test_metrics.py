@@ -83,3 +83,118 @@ def test_logloss_ne_and_calibration():
     assert cal["mean_pred"] == sorted(cal["mean_pred"])
     doubled = calibration_bins(np.minimum(2 * p, 1), y, bins=10)
     assert all(m > o for m, o in zip(doubled["mean_pred"], doubled["observed"]))
+
+
+# ------------------------------------------------------------------ DeLong paired AUC test
+
+def _delong_bruteforce(a: np.ndarray, b: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """DeLong et al. (1988) literally: the O(m·n) kernel matrix, structural components, their
+    covariance matrices S10, S01, and var(AUC_a - AUC_b) = c' (S10/m + S01/n) c with c = (1, -1)."""
+    pos = y > 0
+    comps10, comps01, aucs = [], [], []
+    for s in (a, b):
+        x, z = s[pos][:, None], s[~pos][None, :]
+        psi = (x > z) + 0.5 * (x == z)               # m x n
+        aucs.append(psi.mean())
+        comps10.append(psi.mean(axis=1))
+        comps01.append(psi.mean(axis=0))
+    m, n = int(pos.sum()), int((~pos).sum())
+    s = np.cov(np.array(comps10)) / m + np.cov(np.array(comps01)) / n
+    c = np.array([1.0, -1.0])
+    return aucs[0], aucs[1], float(c @ s @ c)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.booleans()), min_size=4, max_size=120))
+def test_paired_auc_test_matches_the_bruteforce_delong(rows):
+    from pipeline.metrics import paired_auc_test
+
+    a = np.array([r[0] for r in rows], float)     # few distinct scores: ties within and across classes
+    b = np.array([r[1] for r in rows], float)
+    y = np.array([r[2] for r in rows])
+    r = paired_auc_test(a, b, y)
+    m, n = int(y.sum()), int((~y).sum())
+    assert (r.positives, r.negatives) == (m, n)
+    if m == 0 or n == 0:
+        assert not r.defined and np.isnan(r.auc_a) and np.isnan(r.delta) and np.isnan(r.se)
+        return
+    assert r.auc_a == pytest.approx(auc(a, y), abs=1e-12) and r.auc_b == pytest.approx(auc(b, y), abs=1e-12)
+    assert r.delta == pytest.approx(auc(a, y) - auc(b, y), abs=1e-12)
+    if m < 2 or n < 2:                            # one row of a class: AUCs, but no variance
+        assert not r.defined and np.isnan(r.se)
+        return
+    auc_a, auc_b, var = _delong_bruteforce(a, b, y)
+    assert r.defined and (r.auc_a, r.auc_b) == pytest.approx((auc_a, auc_b), abs=1e-12)
+    assert r.se ** 2 == pytest.approx(var, rel=1e-9, abs=1e-15)
+
+
+def test_paired_auc_test_on_random_continuous_scores_matches_bruteforce():
+    from pipeline.metrics import paired_auc_test
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        n = int(rng.integers(10, 300))
+        y = rng.random(n) < rng.uniform(0.05, 0.6)
+        if y.sum() < 2 or (~y).sum() < 2:
+            continue
+        a = y + rng.normal(0, 1.0, n)
+        b = 0.7 * a + rng.normal(0, 0.8, n)
+        r = paired_auc_test(a, b, y, confidence=0.9)
+        auc_a, auc_b, var = _delong_bruteforce(a, b, y)
+        assert (r.auc_a, r.auc_b) == pytest.approx((auc_a, auc_b), abs=1e-12)
+        assert r.se ** 2 == pytest.approx(var, rel=1e-9)
+        z2, z1 = 1.6448536269514722, 1.2815515655446004   # Phi^-1(0.95), Phi^-1(0.90)
+        assert r.lower == pytest.approx(r.delta - z2 * r.se) and r.upper == pytest.approx(r.delta + z2 * r.se)
+        assert r.bound == pytest.approx(r.delta + z1 * r.se)
+
+
+def test_paired_auc_variance_matches_replicates():
+    """The standard error predicts the spread of delta over independent draws of the day."""
+    from pipeline.metrics import paired_auc_test
+
+    rng = np.random.default_rng(5)
+    deltas, variances = [], []
+    for _ in range(500):
+        n = 4000
+        y = rng.random(n) < 0.05                      # ~200 positives: a rare task
+        signal = y * 1.0 + rng.normal(0, 1.0, n)
+        a = signal + rng.normal(0, 0.5, n)           # two correlated models of the same signal
+        b = signal + rng.normal(0, 0.7, n)
+        r = paired_auc_test(a, b, y)
+        deltas.append(r.delta)
+        variances.append(r.se ** 2)
+    ratio = np.var(deltas, ddof=1) / np.mean(variances)
+    assert 0.75 < ratio < 1.33, ratio
+
+
+def test_paired_auc_test_identical_scores_and_edge_cases():
+    from pipeline.metrics import paired_auc_test
+
+    rng = np.random.default_rng(2)
+    y = rng.random(1000) < 0.1
+    s = np.round(rng.random(1000), 2)
+    r = paired_auc_test(s, s.copy(), y)
+    assert r.defined and r.delta == 0.0 and r.se == 0.0 and r.lower == r.upper == r.bound == 0.0
+    assert r.auc_a == r.auc_b == pytest.approx(auc(s, y))
+    none = paired_auc_test(s, s, np.zeros(1000))
+    assert not none.defined and none.positives == 0 and none.negatives == 1000 and np.isnan(none.auc_a)
+    with pytest.raises(ValueError, match="finite"):
+        paired_auc_test(np.full(1000, np.nan), s, y)
+    with pytest.raises(ValueError, match="same rows"):
+        paired_auc_test(s[:10], s, y)
+    with pytest.raises(ValueError, match="confidence"):
+        paired_auc_test(s, s, y, confidence=1.0)
+
+
+def test_paired_auc_test_is_fast_on_a_large_day():
+    import time
+
+    from pipeline.metrics import paired_auc_test
+
+    rng = np.random.default_rng(0)
+    n = 2_000_000
+    y = rng.random(n) < 0.02
+    a = rng.random(n).astype(np.float32)
+    t0 = time.perf_counter()
+    r = paired_auc_test(a, a + rng.normal(0, 0.01, n).astype(np.float32), y)
+    assert r.defined and time.perf_counter() - t0 < 10.0

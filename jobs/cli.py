@@ -6,14 +6,9 @@ import datetime as dt
 import logging
 import sys
 
-from features.rules import BadInputError
+from features.base import MtrankError
 from features.spec import SpecError, load_spec
-from jobs.daily import JobLocked, TrainingFailed
-from pipeline.scoring import ScoringError
-from jobs.tracking import TrackingUnavailable
-from pipeline.checkpoint import CheckpointError, OutputError
 from pipeline.distributed import PeerFailed
-from pipeline.trainer import NonFiniteLossError, ResumeMismatchError
 
 log = logging.getLogger("mtrank")
 
@@ -199,11 +194,13 @@ def _cmd_score(a: argparse.Namespace) -> int:
     print(f"scored {s['rows_in']:,} candidates of {s['requests']:,} requests (read {s['rows_read']:,}, "
           f"rejected {s['rows_rejected']:,}); {s['rows_shown']:,} shown, {s['requests_short']:,} requests short "
           f"of the list size; model {a.model}" + (f" (v{s['model_version']})" if s["model_version"] else ""))
+    print(f"score = {s['formula']}")
     print(f"rules: {rules or 'none applied'}; caps resolved in {s['cap_rounds']} round(s)")
     print(f"{s['seconds']['total_s']:.1f}s: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in
                                                           s["seconds"].items() if k != "total_s"))
     if a.show:
-        print(format_lists(res.table, requests=a.show))
+        print(format_lists(res.table, requests=a.show, request_column=res.request_column,
+                           item_column=cfg.score.item_column))
     print(f"ranked lists: {res.out}" + (f"  (MLflow run {res.run_id})" if res.run_id else ""))
     return 0
 
@@ -247,6 +244,39 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         print("baseline:")
         print(format_metrics(base.metrics))
     print(f"report: {html}  (metrics: {html.with_name('metrics.json')})")
+    return 0
+
+
+def _cmd_init_spec(a: argparse.Namespace) -> int:
+    """Propose a commented FeatureSpec YAML from Parquet logs (stdout, or --out)."""
+    from features.infer_spec import InferOptions, infer_spec, write_spec
+
+    def pairs(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
+        out = []
+        for item in items or []:
+            left, sep, right = item.partition("=")
+            if not sep or not left or not right:
+                raise SpecError(f"{flag} {item!r}: expected {flag} NAME=VALUE")
+            out.append((left, right))
+        return out
+
+    tasks = [(c, c) if kind == "label" else pairs([c], "--task")[0] for kind, c in a.labels or []]
+    if a.out and not a.force:
+        from pathlib import Path
+        if Path(a.out).exists():
+            raise SpecError(f"{a.out}: file exists (pass --force to overwrite)")
+    opt = InferOptions(tasks=tasks, parents=dict(pairs(a.parent, "--parent")), exclude=a.exclude or [],
+                       categorical=a.categorical or [], numeric=a.numeric or [], group_key=a.group_key,
+                       request_id=a.request_id, timestamp=a.timestamp, collision_target=a.collision_target,
+                       hash_seed=a.hash_seed, max_rows=a.max_rows, max_buckets=a.max_buckets)
+    res = infer_spec(a.data, opt)
+    if a.out is None:
+        sys.stdout.write(res.text)
+        return 0
+    write_spec(res.text, a.out, force=a.force)
+    print(f"wrote {a.out}: {res.features} features, {res.tasks} task(s), inferred from {res.rows_sampled:,} of "
+          f"{res.rows_total:,} rows in {res.files} files; review it, then: mtrank validate --data {a.data} "
+          f"--spec {a.out}")
     return 0
 
 
@@ -299,6 +329,30 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-collisions", action="store_true", help="skip the per-table collision count")
     v.set_defaults(func=_cmd_validate)
 
+    isp = sub.add_parser("init-spec", help="propose a commented FeatureSpec YAML from Parquet logs")
+    isp.add_argument("--data", required=True, help="DIR/dt=YYYY-MM-DD/*.parquet, a folder of .parquet files, "
+                     "or one .parquet file")
+    isp.add_argument("--label", dest="labels", action="append", type=lambda c: ("label", c), metavar="COL",
+                     help="label column; its task is named after it (repeat for more tasks)")
+    isp.add_argument("--task", dest="labels", action="append", type=lambda c: ("task", c), metavar="NAME=COL",
+                     help="label column COL as task NAME")
+    isp.add_argument("--parent", action="append", metavar="CHILD=PARENT",
+                     help="train task CHILD on PARENT's positives (PARENT none: on all rows); overrides inference")
+    isp.add_argument("--exclude", action="append", metavar="COL", help="column that is not a feature")
+    isp.add_argument("--categorical", action="append", metavar="COL", help="hash this column (overrides the kind)")
+    isp.add_argument("--numeric", action="append", metavar="COL", help="scale this column (overrides the kind)")
+    isp.add_argument("--group-key", default=None, metavar="COL", help="GAUC groups, e.g. the user (default: none)")
+    isp.add_argument("--request-id", default=None, metavar="COL", help="default: a column named request_id")
+    isp.add_argument("--timestamp", default=None, metavar="COL", help="default: a timestamp-typed column")
+    isp.add_argument("--collision-target", type=float, default=0.01, metavar="F",
+                     help="expected share of a table's values that share an id (default 0.01)")
+    isp.add_argument("--hash-seed", type=int, default=20261121, metavar="N")
+    isp.add_argument("--max-rows", type=_positive, default=1_000_000, metavar="N", help="rows read for the statistics")
+    isp.add_argument("--max-buckets", type=_positive, default=1 << 20, metavar="N", help="largest table proposed")
+    isp.add_argument("--out", default=None, metavar="PATH", help="write the YAML here (default: stdout)")
+    isp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    isp.set_defaults(func=_cmd_init_spec)
+
     t = sub.add_parser("train", help="train on the window before --date, evaluate on --date")
     t.add_argument("--config", default=None, help="job YAML (default: the embedded demo job)")
     t.add_argument("--date", type=_date, required=True, help="evaluation day D; trains on the days before it")
@@ -342,16 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
     sc.set_defaults(func=_cmd_score)
 
-    tf = sub.add_parser("tune-fusion", help="search the fusion parameters on a held-out logged day "
-                        "(expected GMV@K or NDCG@K; tune/holdout split by request)")
+    tf = sub.add_parser("tune-fusion", help="search the fusion factors' offsets and exponents on a held-out "
+                        "logged day (value@K or NDCG@K; tune/holdout split by request)")
     tf.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION, runs:/ID/model, "
                     "or a saved model directory")
     tf.add_argument("--data", required=True, help="root of the day partitions (impression logs with labels)")
     tf.add_argument("--date", type=_date, required=True, help="the logged day D; reads DATA/dt=D/")
     tf.add_argument("--config", default=None, help="job YAML; its score.fusion is the starting point")
-    tf.add_argument("--k", type=_positive, default=10, help="cut-off of GMV@K and NDCG@K")
+    tf.add_argument("--k", type=_positive, default=10, help="cut-off of value@K and NDCG@K")
     tf.add_argument("--trials", type=_positive, default=200, help="evaluations in all (start + random + refine)")
-    tf.add_argument("--objective", choices=["gmv", "ndcg"], default="gmv", help="what the search maximises")
+    tf.add_argument("--objective", choices=["value", "ndcg"], default=None,
+                    help="what the search maximises (default: value when score.tune names a value column, else ndcg)")
     tf.add_argument("--max-rows", type=_positive, default=None, help="use the first N rows (whole requests)")
     tf.add_argument("--seed", type=int, default=0)
     tf.add_argument("--json", default=None, help="write the result with every trial here")
@@ -415,13 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     _logging(args.verbose)
     try:
         return args.func(args)
-    except (BadInputError, SpecError, NonFiniteLossError, ResumeMismatchError, CheckpointError, JobLocked,
-            ScoringError, TrackingUnavailable, OutputError, TrainingFailed) as e:
-        print(f"mtrank {args.command}{_rank_tag()}: error: {e}", file=sys.stderr)
-        return 2
-    except PeerFailed as e:
+    except PeerFailed as e:      # another rank failed and reports the cause itself
         print(f"mtrank {args.command}{_rank_tag()}: {e}", file=sys.stderr)
         return 1
+    except MtrankError as e:     # every user-facing error: one line, exit 2
+        print(f"mtrank {args.command}{_rank_tag()}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ retrained; an interrupted training resumes from its checkpoint. One run per job 
 """
 from __future__ import annotations
 
+from features.base import MtrankError
+
 import datetime as dt
 import fcntl
 import json
@@ -20,17 +22,18 @@ from jobs import tracking
 from jobs.config import JobConfig, absolute_paths
 from jobs.promote import Decision, promote
 from jobs.model_io import load_model
-from jobs.train import Parent, run_dir, train
+from jobs.paths import run_dir
+from jobs.train import Parent, train
 
 
 log = logging.getLogger("mtrank.daily")
 
 
-class JobLocked(RuntimeError):
+class JobLocked(MtrankError, RuntimeError):
     pass
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(MtrankError, RuntimeError):
     """A data-parallel training step of `daily` did not finish (the failing rank printed why)."""
 
 

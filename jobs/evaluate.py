@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from features.featurize import Featurizer
-from jobs.model_io import SavedModel, load_model
-from jobs.report import write_report
+from jobs.model_io import SavedModel
+from jobs.report import gauc_note, write_report
+from jobs.tracking import open_model
 from pipeline.checkpoint import make_dirs
 from pipeline.dataset import open_window
 from pipeline.evaluate import Predictions, predict, task_curves, task_metrics
@@ -41,18 +41,16 @@ def evaluate(model: str | Path, data: str, date: dt.date, out_dir: str | Path, b
              max_rows: int | None = None, tracking_uri: str | None = None,
              quarantine_dir: str | None = None) -> tuple[Path, Evaluation, Evaluation | None]:
     """`model` / `baseline`: a saved-model directory or an MLflow URI (models:/NAME@champion ...)."""
-    from jobs.tracking import resolve_model
-
     make_dirs(out_dir)  # an unwritable report folder fails before any work, naming it
-    with tempfile.TemporaryDirectory() as tmp:
-        ev, _ = evaluate_model(load_model(resolve_model(str(model), Path(tmp) / "m", tracking_uri)),
-                               data, date, max_rows, quarantine_dir=quarantine_dir)
-        base = None
-        if baseline:
-            saved = load_model(resolve_model(str(baseline), Path(tmp) / "b", tracking_uri))
-            base = evaluate_model(saved, data, date, max_rows, quarantine_dir=quarantine_dir)[0]
+    saved = open_model(model, tracking_uri)
+    group_key = saved.spec.group_key
+    ev, _ = evaluate_model(saved, data, date, max_rows, quarantine_dir=quarantine_dir)
+    base = None
+    if baseline:
+        base = evaluate_model(open_model(baseline, tracking_uri), data, date, max_rows,
+                              quarantine_dir=quarantine_dir)[0]
     meta = {"model": str(model), "baseline": str(baseline) if baseline else None, "date": date.isoformat(),
-            "evaluation rows": ev.rows, "window": ev.window}
+            "evaluation rows": ev.rows, "window": ev.window, "GAUC groups": gauc_note(group_key)}
     html, _ = write_report(out_dir, f"mtrank evaluation, {date}", meta, ev.metrics, ev.curves, ev.gates,
                            base.metrics if base else None)
     return html, ev, base

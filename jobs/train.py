@@ -19,8 +19,9 @@ from features.numeric import NumericStats
 from features.spec import FeatureSpec, SpecError, load_spec
 from jobs.config import JobConfig
 from jobs.model_io import SavedModel, save_model
+from jobs.paths import run_dir
 from models.warm_start import transfer_weights
-from jobs.report import write_report
+from jobs.report import gauc_note, write_report
 from pipeline.checkpoint import CheckpointStore, write_atomic
 from pipeline.dataset import open_window
 from pipeline.distributed import SINGLE, Dist
@@ -49,10 +50,6 @@ class TrainOutcome:
     metrics: dict
     summary: dict
     written: bool = True   # False on ranks other than 0: they train and evaluate, rank 0 writes
-
-
-def run_dir(cfg: JobConfig, date: dt.date) -> Path:
-    return Path(cfg.work_dir) / "runs" / cfg.name / date.isoformat()
 
 
 def _stats(cfg: JobConfig, spec: FeatureSpec, window, out: Path, progress: bool | None,
@@ -162,7 +159,8 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     save_model(out / "model", model, spec, stats, optimizer=optimizer)
     write_report(out / "report", f"{cfg.name}: trained on {window.start}..{window.end}, evaluated on {date}",
                  {"date": date.isoformat(), "train window": window.describe(), "rows": summary["rows"],
-                  "evaluation rows": pred.rows, "model": cfg.model.model_dump(mode="json")},
+                  "evaluation rows": pred.rows, "GAUC groups": gauc_note(spec.group_key),
+                  "model": cfg.model.model_dump(mode="json")},
                  metrics, curves, {t: g.tolist() for t, g in pred.gate_means.items()})
     write_atomic(out / "metrics.json", json.dumps({"tasks": metrics, **summary}, indent=1, default=str).encode())
     return TrainOutcome(out, result, metrics, summary)
@@ -186,9 +184,3 @@ def format_metrics(metrics: dict) -> str:
                          f"RMSE {m['rmse']:.2f}s  R2 {m['r2']:.4f}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":   # torchrun --nproc_per_node=N -m jobs.train --date D [--config ...]
-    import sys
-
-    from jobs.cli import main
-    sys.exit(main(["train", *sys.argv[1:]]))

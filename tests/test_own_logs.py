@@ -1,0 +1,237 @@
+"""Bring your own logs: data the generator did not write, tasks named anything, YAML alone.
+
+1. UCI Adult (../shared/data/adult.parquet) laid out as day partitions: init-spec -> validate ->
+   daily over three dates (first version promoted, a model that learned nothing rejected on a task
+   no tolerance names) -> evaluate -> score with a fusion over the spec's outputs -> tune-fusion.
+2. Generated logs with every label, id and task renamed, through the same CLI.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import MTRANK, SMALL_MODEL, cli_generate, sqlite_client
+
+ADULT = Path(__file__).parents[2] / "shared" / "data" / "adult.parquet"
+DAYS = [f"2024-01-0{d}" for d in range(1, 6)]
+TRAIN = {"batch_size": 512, "epochs": 2, "lr": 0.003}
+NO_RULES = {"window": {"enabled": False}, "new_item": {"enabled": False}, "campaign": {"enabled": False},
+            "low_quality": {"enabled": False}, "traffic_cap": {"enabled": False}}
+
+
+def run(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*MTRANK, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def adult_days(root: Path) -> int:
+    """Adult as five day partitions of shuffled rows, two 0/1 labels derived from its columns, a
+    request id (groups of 25 people: one 'list' to rank) and a person id (the ranked item)."""
+    df = pl.read_parquet(ADULT)
+    n = df.height
+    order = np.random.default_rng(0).permutation(n)
+    df = df[order].with_columns(
+        high_income=(pl.col("income") == ">50K").cast(pl.Int8),
+        never_married=(pl.col("marital-status") == "Never-married").cast(pl.Int8),
+        person_id=pl.int_range(0, n, dtype=pl.Int64),
+        request_id=pl.format("q{}", pl.int_range(0, n) // 25))
+    per = n // len(DAYS) + 1
+    for i, day in enumerate(DAYS):
+        part = root / f"dt={day}"
+        part.mkdir(parents=True)
+        pq.write_table(df.slice(i * per, per).to_arrow(), part / "part-0.parquet")
+    return n
+
+
+@pytest.fixture(scope="module")
+def adult(tmp_path_factory):
+    base = tmp_path_factory.mktemp("adult")
+    rows = adult_days(base / "logs")
+    ok(run("init-spec", "--data", "logs", "--label", "high_income", "--label", "never_married",
+           "--exclude", "income", "--exclude", "marital-status", "--exclude", "person_id",
+           "--request-id", "request_id", "--out", "spec.yaml", cwd=base))
+    job = {"name": "adult", "data": "logs", "spec": "spec.yaml", "window_days": 2, "work_dir": "work",
+           "model": SMALL_MODEL, "train": TRAIN,
+           "score": {**NO_RULES, "item_column": "person_id", "list_size": 10,
+                     "fusion": {"factors": [
+                         {"output": "p_high_income"},
+                         {"output": "p_never_married", "offset": 0.1, "exponent": 0.5,
+                          "search": {"offset": {"lo": 0.01, "hi": 1.0}, "exponent": {"lo": 0.0, "hi": 2.0}}}]},
+                     "tune": {"gains": {"high_income": 2, "never_married": 1}}}}
+    (base / "job.yaml").write_text(yaml.safe_dump(job))
+    bad = {**job, "train": {**TRAIN, "lr": 1e-7, "sparse_lr": 1e-7, "epochs": 1}}   # learns nothing
+    (base / "bad.yaml").write_text(yaml.safe_dump(bad))
+    return base, rows
+
+
+def test_adult_spec_is_inferred_and_validates(adult):
+    base, rows = adult
+    spec = yaml.safe_load((base / "spec.yaml").read_text())
+    assert [t["name"] for t in spec["tasks"]] == ["high_income", "never_married"]
+    assert spec["group_key"] is None and spec["request_id"] == "request_id"
+    feats = {f["name"]: f["kind"] for f in spec["features"]}
+    assert feats["age"] == "numeric" and feats["workclass"] == "categorical"
+    assert not {"income", "marital-status", "person_id", "high_income", "never_married"} & set(feats)
+    out = ok(run("validate", "--data", "logs", "--spec", "spec.yaml", "--json", "validate.json", cwd=base))
+    report = json.loads((base / "validate.json").read_text())
+    assert report["accounting"]["rows_read"] == rows and report["accounting"]["rows_rejected"] == 0, out
+
+
+def test_adult_daily_gate_evaluate_score_tune(adult):
+    base, rows = adult
+    c = sqlite_client(base)
+    out = ok(run("daily", "--config", "job.yaml", "--date", DAYS[2], cwd=base))
+    assert "v1: champion (first version" in out
+    metrics = json.loads((base / "work" / "runs" / "adult" / DAYS[2] / "metrics.json").read_text())["tasks"]
+    assert set(metrics) == {"high_income", "never_married"}
+    assert metrics["high_income"]["auc"] > 0.85 and metrics["never_married"]["auc"] > 0.85
+    assert "gauc" not in metrics["high_income"]               # no group_key: GAUC omitted
+    report = (base / "work" / "runs" / "adult" / DAYS[2] / "report" / "report.html").read_text()
+    assert "GAUC is omitted" in report
+
+    ok(run("daily", "--config", "job.yaml", "--date", DAYS[3], cwd=base))
+    v2 = c.get_model_version("adult", "2")
+    assert v2.tags["promotion.decision"] in ("promoted", "rejected")
+    for figure in ("high_income", "never_married"):           # every binary task is gated, none is named
+        assert re.match(r"\[-?\d\.\d+, -?\d\.\d+\]", v2.tags[f"gate.{figure}.ci"])
+
+    out = ok(run("daily", "--config", "bad.yaml", "--date", DAYS[4], cwd=base))
+    v3 = c.get_model_version("adult", "3")
+    assert v3.tags["promotion.decision"] == "rejected", v3.tags
+    assert v3.tags["gate.high_income.outcome"] == "fail"
+    assert "high_income" in v3.tags["promotion.reason"]
+    assert re.search(r"high_income .*\[-\d\.\d+, [-+]\d\.\d+\].*-> FAIL", out, re.I), out   # printed with its interval
+    gate = json.loads((base / "work" / "runs" / "adult" / DAYS[4] / "report" / "gate.json").read_text())
+    assert {f["name"]: f["outcome"] for f in gate["figures"]}["high_income"] == "fail"
+    page = (base / "work" / "runs" / "adult" / DAYS[4] / "report" / "report.html").read_text()
+    assert "Promotion gate: not promoted" in page and page.count("<section id='gate'>") == 1
+    assert "report/gate.json" in {a.path for a in c.list_artifacts(v3.run_id, "report")}
+    champion = str(c.get_model_version_by_alias("adult", "champion").version)
+    assert champion in ("1", "2")
+
+    uri = f"sqlite:///{base / 'work' / 'mlflow.db'}"
+    ok(run("evaluate", "--model", "models:/adult@champion", "--tracking-uri", uri, "--data", "logs",
+           "--date", DAYS[4], "--out", "eval", cwd=base))
+    ev = json.loads((base / "eval" / "metrics.json").read_text())["tasks"]
+    assert ev["high_income"]["auc"] > 0.85
+
+    out = ok(run("score", "--config", "job.yaml", "--model", "models:/adult@champion", "--candidates",
+                 f"logs/dt={DAYS[4]}", "--date", DAYS[4], "--out", "ranked.parquet", "--no-track", cwd=base))
+    assert "score = p_high_income · (0.1 + p_never_married)^0.5 · rule_weight" in out
+    ranked = pl.read_parquet(base / "ranked.parquet")
+    assert {"p_high_income", "p_never_married", "factor_p_high_income", "factor_p_never_married"} <= set(ranked.columns)
+    shown = ranked.filter(pl.col("rank").is_not_null())
+    assert shown.group_by("request_id").agg(pl.col("rank").max())["rank"].max() == 10
+    expect = shown["p_high_income"] * (0.1 + shown["p_never_married"]) ** 0.5
+    np.testing.assert_allclose(shown["score"].to_numpy(), expect.to_numpy(), rtol=1e-9)
+
+    out = ok(run("tune-fusion", "--config", "job.yaml", "--model", "models:/adult@champion", "--data", "logs",
+                 "--date", DAYS[4], "--trials", "20", "--json", "tune.json", "--no-track", cwd=base))
+    res = json.loads((base / "tune.json").read_text())
+    assert res["objective"] == "ndcg" and set(res["search_bounds"]) == {"p_never_married.offset",
+                                                                          "p_never_married.exponent"}
+    assert res["best"]["tune"]["ndcg"] >= res["start"]["tune"]["ndcg"]
+
+    job = yaml.safe_load((base / "job.yaml").read_text())         # a factor this model cannot feed
+    job["score"]["fusion"] = {"factors": [{"output": "p_ctr"}]}
+    (base / "wrong.yaml").write_text(yaml.safe_dump(job))
+    r = run("score", "--config", "wrong.yaml", "--model", "models:/adult@champion", "--candidates",
+            f"logs/dt={DAYS[4]}", "--date", DAYS[4], "--out", "x.parquet", "--no-track", cwd=base)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'p_ctr'" in r.stderr and "p_high_income" in r.stderr and "p_never_married" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (base / "x.parquet").exists()
+
+
+RENAMED_COLUMNS = {"click": "tap", "conversion": "buy", "cart": "basket", "collect": "fav",
+                   "stay_seconds": "dwell", "user_id": "uid", "item_id": "sku", "request_id": "req"}
+
+
+def renamed_spec(default_spec: Path) -> dict:
+    """The demo spec over renamed columns, with tasks named differently and products left unnamed."""
+    d = yaml.safe_load(default_spec.read_text())
+    for t in [*d.get("tables", {}).values(), *d["features"]]:
+        if "buckets" in t:
+            t["buckets"] = min(t["buckets"], 4096)
+    for f in d["features"]:
+        f["name"] = RENAMED_COLUMNS.get(f["name"], f["name"])
+    names = {"ctr": "tapped", "cvr": "bought", "stay": "dwell_time", "collect": "faved", "cart": "basketed"}
+    tasks = []
+    for t in d["tasks"]:
+        t = {**t, "name": names[t["name"]], "label": RENAMED_COLUMNS.get(t["label"], t["label"])}
+        for k in ("space", "parent"):
+            if t.get(k) in names:
+                t[k] = names[t[k]]
+        t.pop("product", None)
+        tasks.append(t)
+    d.update(tasks=tasks, ground_truth={}, group_key="uid", request_id="req", timestamp=None)
+    return d
+
+
+def test_renamed_generated_logs_through_the_cli(tmp_path):
+    from tests.conftest import DEFAULT_SPEC
+
+    cli_generate(tmp_path / "gen", days=3, rows=6000, seed=3, users=800, items=400)
+    for f in sorted((tmp_path / "gen").rglob("*.parquet")):
+        t = pl.read_parquet(f)
+        t = t.drop([c for c in t.columns if c.startswith("true_")] + ["ts"]).rename(
+            {k: v for k, v in RENAMED_COLUMNS.items() if k in t.columns})
+        dst = tmp_path / "logs" / f.relative_to(tmp_path / "gen")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        t.write_parquet(dst)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(renamed_spec(DEFAULT_SPEC)))
+    factors = [{"output": "p_tapped"}, {"output": "p_bought", "offset": 0.05},
+               {"column": "price", "offset": 1.0, "search": {"offset": {"lo": 0.1, "hi": 100.0}}},
+               {"output": "dwell_time", "exponent": 0.2}, {"output": "p_tapped_basketed", "exponent": 0.1}]
+    job = {"name": "renamed", "data": "logs", "spec": "spec.yaml", "window_days": 2, "work_dir": "work",
+           "model": SMALL_MODEL, "train": TRAIN,
+           "score": {**NO_RULES, "item_column": "sku", "list_size": 20, "fusion": {"factors": factors},
+                     "on_bad_row": "quarantine",      # logged requests repeat an item now and then
+                     "tune": {"value_column": "price", "value_task": "bought"}}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+
+    ok(run("validate", "--data", "logs", "--spec", "spec.yaml", cwd=tmp_path))
+    out = ok(run("daily", "--config", "job.yaml", "--date", "2026-11-03", cwd=tmp_path))
+    assert "v1: champion" in out
+    metrics = json.loads((tmp_path / "work" / "runs" / "renamed" / "2026-11-03" / "metrics.json").read_text())
+    assert {"tapped", "bought", "tapped_bought", "dwell_time", "faved", "tapped_faved", "basketed",
+            "tapped_basketed"} == set(metrics["tasks"])
+    assert "gauc" in metrics["tasks"]["tapped"]               # group_key uid: GAUC reported
+    out = ok(run("score", "--config", "job.yaml", "--model", "models:/renamed@champion", "--candidates",
+                 "logs/dt=2026-11-03", "--date", "2026-11-03", "--out", "ranked.parquet", "--no-track",
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}", cwd=tmp_path))
+    ranked = pl.read_parquet(tmp_path / "ranked.parquet")
+    assert {"factor_p_tapped", "factor_price", "factor_dwell_time", "factor_p_tapped_basketed"} <= set(ranked.columns)
+    out = ok(run("tune-fusion", "--config", "job.yaml", "--model", "models:/renamed@champion", "--data", "logs",
+                 "--date", "2026-11-03", "--trials", "12", "--json", "tune.json", "--no-track",
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}", cwd=tmp_path))
+    res = json.loads((tmp_path / "tune.json").read_text())
+    assert res["objective"] == "value" and list(res["search_bounds"]) == ["price.offset"]
+    assert res["best"]["tune"]["value"] >= res["start"]["tune"]["value"] > 0
+
+
+def test_no_demo_task_name_in_pipeline_or_jobs_code():
+    """Task and output names come from the spec: no quoted demo name in pipeline/ or jobs/ Python
+    (the generator, which writes the demo's logs, excepted)."""
+    root = Path(__file__).parents[1]
+    demo = r"""["'](p_)?(ctr|cvr|ctcvr|ctcollect|ctcart|collect|cart|stay|click|conversion)["']"""
+    hits = []
+    for f in [*(root / "pipeline").rglob("*.py"), *(root / "jobs").rglob("*.py")]:
+        if "synthetic" in f.parts:
+            continue
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if re.search(demo, line):
+                hits.append(f"{f.relative_to(root)}:{i}: {line.strip()}")
+    assert not hits, "\n".join(hits)

@@ -136,7 +136,10 @@ def _cmd_daily(a: argparse.Namespace) -> int:
     print({"reused": f"{a.date}: reusing {cfg.name} v{out.version} (registered by an earlier run; --force retrains)",
            "logged": f"{a.date}: training outcome found in {out.run_dir}; logged it without retraining "
                      f"as {cfg.name} v{out.version} (run {out.run_id})",
-           "trained": f"{a.date}: trained and registered {cfg.name} v{out.version} (run {out.run_id})"}[out.how])
+           "trained": f"{a.date}: trained and registered {cfg.name} v{out.version} (run {out.run_id})",
+           "lost": f"{a.date}: another run registered {cfg.name} v{out.version} for this date first; this run's "
+                   f"version was removed (run {out.run_id} is tagged mtrank.superseded_by_version) and the "
+                   "winner's run decides the promotion"}[out.how])
     done = out.run_dir / "metrics.json"
     if done.exists():
         outcome = json.loads(done.read_text())
@@ -147,7 +150,8 @@ def _cmd_daily(a: argparse.Namespace) -> int:
         print(format_metrics(outcome["tasks"]))
         print(f"report: {done.parent / 'report' / 'report.html'}")
     d = out.decision
-    print(f"{cfg.name} v{d.version}: {'champion' if d.promoted else 'not promoted'} ({d.reason})")
+    if d is not None:
+        print(f"{cfg.name} v{d.version}: {'champion' if d.promoted else 'not promoted'} ({d.reason})")
     uri = tracking_uri(cfg)
     print(f"MLflow store: {uri}\nopen the UI: mlflow ui --backend-store-uri {uri}")
     return 0
@@ -175,7 +179,8 @@ def _cmd_lineage(a: argparse.Namespace) -> int:
 def _track(cfg, out) -> str:
     from jobs.tracking import log_training, tracking_uri
 
-    run_id, version = log_training(cfg, out.run_dir)
+    reg = log_training(cfg, out.run_dir)
+    run_id, version = reg.run_id, reg.version
     uri = tracking_uri(cfg)
     return (f"MLflow run {run_id}; registered {cfg.name} version {version} (alias challenger) in {uri}\n"
             f"open the UI: mlflow ui --backend-store-uri {uri}")
@@ -196,6 +201,10 @@ def _cmd_score(a: argparse.Namespace) -> int:
           f"of the list size; model {a.model}" + (f" (v{s['model_version']})" if s["model_version"] else ""))
     print(f"score = {s['formula']}")
     print(f"rules: {rules or 'none applied'}; caps resolved in {s['cap_rounds']} round(s)")
+    missing = {k: v for k, v in s["missing_values"].items() if v}
+    if missing:
+        print("missing values (neither boosted nor demoted; a request without time is served last): "
+              + ", ".join(f"{k} {v:,}" for k, v in missing.items()))
     print(f"{s['seconds']['total_s']:.1f}s: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in
                                                           s["seconds"].items() if k != "total_s"))
     if a.show:

@@ -6,7 +6,7 @@ retrained; an interrupted training resumes from its checkpoint. One run per job 
 """
 from __future__ import annotations
 
-from features.base import MtrankError
+from features.base import MtrankError, failpoint
 
 import datetime as dt
 import fcntl
@@ -40,10 +40,10 @@ class TrainingFailed(MtrankError, RuntimeError):
 @dataclass
 class DailyOutcome:
     version: str
-    how: str            # "reused" | "logged" (outcome on disk, tracking had failed) | "trained"
+    how: str            # "reused" | "logged" (outcome on disk, tracking had failed) | "trained" | "lost"
     run_id: str | None
     run_dir: Path
-    decision: Decision
+    decision: Decision | None   # None when another run registered the date first (it promotes)
 
 
 @contextmanager
@@ -133,11 +133,15 @@ def run_daily(cfg: JobConfig, date: dt.date, force: bool = False, wait: bool = F
                         _train_ranks(cfg, date, parent, not force, nproc, Path(tmp))
                     else:
                         train(cfg, date, resume=not force, parent=parent)
+                failpoint("after_training")
             found = None if known else tracking.find_version(cfg, date.isoformat())  # ask again before registering
             if found is not None:  # the registry had this date after all: never a second version
                 version, how = found.version, "reused"
                 if not found.tags.get("promotion.decision"):
                     tracking.set_challenger(cfg, version)
             else:
-                run_id, version = tracking.log_training(cfg, out_dir)
+                reg = tracking.log_training(cfg, out_dir, new_generation=force)
+                run_id, version = reg.run_id, reg.version
+                if not reg.won:   # another host registered this date first: its run promotes
+                    return DailyOutcome(version, "lost", run_id, out_dir, None)
         return DailyOutcome(version, how, run_id, out_dir, promote(cfg, date))

@@ -13,9 +13,10 @@ import platform
 import re
 import subprocess
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from features.base import MtrankError
+from features.base import MtrankError, failpoint
 from jobs.config import JobConfig
 from jobs.model_io import load_model, read_spec
 from jobs.paths import run_dir
@@ -132,11 +133,35 @@ def tracking_uri(cfg: JobConfig) -> str:
     return f"sqlite:///{(Path(cfg.work_dir) / 'mlflow.db').resolve()}"
 
 
+_READY: set[str] = set()
+
+
+def ensure_store(uri: str) -> None:
+    """Create an embedded sqlite store once, under a file lock: MLflow creates and migrates its
+    tables on first use, and two processes doing that at once on one new file collide
+    (`duplicate column name`). Other stores (a server, PostgreSQL) manage themselves."""
+    if uri in _READY or not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    import mlflow
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = mlflow.MlflowClient(uri, uri)
+        client.search_experiments(max_results=1)        # tracking tables
+        client.search_registered_models(max_results=1)  # registry tables
+    _READY.add(uri)
+
+
 def _client(cfg: JobConfig):
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # job logs, not a terminal bar
     uri = tracking_uri(cfg)
+    ensure_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return mlflow, mlflow.MlflowClient(uri, uri)
@@ -149,7 +174,14 @@ def _experiment(mlflow, client, cfg: JobConfig) -> str:
     location = None
     if tracking_uri(cfg).startswith("sqlite:"):  # embedded store: artifacts beside it, not in ./mlruns
         location = (Path(cfg.work_dir) / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(cfg.name, artifact_location=location)
+    try:
+        return client.create_experiment(cfg.name, artifact_location=location)
+    except Exception as e:  # noqa: BLE001 - another host created it between our lookup and our create
+        exp = client.get_experiment_by_name(cfg.name)
+        if exp is None or not ("RESOURCE_ALREADY_EXISTS" in str(e) or "already exists" in str(e).lower()
+                               or "UNIQUE constraint" in str(e) or "duplicate key" in str(e)):
+            raise
+        return exp.experiment_id
 
 
 def git_commit() -> str:
@@ -175,12 +207,48 @@ def _finite(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
 
 
+@dataclass(frozen=True)
+class Registered:
+    run_id: str
+    version: str            # the date's effective version (this run's, or the winner's)
+    won: bool               # False: another run registered the date first; this run's version was removed
+
+
+def _date_versions(client, cfg: JobConfig, date: str) -> list:
+    try:
+        return client.search_model_versions(f"name='{cfg.name}' and tag.`mtrank.date`='{date}'")
+    except Exception as e:  # noqa: BLE001 - a registry without the model yet
+        if "RESOURCE_DOES_NOT_EXIST" in str(e):
+            return []
+        raise
+
+
+def _generation(v) -> int:
+    try:
+        return int(v.tags.get("mtrank.generation", 0))
+    except ValueError:
+        return 0
+
+
+def date_winner(versions: list):
+    """The registry's agreement on a date: among the versions of the newest generation (a `--force`
+    rerun starts the next one), the lowest version number. Every host computes the same answer
+    from the registry alone, whatever the order in which their versions were registered."""
+    if not versions:
+        return None
+    top = max(_generation(v) for v in versions)
+    return min((v for v in versions if _generation(v) == top), key=lambda v: int(v.version))
+
+
 @_guarded("logging the training outcome", _log_hint)
-def log_training(cfg: JobConfig, run_dir: Path) -> tuple[str, str]:
-    """One MLflow run for the finished training outcome in `run_dir`; registers it as `challenger`.
+def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False) -> Registered:
+    """One MLflow run for the finished training outcome in `run_dir`; registers it and, if it is the
+    date's winner (`date_winner`), makes it the `challenger`; a loser deletes its version again and
+    returns the winner's, so one effective version exists per job and date across hosts.
+    `new_generation`: a forced retrain supersedes the date's earlier versions.
 
     Everything comes from the run directory (metrics.json, the saved model and its spec), so a run
-    whose tracking failed is logged later exactly as it would have been. Returns (run_id, version).
+    whose tracking failed is logged later exactly as it would have been.
     """
     import torch
 
@@ -199,6 +267,10 @@ def log_training(cfg: JobConfig, run_dir: Path) -> tuple[str, str]:
         tags.update({"mtrank.parent_version": str(lin["parent_version"]),
                      "mtrank.root_version": str(lin["root_version"])})
     run_name = f"{cfg.name}-{date}" + (f"-warm-from-v{lin['parent_version']}" if lin.get("parent_version") else "-full")
+    before = _date_versions(client, cfg, date)
+    generation = max((_generation(v) for v in before), default=-1) + 1 if new_generation else \
+        max((_generation(v) for v in before), default=0)
+    tags["mtrank.generation"] = str(generation)
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
         params = flatten("", cfg.model_dump(mode="json"), {})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
@@ -227,23 +299,23 @@ def log_training(cfg: JobConfig, run_dir: Path) -> tuple[str, str]:
         run_id = run.info.run_id
     version = mlflow.register_model(info.model_uri, cfg.name, tags={
         **tags, **{f"auc.{t}": f"{m['auc']:.6f}" for t, m in metrics.items() if "auc" in m}})
+    failpoint("registration")
+    winner = date_winner(_date_versions(client, cfg, date))
+    if winner is not None and str(winner.version) != str(version.version):
+        client.delete_model_version(cfg.name, version.version)
+        client.set_tag(run_id, "mtrank.superseded_by_version", str(winner.version))
+        return Registered(run_id, str(winner.version), False)
     if "mtrank.root_version" not in tags:  # a full retrain roots its own chain
         client.set_model_version_tag(cfg.name, version.version, "mtrank.root_version", str(version.version))
     client.set_registered_model_alias(cfg.name, CHALLENGER, version.version)
-    return run_id, version.version
+    return Registered(run_id, str(version.version), True)
 
 
 @_guarded("looking up the version registered for this date", _find_hint)
 def find_version(cfg: JobConfig, date: str):
-    """The registered version a previous run made for this date (tag mtrank.date), if any."""
+    """The date's effective version (tag mtrank.date, `date_winner`), if any run registered one."""
     _, client = _client(cfg)
-    try:
-        found = client.search_model_versions(f"name='{cfg.name}' and tag.`mtrank.date`='{date}'")
-    except Exception as e:  # noqa: BLE001 - a registry without the model yet
-        if "RESOURCE_DOES_NOT_EXIST" in str(e):
-            return None
-        raise
-    return max(found, key=lambda v: int(v.version)) if found else None
+    return date_winner(_date_versions(client, cfg, date))
 
 
 @_guarded("reading a registry alias")
@@ -312,6 +384,7 @@ def record_decision(cfg: JobConfig, version: str, promoted: bool, reason: str, d
         client.set_model_version_tag(cfg.name, version, key, str(value)[:4000])
     if promoted:
         client.set_registered_model_alias(cfg.name, CHAMPION, version)
+    failpoint("promotion")   # the alias may have moved, the decision is not written: a rerun decides again
     client.set_model_version_tag(cfg.name, version, "promotion.decision", "promoted" if promoted else "rejected")
 
 
@@ -325,6 +398,7 @@ def resolve_model(ref: str, dst: Path, uri: str | None = None) -> Path:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # job logs, not a terminal bar
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        ensure_store(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
     with _reachable(uri or mlflow.get_tracking_uri(), f"downloading {ref}", DOWNLOAD_HINT):

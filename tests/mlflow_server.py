@@ -23,8 +23,10 @@ class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (lean: one worker, no job execution, proxied artifacts),
     stopped and started again on the same port, store and artifacts."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend: str | None = None):
+        """`backend`: the backend store URI (default: sqlite in `root`; e.g. a PostgreSQL database)."""
         self.root, self.port, self.proc = root, free_port(), None
+        self.backend = backend or f"sqlite:///{root / 'server.db'}"
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -32,7 +34,7 @@ class MlflowServer:
         env.pop("MLFLOW_TRACKING_URI", None)
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--workers", "1", "--backend-store-uri", self.backend,
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "a"), env=env, start_new_session=True)
         deadline = time.time() + 120
@@ -61,3 +63,24 @@ class MlflowServer:
 
     def client(self):
         return mlflow.MlflowClient(self.url, self.url)
+
+
+PG = dict(host="127.0.0.1", port=5432, user="postgres")
+
+
+def postgres_database(name: str):
+    """A fresh PostgreSQL database on the machine's server (trust auth) for one test: (uri, drop)."""
+    import psycopg2
+
+    def admin(sql: str) -> None:
+        con = psycopg2.connect(dbname="postgres", **PG)
+        con.autocommit = True
+        try:
+            con.cursor().execute(sql)
+        finally:
+            con.close()
+
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin(f'CREATE DATABASE "{name}"')
+    return (f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}",
+            lambda: admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -8,7 +8,7 @@ renamed, so a failed or interrupted job never leaves a half-written file under t
 from __future__ import annotations
 
 import datetime as dt
-import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,10 @@ import pyarrow.parquet as pq
 
 from features.featurize import Featurizer
 from features.rules import MISSING_COLUMN, BadInputError
+from features.base import failpoint
 from jobs.config import JobConfig
+from jobs.paths import quarantine_dir
+from jobs.report import strict_json
 from jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
 from pipeline.evaluate import predict_rows
 from pipeline.candidates import CandidateReader, candidate_files
@@ -28,6 +31,9 @@ from pipeline.checkpoint import make_dirs, write_atomic
 from pipeline.progress import Progress
 from pipeline.scoring import ScoringConfig, score_candidates
 from pipeline.scoring.fusion import resolve
+
+log = logging.getLogger("mtrank.score")
+
 
 @dataclass
 class ScoreOutcome:
@@ -51,6 +57,25 @@ def _side_table(path: str | None, columns: dict[str, str], what: str) -> pa.Tabl
     return table
 
 
+def _counts(table: pa.Table, path: str, column: str, item_column: str) -> pa.Table:
+    """A side table's count column (exposures, caps): integers >= 0 and item ids present, or a
+    clear error naming the file, column and rule; an item listed twice is summed (and said)."""
+    if not pa.types.is_integer(table.schema.field(column).type):
+        raise BadInputError(path, column, "wrong_type", f"must hold integers, found {table.schema.field(column).type}")
+    for col, rule in ((item_column, "null item id"), (column, "null count")):
+        nulls = table[col].null_count
+        if nulls:
+            raise BadInputError(path, col, "null", f"rows have a {rule}", count=nulls)
+    negative = int(pc.sum(pc.less(table[column], 0)).as_py() or 0)
+    if negative:
+        raise BadInputError(path, column, "negative", "rows are negative (a count is >= 0)", count=negative)
+    t = table.group_by(item_column).aggregate([(column, "sum")]).rename_columns([item_column, column]) \
+        if pc.count_distinct(table[item_column]).as_py() < table.num_rows else table
+    if t.num_rows < table.num_rows:
+        log.warning("%s: %d rows repeat an item; their %s are summed", path, table.num_rows - t.num_rows, column)
+    return t
+
+
 def _on_day(table: pa.Table, column: str, day: dt.date) -> pa.Array:
     """Rows whose date column (date, timestamp or 'YYYY-MM-DD') is `day`."""
     return pc.equal(pc.cast(table[column], pa.date32()), pa.scalar(day, pa.date32()))
@@ -61,12 +86,17 @@ def read_exposures(path: str | None, item_column: str, day: dt.date) -> pa.Table
     t = _side_table(path, {item_column: "item id", "dt": "day", "exposures": "exposure count"}, "exposures table")
     if t is None:
         return None
-    return t.filter(_on_day(t, "dt", day)).select([item_column, "exposures"])
+    return _counts(t.filter(_on_day(t, "dt", day)).select([item_column, "exposures"]), path, "exposures", item_column)
 
 
 def read_caps(path: str | None, item_column: str) -> pa.Table | None:
     t = _side_table(path, {item_column: "item id", "cap": "daily exposure cap"}, "caps table")
-    return None if t is None else t.select([item_column, "cap"])
+    if t is None:
+        return None
+    t = t.select([item_column, "cap"])
+    if pc.count_distinct(t[item_column]).as_py() < t.num_rows:
+        raise BadInputError(path, item_column, "duplicate", "an item has more than one cap")
+    return _counts(t, path, "cap", item_column)
 
 
 def read_campaign(path: str | None, item_column: str, day: dt.date) -> pa.Array | None:
@@ -82,7 +112,11 @@ def read_campaign(path: str | None, item_column: str, day: dt.date) -> pa.Array 
 
 def _write_parquet(table: pa.Table, out: Path) -> None:
     make_dirs(out.parent)
-    write_atomic(out, lambda f: pq.write_table(table, f, compression="zstd"))
+    def write(f) -> None:
+        pq.write_table(table, f, compression="zstd")
+        failpoint("score_write")   # the data is in the temporary file, not yet under its name
+
+    write_atomic(out, write)
 
 
 def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, out: str | Path, *,
@@ -99,7 +133,7 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
     timings["load_model_s"] = time.perf_counter() - t0
     featurizer = Featurizer(saved.spec, saved.stats)
     reader = CandidateReader(candidate_files(candidates, day), saved.spec, sc,
-                             quarantine_dir=Path(cfg.quarantine_dir or Path(cfg.work_dir) / "quarantine") / "candidates"
+                             quarantine_dir=quarantine_dir(cfg, "candidates")
                              / f"dt={day}")
     outputs: dict[str, list[np.ndarray]] = {}
     sides: list[pa.RecordBatch] = []
@@ -143,7 +177,7 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
                "seconds": timings,
                "balanced": acc.rows_read == scored.summary["rows_in"] + acc.rows_rejected}
     summary_path = out.with_name(out.name + ".summary.json")
-    write_atomic(summary_path, json.dumps(summary, indent=1, default=str).encode())
+    write_atomic(summary_path, strict_json(summary))
     run_id = log_scoring(cfg, str(day), model_ref, summary, summary_path) if track else None
     return ScoreOutcome(out, summary, scored.table, run_id, saved.spec.request_id)
 

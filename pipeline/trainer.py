@@ -8,7 +8,7 @@ position in the epoch's (seeded) batch order.
 """
 from __future__ import annotations
 
-from features.base import MtrankError, StrictConfig
+from features.base import MtrankError, StrictConfig, failpoint
 
 import contextlib
 import hashlib
@@ -56,14 +56,20 @@ class TrainConfig(StrictConfig):
     seed: int = 0
     checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0 = epoch ends only")
     checkpoint_keep: int = Field(default=2, gt=0)
+    min_rows: int = Field(default=100, gt=0, description="a training window with fewer rows is an error, "
+                          "not a model")
 
     def fingerprint_fields(self) -> dict:
         """What must not change between a checkpoint and its resume (epochs may grow)."""
-        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device"})
+        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device", "min_rows"})
 
 
 class NonFiniteLossError(MtrankError, RuntimeError):
     pass
+
+
+class DivergedError(MtrankError, RuntimeError):
+    """Training ended with a model that cannot rank: non-finite or constant predictions."""
 
 
 class ResumeMismatchError(MtrankError, RuntimeError):
@@ -277,6 +283,7 @@ class Trainer:
         state = self.state_dict(epoch, step_in_epoch, history, current)   # collective when data-parallel
         if self.dist.is_main:
             path = self.checkpoints.save(state, self.global_step)
+            failpoint("training")
             log.info("checkpoint %s (epoch %d, step %d)", path, epoch, self.global_step)
 
     def _load_latest(self) -> dict | None:

@@ -11,7 +11,7 @@ EVAL_DATE ?= 2026-11-08
 CANDIDATES ?= .mtrank/demo-candidates
 SCORES ?= .mtrank/scores
 
-.PHONY: venv train test bench bench-quick bench-venv clean
+.PHONY: venv train test test-fast bench bench-quick bench-venv clean
 
 venv: $(STAMP)
 
@@ -33,7 +33,10 @@ train: venv
 	$(VENV)/bin/mtrank score --model models:/mtrank-demo@champion --candidates $(CANDIDATES) --date $(EVAL_DATE) --exposures $(SCORES)/exposures-$(EVAL_DATE).parquet --out $(SCORES)/dt=$(EVAL_DATE)/ranked.parquet
 
 test: venv
-	$(PY) -m pytest -n 2 tests   # two workers: most tests wait on subprocesses (jobs, mlflow server)
+	$(PY) -m pytest -n 2 tests   # every tier; two workers: most tests wait on subprocesses (jobs, mlflow server)
+
+test-fast: venv   # the development tier: no end-to-end job, server or torchrun test (`-m slow` runs those)
+	$(PY) -m pytest -n 2 -m "not slow" tests
 
 bench: venv bench-venv
 	$(PY) -m bench.run_all

@@ -15,7 +15,7 @@ import torch
 from features.numeric import NumericStats
 from features.spec import FeatureSpec, SpecError, load_spec
 from models import ModelConfig, MultiTaskRanker
-from pipeline.checkpoint import write_atomic
+from pipeline.checkpoint import load_tensors, write_atomic
 
 FILES = ("weights.pt", "feature_spec.yaml", "numeric_stats.json", "model_config.json")
 
@@ -59,10 +59,10 @@ def load_model(path: str | Path, with_optimizer: bool = False) -> SavedModel:
     stats = NumericStats.from_json((path / "numeric_stats.json").read_text())
     config = ModelConfig.model_validate(json.loads((path / "model_config.json").read_text()))
     model = MultiTaskRanker(spec, config)
-    state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    state = load_tensors(path / "weights.pt")
     model.load_state_dict(state)
     model.eval()
     optimizer = None
     if with_optimizer and (path / OPTIMIZER).exists():
-        optimizer = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+        optimizer = load_tensors(path / OPTIMIZER)
     return SavedModel(spec, stats, config, model, optimizer)

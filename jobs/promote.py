@@ -48,7 +48,7 @@ from features.spec import SpecError
 from jobs import tracking
 from jobs.config import JobConfig, PromoteConfig
 from jobs.evaluate import evaluate_model
-from jobs.paths import run_dir
+from jobs.paths import quarantine_dir, run_dir
 from jobs.report import add_gate
 from pipeline.evaluate import BinarySet, binary_sets
 from pipeline.metrics import paired_auc_test
@@ -254,7 +254,7 @@ def promote(cfg: JobConfig, date: dt.date) -> Decision:
     sets, rows = {}, {}
     for label, mv in (("challenger", challenger), ("champion", champion)):
         saved = tracking.open_model(f"models:/{cfg.name}/{mv.version}", tracking.tracking_uri(cfg))
-        pred = evaluate_model(saved, cfg.data, date, cfg.promote.max_rows, quarantine_dir=cfg.quarantine_dir,
+        pred = evaluate_model(saved, cfg.data, date, cfg.promote.max_rows, quarantine_dir=quarantine_dir(cfg, "promote"),
                               on_unreadable=cfg.on_unreadable_file)[1]
         sets[label], rows[label] = binary_sets(pred, saved.spec), pred.rows
         del pred, saved

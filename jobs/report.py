@@ -8,6 +8,7 @@ shown side by side with deltas.
 from __future__ import annotations
 
 import base64
+import math
 import html
 import io
 import json
@@ -28,6 +29,29 @@ BINARY_COLS = [("rows", "rows", "{:,}"), ("positives", "positives", "{:,}"), ("a
                ("pcoc", "PCOC", "{:.3f}")]
 REGRESSION_COLS = [("rows", "rows", "{:,}"), ("rmse", "RMSE (s)", "{:.2f}"), ("r2", "R²", "{:.4f}"),
                    ("rmse_log1p", "RMSE log1p", "{:.4f}"), ("oracle_rmse", "oracle RMSE (s)", "{:.2f}")]
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _finite(obj.item())
+    return obj
+
+
+def strict_json(obj, indent: int | None = 1) -> bytes:
+    """JSON any parser reads: an undefined figure (NaN, ±inf) is `null`, never a bare `NaN`."""
+    return json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False).encode()
+
+
+def undefined_figures(metrics: dict) -> list[str]:
+    """`task.metric` of every figure that is undefined on this day (e.g. AUC without positives)."""
+    return [f"{task}.{k}" for task, m in metrics.items() for k, v in m.items()
+            if isinstance(v, float) and not math.isfinite(v)]
 
 
 def _png(fig) -> str:
@@ -169,7 +193,7 @@ def write_report(out_dir: str | Path, title: str, meta: dict, metrics: dict, cur
     page = render(title, meta, metrics, curves, gates, baseline)
     payload = {"meta": meta, "tasks": metrics, "baseline": baseline, "gates": gates}
     write_atomic_all({out / "report.html": page.encode(),   # both complete, then both renamed
-                      out / "metrics.json": json.dumps(payload, indent=1, default=str).encode()})
+                      out / "metrics.json": strict_json(payload)})
     return out / "report.html", out / "metrics.json"
 
 
@@ -203,7 +227,7 @@ def add_gate(report_dir: str | Path, gate: dict) -> list[Path]:
     """gate.json beside the report, and the gate's section in report.html (replacing an earlier one),
     written atomically together; returns the files written."""
     report_dir = Path(report_dir)
-    files = {report_dir / "gate.json": json.dumps(gate, indent=1, default=str).encode()}
+    files = {report_dir / "gate.json": strict_json(gate)}
     page_path = report_dir / "report.html"
     if page_path.exists():
         page = page_path.read_text()

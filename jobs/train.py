@@ -7,7 +7,6 @@ and configs (`model/`), the evaluation report (`report/report.html`) and `metric
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,15 +18,15 @@ from features.numeric import NumericStats
 from features.spec import FeatureSpec, SpecError, load_spec
 from jobs.config import JobConfig
 from jobs.model_io import SavedModel, save_model
-from jobs.paths import run_dir
+from jobs.paths import quarantine_dir, run_dir
 from models.warm_start import transfer_weights
-from jobs.report import gauc_note, write_report
+from jobs.report import gauc_note, strict_json, undefined_figures, write_report
 from pipeline.checkpoint import CheckpointStore, write_atomic
-from pipeline.dataset import open_window
+from pipeline.dataset import check_labels, open_window
 from pipeline.distributed import SINGLE, Dist
-from pipeline.evaluate import merge_predictions, predict, task_curves, task_metrics
+from pipeline.evaluate import degenerate_outputs, merge_predictions, predict, task_curves, task_metrics
 from pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, skipped_files
-from pipeline.trainer import TrainResult, Trainer, build_model
+from pipeline.trainer import DivergedError, TrainResult, Trainer, build_model
 
 log = logging.getLogger("mtrank.train")
 
@@ -65,7 +64,7 @@ def _stats(cfg: JobConfig, spec: FeatureSpec, window, out: Path, progress: bool 
         stats = parent.saved.stats
     else:
         mine = fit_numeric_stats(ImpressionReader(window, spec, rank=dist.rank, world_size=dist.world_size,
-                                                  quarantine_dir=cfg.quarantine_dir,
+                                                  quarantine_dir=quarantine_dir(cfg, "train"),
                                                   progress=progress if dist.is_main else False))
         stats = NumericStats()
         for part in dist.all_gather(mine):
@@ -109,6 +108,7 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     window = open_window(cfg.data, spec, first, date - dt.timedelta(days=1), on_unreadable=cfg.on_unreadable_file)
     eval_window = open_window(cfg.data, spec, date, date, on_unreadable=cfg.on_unreadable_file)
     out = run_dir(cfg, date)
+    check_labels(window, spec, cfg.train.min_rows)
     stats = _stats(cfg, spec, window, out, progress, parent, dist)
     featurizer = Featurizer(spec, stats)
     tc = cfg.train
@@ -130,7 +130,7 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
                 "numeric_stats": cfg.warm_start.numeric_stats})
     reader = ImpressionReader(window, spec, featurizer, batch_size=trainer.rank_batch_size, shuffle=tc.shuffle,
                               shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, rank=dist.rank,
-                              world_size=dist.world_size, quarantine_dir=cfg.quarantine_dir, progress=False)
+                              world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), progress=False)
     t0 = time.perf_counter()
     result = trainer.fit(reader, resume=resume, progress=progress)
     train_s = time.perf_counter() - t0
@@ -138,13 +138,18 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     del trainer   # the DDP wrapper: released before the process group is left
     # Each rank predicts its shard of the day; rank 0 scores the gathered rows (max_rows split evenly).
     ev_reader = ImpressionReader(eval_window, spec, featurizer, batch_size=cfg.eval.batch_size, rank=dist.rank,
-                                 world_size=dist.world_size, quarantine_dir=cfg.quarantine_dir, with_eval=True,
+                                 world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), with_eval=True,
                                  progress=False)
     max_rows = None if cfg.eval.max_rows is None else -(-cfg.eval.max_rows // dist.world_size)
     parts = dist.gather((predict(model, ev_reader, max_rows), ev_reader.accounting))  # fp32: bf16 ties rows
     if not dist.is_main:
         return TrainOutcome(out, result, {}, {}, written=False)
     pred = merge_predictions([p for p, _ in parts])
+    broken = degenerate_outputs(pred)
+    if broken and (len(broken) == len(pred.outputs) or any("non-finite" in w for w in broken.values())):
+        raise DivergedError(f"the model trained for {date} cannot rank: " + "; ".join(
+            f"{k}: {w}" for k, w in broken.items()) + ". Training diverged or learned nothing (lower train.lr / "
+            "sparse_lr, check the labels); nothing was saved or registered")
     ev_accounting = RowAccounting.total(acc for _, acc in parts)
     metrics = task_metrics(pred, spec)
     curves = task_curves(pred, spec)
@@ -162,7 +167,11 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
                   "evaluation rows": pred.rows, "GAUC groups": gauc_note(spec.group_key),
                   "model": cfg.model.model_dump(mode="json")},
                  metrics, curves, {t: g.tolist() for t, g in pred.gate_means.items()})
-    write_atomic(out / "metrics.json", json.dumps({"tasks": metrics, **summary}, indent=1, default=str).encode())
+    undefined = undefined_figures(metrics)
+    if undefined:
+        log.warning("undefined on %s (one class only, or no rows, in the evaluation population): %s; "
+                    "written as null", date, ", ".join(undefined))
+    write_atomic(out / "metrics.json", strict_json({"tasks": metrics, **summary}))
     return TrainOutcome(out, result, metrics, summary)
 
 

@@ -8,7 +8,6 @@ value column and the task labels ride along. Requests are split by an xxhash of 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from features.featurize import Featurizer
 from features.rules import BadInputError
 from features.spec import SpecError
 from jobs.config import JobConfig
+from jobs.paths import quarantine_dir
+from jobs.report import strict_json
 from jobs.tracking import log_tuning, model_version_of, open_model, tracking_uri
 from jobs.model_io import SavedModel
 from pipeline.evaluate import FORWARD_ROWS, predict_rows
@@ -89,7 +90,8 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, plan: FusionP
     extras = list(dict.fromkeys([spec.request_id, item_column, *plan.columns,
                                  *([value_column] if value_column else []), *(t.label for t in binary)]))
     window = open_window(data, spec, day, day)
-    reader = ImpressionReader(window, spec, quarantine_dir=quarantine_dir, progress=False, extra_columns=extras)
+    reader = ImpressionReader(window, spec, quarantine_dir=quarantine_dir, progress=False, extra_columns=extras,
+                              not_null=(spec.request_id,))
     featurizer = Featurizer(spec, saved.stats)
     need = set(plan.required_outputs(searching=True))
     outputs: dict[str, list[np.ndarray]] = {}
@@ -144,7 +146,7 @@ def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, 
                         "tune-fusion has nothing to search")
     if objective == "value" and not has_value:
         raise SpecError("objective value needs score.tune.value_column and score.tune.value_task")
-    qdir = Path(cfg.quarantine_dir or Path(cfg.work_dir) / "quarantine") / "tune-fusion"
+    qdir = quarantine_dir(cfg, "tune-fusion")
     cols, accounting = predict_day(saved, data, day, plan, tc.value_column, max_rows, qdir,
                                    item_column=cfg.score.item_column)
     t1 = time.perf_counter()
@@ -186,15 +188,9 @@ def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, 
     if json_path:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(result, indent=1, default=_json_default).encode())
+        write_atomic(path, strict_json(result))
     run_id = log_tuning(cfg, str(day), model_ref, result, path) if track else None
     return TuneOutcome(result, run_id, path)
-
-
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    return str(x)
 
 
 def _pct(x: float) -> str:

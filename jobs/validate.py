@@ -30,6 +30,9 @@ def validate(data: str | Path, spec: FeatureSpec, start: dt.date | None = None, 
     report = {"window": window.describe(), "accounting": reader.accounting.as_dict(),
               "skipped_files": skipped, "spec_fingerprint": spec.fingerprint()}
     readable = [f for f in window.files if f not in {u["file"] for u in skipped}]
+    if readable:   # exact copies of an earlier row (a logging retry, a double write): counted, kept
+        lf = pl.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
+        report["duplicate_rows"] = int(lf.select(pl.len() - pl.struct(pl.all()).n_unique()).collect().item())
     if collisions and readable:
         lf = pl.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
         report["collisions"] = {k: v.as_dict() for k, v in table_collisions(lf, spec).items()}
@@ -48,6 +51,8 @@ def format_report(report: dict) -> str:
         where = f" row group {u['row_group']}" if u["row_group"] is not None else ""
         rows = f", {u['rows']:,} rows not read" if u["rows"] is not None else ""
         lines.append(f"SKIPPED unreadable file {u['file']}{where}{rows}: {u['error']}")
+    if "duplicate_rows" in report:
+        lines.append(f"exact duplicate rows (copies of an earlier row, kept): {report['duplicate_rows']:,}")
     if win["empty_partitions"]:
         lines.append(f"empty partitions (allowed): {', '.join(win['empty_partitions'])}")
     if "collisions" in report:

@@ -71,7 +71,8 @@ class CandidateReader:
         self.request_column = spec.request_id
         self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
         if cfg.on_bad_row == "quarantine" and self.quarantine_dir is None:
-            raise ValueError("score.on_bad_row: quarantine needs a quarantine directory")
+            raise SpecError("score.on_bad_row: quarantine needs a quarantine directory (set quarantine_dir in "
+                            "the job config)")
         self.needed = rule_columns_needed(cfg, self.request_column)
         side = [*self.needed, spec.timestamp, cfg.campaign.column, *extra_columns]
         self.side_columns = [c for c in dict.fromkeys(side) if c]

@@ -26,6 +26,23 @@ class CheckpointError(MtrankError, RuntimeError):
     pass
 
 
+def load_tensors(path: str | Path) -> object:
+    """A torch file of tensors and plain containers, never code: `weights_only=True`, and a file that
+    holds other pickled objects (or is not a torch file) is one clear CheckpointError naming it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).split(".")[0]
+        raise CheckpointError(f"{path}: refused to load: it holds pickled Python objects, not only tensors "
+                              f"({first}); mtrank loads weights with weights_only=True and never runs code "
+                              "from a file") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as a torch weights file ({str(e).splitlines()[0][:200]})") \
+            from None
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -148,7 +165,7 @@ class CheckpointStore:
 
     @staticmethod
     def load(path: str | Path) -> dict:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_tensors(path)
 
     def latest(self) -> str | None:
         """Path of the newest checkpoint whose checksum matches; None when there is none at all.

@@ -152,3 +152,49 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
                                     f"partition holds no{why} rows (set allow_empty_partitions: true to allow)")
             empty.append(part.name)
     return DataWindow(str(root), start, end, groups, files, sorted(empty), schema, on_unreadable, unreadable)
+
+
+def check_labels(window: DataWindow, spec: FeatureSpec, min_rows: int) -> dict[str, dict[str, int]]:
+    """One columnar pass over the window's label columns before any training: too few rows, or a
+    binary task without positives or without negatives in its population, is an error naming the
+    task (a model of it would be a constant). Returns {task: {rows, positives}}."""
+    import polars as pl
+
+    where = f"{window.root} [{window.start or '*'} .. {window.end or '*'}]"
+    if not window.files:
+        raise BadInputError(where, None, "no_rows", "the training window holds no Parquet files")
+    binary = [t for t in spec.tasks if t.type == "binary"]
+    labels = list(dict.fromkeys(t.label for t in binary))
+    exprs = [pl.len().alias("__rows")]
+    for t in binary:
+        pop = pl.lit(True) if t.space == "all" else pl.col(spec.space_label(t)).fill_null(0) > 0
+        exprs += [pop.sum().alias(f"{t.name}/rows"), (pop & (pl.col(t.label).fill_null(0) > 0)).sum().alias(f"{t.name}/pos")]
+    cols = list(dict.fromkeys([*labels, *(spec.space_label(t) for t in binary if t.space != "all")]))
+
+    def scan(files: list[str]) -> dict:
+        return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore").select(cols) \
+            .select(exprs).collect().row(0, named=True)
+
+    try:
+        got = scan(window.files)
+    except (pl.exceptions.PolarsError, OSError):   # a broken file: the reader reports or skips it; sum the rest
+        parts = []
+        for f in window.files:
+            try:
+                parts.append(scan([f]))
+            except (pl.exceptions.PolarsError, OSError):
+                continue
+        got = {k: sum(p[k] for p in parts) for k in (parts[0] if parts else {"__rows": 0})}
+    if got["__rows"] < min_rows:
+        raise BadInputError(where, None, "too_few_rows", f"{got['__rows']:,} rows to train on, fewer than "
+                            f"train.min_rows {min_rows:,}", count=got["__rows"])
+    out = {}
+    for t in binary:
+        rows, pos = int(got[f"{t.name}/rows"]), int(got[f"{t.name}/pos"])
+        if pos == 0 or pos == rows:
+            what = "no positive" if pos == 0 else "no negative"
+            raise BadInputError(where, t.label, "one_class", f"task {t.name!r} has {what} label among its "
+                                f"{rows:,} training rows ({'all rows' if t.space == 'all' else t.space + ' positives'}); "
+                                "a model of it would be a constant: widen the window or remove the task")
+        out[t.name] = {"rows": rows, "positives": pos}
+    return out

@@ -63,6 +63,20 @@ def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None 
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def degenerate_outputs(pred: Predictions) -> dict[str, str]:
+    """Outputs that cannot rank anything: non-finite values, or one value for every row (a diverged
+    model saturates every sigmoid). {output: what is wrong}."""
+    bad = {}
+    for name, v in pred.outputs.items():
+        if v.size == 0:
+            continue
+        if not np.isfinite(v).all():
+            bad[name] = f"{int((~np.isfinite(v)).sum()):,} non-finite values"
+        elif v.size > 1 and v.min() == v.max():
+            bad[name] = f"the same value {float(v[0]):.4g} for all {v.size:,} rows"
+    return bad
+
+
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 

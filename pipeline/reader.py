@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 
 from features.featurize import FeatureArrays, Featurizer
 from features.numeric import NumericStats
-from features.rules import (MISSING_COLUMN, REASON, UNREADABLE, BadInputError, float_columns,
-                            reject_reason_expr, row_rules)
-from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature
+from features.rules import (MISSING_COLUMN, NULL, REASON, UNREADABLE, BadInputError, RowRule,
+                            float_columns, reject_reason_expr, row_rules)
+from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, SpecError
 from models.batch import Batch
 from pipeline.batch import batch_from_arrays
 from pipeline.dataset import SKIP_HINT, DataWindow, RowGroup
@@ -111,18 +111,21 @@ def open_parquet(path: str, spec: FeatureSpec) -> pq.ParquetFile:
 class RowValidator:
     """Applies the spec's row rules to chunks of one file; fails or quarantines the bad rows."""
 
-    def __init__(self, spec: FeatureSpec, quarantine_dir: str | Path | None):
-        self.spec = spec
+    def __init__(self, spec: FeatureSpec, quarantine_dir: str | Path | None, not_null: Sequence[str] = ()):
+        """`not_null`: more columns a stage needs on every row (e.g. the request id for tune-fusion)."""
+        self.spec, self.not_null = spec, tuple(not_null)
         self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
         if spec.on_bad_row == "quarantine" and self.quarantine_dir is None:
-            raise ValueError("on_bad_row: quarantine needs a quarantine directory")
+            raise SpecError("the FeatureSpec says on_bad_row: quarantine, but no quarantine directory was given "
+                            "(set quarantine_dir in the job config, or --quarantine-dir)")
         self._rules: dict[frozenset, pl.Expr] = {}
-        self._cols = rule_columns(spec)
+        self._cols = list(dict.fromkeys([*rule_columns(spec), *self.not_null]))
 
     def _reason(self, schema: pa.Schema) -> pl.Expr:
         floats = float_columns(schema)
         if floats not in self._rules:
-            self._rules[floats] = reject_reason_expr(row_rules(self.spec, floats))
+            self._rules[floats] = reject_reason_expr(
+                [RowRule(c, NULL, pl.col(c).is_null()) for c in self.not_null] + row_rules(self.spec, floats))
         return self._rules[floats]
 
     def split(self, rb: pa.RecordBatch, schema: pa.Schema, group: RowGroup, chunk: int,
@@ -178,9 +181,11 @@ class ImpressionReader:
                  batch_size: int = 4096,
                  rank: int = 0, world_size: int = 1, shuffle: bool = False, shuffle_buffer: int = 65_536,
                  seed: int = 0, chunk_rows: int = 65_536, quarantine_dir: str | Path | None = None,
-                 with_eval: bool = False, progress: bool | None = None, extra_columns: Sequence[str] = ()):
+                 with_eval: bool = False, progress: bool | None = None, extra_columns: Sequence[str] = (),
+                 not_null: Sequence[str] = ()):
         """`extra_columns`: more columns for `frames()` to keep (e.g. request_id, price); each must
-        exist in every file (BadInputError naming the file and column otherwise)."""
+        exist in every file (BadInputError naming the file and column otherwise). `not_null`: those of
+        them a row must have (a null one makes the row bad: failed or quarantined, counted)."""
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if featurizer is not None and featurizer.spec is not spec:
@@ -189,7 +194,7 @@ class ImpressionReader:
         self.groups = window.shard(rank, world_size)
         self.batch_size, self.shuffle, self.seed, self.chunk_rows = batch_size, shuffle, seed, chunk_rows
         self.buffer_rows = max(batch_size, shuffle_buffer if shuffle else 65_536)
-        self.validator = RowValidator(self.spec, quarantine_dir)
+        self.validator = RowValidator(self.spec, quarantine_dir, not_null)
         self.progress, self.with_eval = progress, with_eval
         self.extra_columns = tuple(extra_columns)
         self.accounting = RowAccounting()

@@ -7,6 +7,8 @@ import yaml
 
 from tests.conftest import MTRANK, cli_daily, cli_generate, small_spec, sqlite_client, write_job
 
+pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):

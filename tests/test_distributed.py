@@ -20,6 +20,8 @@ import torch
 from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 from tests.conftest import MTRANK, small_spec, write_job
 
+pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 EVAL_DATE = "2026-11-03"
 

@@ -29,6 +29,8 @@ from pipeline.reader import ImpressionReader, fit_numeric_stats
 from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 from pipeline.trainer import TrainConfig, Trainer, build_model
 
+pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
+
 START = date(2026, 11, 1)
 CFG = ImpressionConfig(seed=11, start=START, days=2, rows_per_day=150_000, n_users=5_000, n_items=2_000,
                        n_categories=100, n_brands=500, n_shops=500, selection=1.5,

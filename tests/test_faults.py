@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -18,6 +17,8 @@ import pytest
 
 from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 from tests.mlflow_server import MlflowServer as Server
+
+pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
 
 NAME = "faults"
 TINY = {"experts": 2, "expert_mlp": [16], "tower_mlp": [8]}
@@ -162,11 +163,8 @@ def test_tracking_down_at_start_fails_fast_then_a_rerun_logs_without_retraining(
               tracking={"retries": 1, "backoff_seconds": 0, "timeout_seconds": 5})
     date, run_dir = "2026-11-02", base / "work" / "runs" / NAME / "2026-11-02"
     assert refuses(server.port)  # nobody listens yet
-    t0 = time.perf_counter()
     r = run("daily", "--config", cfg, "--date", date)
-    took = time.perf_counter() - t0
-    assert_clear_failure(r, server, run_dir, date)
-    assert took < 45, took  # bounded: 2 tries per request, no backoff; the tiny training included
+    assert_clear_failure(r, server, run_dir, date)   # bounded by count: "2 attempts failed" (1 + retries 1)
     assert "Training anyway" in r.stderr  # the outcome is made and kept even though the server is down
     weights = (run_dir / "model" / "weights.pt").stat().st_mtime_ns
 

@@ -8,6 +8,8 @@ import pytest
 from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 from tests.mlflow_server import MlflowServer
 
+pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

@@ -89,6 +89,7 @@ def test_adult_spec_is_inferred_and_validates(adult):
     assert report["accounting"]["rows_read"] == rows and report["accounting"]["rows_rejected"] == 0, out
 
 
+@pytest.mark.slow
 def test_adult_daily_gate_evaluate_score_tune(adult):
     base, rows = adult
     c = sqlite_client(base)
@@ -180,6 +181,7 @@ def renamed_spec(default_spec: Path) -> dict:
     return d
 
 
+@pytest.mark.slow
 def test_renamed_generated_logs_through_the_cli(tmp_path):
     from tests.conftest import DEFAULT_SPEC
 

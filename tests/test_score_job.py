@@ -13,6 +13,8 @@ import yaml
 
 from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 
+pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
+
 DATE = "2026-11-03"
 CAP = 12
 

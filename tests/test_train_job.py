@@ -14,6 +14,8 @@ from features.spec import SpecError
 
 from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 
+pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
+
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):

@@ -52,6 +52,7 @@ def train(setup, cfg, model_cfg=SMALL, store=None, resume=False):
     return model, trainer, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("esmm", [False, True])
 def test_training_beats_constant_predictor_on_every_task(setup, logs, esmm):
     """A constant predictor has AUC 0.5 and R^2 <= 0 on every population. Plain towers are judged
@@ -79,6 +80,7 @@ def test_training_beats_constant_predictor_on_every_task(setup, logs, esmm):
     assert result.epochs[1]["loss"]["ctr"] < result.epochs[0]["loss"]["ctr"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(setup):
     cfg = TrainConfig(batch_size=2048, shuffle_buffer=8192, seed=5)
     a, _, _ = train(setup, cfg)
@@ -93,6 +95,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=2, batch_size=2048, shuffle_buffer=8192, checkpoint_every=7,
                       loss_weighting="uncertainty", seed=11)
@@ -123,6 +126,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
     assert result.epochs[1]["loss"] == pytest.approx(full_result.epochs[1]["loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_config(setup, tmp_path):
     store = CheckpointStore(tmp_path / "ck")
     train(setup, TrainConfig(batch_size=4096, seed=1), store=store)

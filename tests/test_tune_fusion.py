@@ -346,6 +346,7 @@ def trained(tmp_path_factory):
     return base
 
 
+@pytest.mark.slow
 def test_tune_fusion_end_to_end(trained, tmp_path):
     out = tmp_path / "out.json"
     r = subprocess.run([*MTRANK, "tune-fusion", "--model", "models:/ranker@champion", "--config",
@@ -385,6 +386,7 @@ def test_tune_fusion_end_to_end(trained, tmp_path):
     assert run.data.metrics["start.tune.ndcg"] == pytest.approx(res["start"]["tune"]["ndcg"])
 
 
+@pytest.mark.slow
 def test_a_searched_factor_that_starts_switched_off(trained):
     import datetime as dt
 

@@ -19,6 +19,8 @@ from pipeline.trainer import build_model
 from features.featurize import Featurizer
 from tests.conftest import MTRANK, cli_daily, cli_generate, small_spec, sqlite_client, write_job
 
+pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
+
 SMALL = ModelConfig(experts=2, expert_mlp=[8], tower_mlp=[4])
 
 

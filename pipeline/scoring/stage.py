@@ -54,12 +54,18 @@ def _lookup(uniques: pa.Array, keys: pa.Array) -> np.ndarray:
     return pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def serving_order(request_ids: pa.Array, ts: pa.Array | None) -> tuple[np.ndarray, pa.Array]:
+def serving_order(request_ids: pa.Array, ts: pa.Array | None,
+                  time_name: str = "timestamp") -> tuple[np.ndarray, pa.Array]:
     """Request code per row in serving order (earliest request time first, then request id)."""
     rcode, runiq = dense_codes(request_ids)
     if ts is None:
         return rcode, runiq
-    t = _plain(ts).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    ts = _plain(ts)
+    if not (pa.types.is_timestamp(ts.type) or pa.types.is_date(ts.type) or pa.types.is_integer(ts.type)):
+        raise ScoringError(f"column {time_name!r}: rule wrong_type: the spec's timestamp column must be a "
+                           f"timestamp, date or integer, found {ts.type}")
+    # a request without any time is served after every timed one (counted in the summary)
+    t = pc.fill_null(ts.cast(pa.int64()), np.iinfo(np.int64).max).to_numpy(zero_copy_only=False)
     first = np.full(len(runiq), np.iinfo(np.int64).max)
     np.minimum.at(first, rcode, t)
     order = np.lexsort((np.arange(len(runiq)), first))
@@ -87,6 +93,26 @@ def item_budget(uniques: pa.Array, n_requests: int, cfg: ScoringConfig, caps: pa
     return np.where(cap >= UNCAPPED, n_requests + 1, np.maximum(cap, 0))
 
 
+def missing_values(table: pa.Table, cfg: ScoringConfig, time_column: str | None) -> dict[str, int]:
+    """Null / NaN values in the columns the enabled rules read: such an item is neither boosted nor
+    demoted (and a request without time is served last), so the summary counts them."""
+    cols = [time_column]
+    if cfg.new_item.enabled:
+        cols.append(cfg.new_item.column)
+    if cfg.campaign.enabled:
+        cols.append(cfg.campaign.column)
+    if cfg.low_quality.enabled:
+        cols.append(cfg.low_quality.column)
+    out = {}
+    for c in dict.fromkeys(x for x in cols if x and x in table.column_names):
+        arr = _plain(table[c])
+        n = arr.null_count
+        if pa.types.is_floating(arr.type):
+            n += int(pc.sum(pc.is_nan(arr)).as_py() or 0)
+        out[c] = int(n)
+    return out
+
+
 def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: ScoringConfig, plan: FusionPlan, *,
                      request_column: str = "request_id", time_column: str | None = "ts",
                      campaign_items: pa.Array | None = None, caps: pa.Table | None = None,
@@ -99,8 +125,9 @@ def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: Sc
     n = table.num_rows
     if n == 0:
         raise ScoringError("no candidates to score")
-    request, requests = serving_order(table[request_column],
-                                      table[time_column] if time_column in table.column_names else None)
+    timed = time_column is not None and time_column in table.column_names
+    request, requests = serving_order(table[request_column], table[time_column] if timed else None,
+                                      time_column or "timestamp")
     item, items = dense_codes(table[cfg.item_column])
     columns = {}
     for fac in plan.factors:
@@ -167,5 +194,6 @@ def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: Sc
         "cap_rounds": ranking.cap_rounds,
         "items_capped": int(np.unique(item[(flags & int(Fate.CAPPED)) != 0]).size),
         "rules": counts(flags),
+        "missing_values": missing_values(table, cfg, time_column if timed else None),
     }
     return Scored(result, summary)

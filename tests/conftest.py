@@ -133,3 +133,24 @@ def other_names_spec():
              "parent": "click_through"},
         ],
     })
+
+
+RANKER_DATE = "2026-11-03"
+
+
+@pytest.fixture(scope="session")
+def ranker(tmp_path_factory):
+    """One trained and registered ranker shared by the job tests (built once per test worker):
+    4 days of generated logs (2026-11-01 .. 04), the small default spec, a job `ranker` whose score
+    section is the demo's formula and tuning objective, and `mtrank daily` for 2026-11-03 in a sqlite
+    store under work/ (v1, champion). Treat it as read-only: a test that changes the registry or the
+    files works on a copy (`shutil.copytree`) or writes its own job config pointing here."""
+    base = tmp_path_factory.mktemp("ranker")
+    cli_generate(base / "logs", days=4, rows=20_000, seed=5, users=2000, items=800)
+    small_spec(base / "spec.yaml")
+    demo = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "default_job.yaml").read_text())["score"]
+    write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
+              score={"fusion": demo["fusion"], "tune": demo["tune"]})
+    r = cli_daily(base, "job.yaml", RANKER_DATE)
+    assert r.returncode == 0, r.stderr
+    return base

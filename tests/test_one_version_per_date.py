@@ -15,28 +15,22 @@ import uuid
 import pytest
 import yaml
 
-from tests.conftest import MTRANK, SMALL_MODEL, cli_generate, small_spec
+from tests.conftest import MTRANK, SMALL_MODEL
 from tests.mlflow_server import MlflowServer, postgres_database
 
 pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
 
 DATE = "2026-11-03"
-TRAIN = {"batch_size": 1024, "epochs": 1}
+TRAIN = {"batch_size": 1024, "epochs": 1, "lr": 0.003}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Logs, a small spec and one finished training outcome (not registered anywhere)."""
+def trained(tmp_path_factory, ranker):
+    """The shared ranker's finished training outcome for DATE, to be registered again by two 'hosts'."""
     base = tmp_path_factory.mktemp("onever")
-    cli_generate(base / "logs", days=3, rows=3000, seed=5, users=300, items=200)
-    small_spec(base / "spec.yaml", max_buckets=1024)
-    job = {"name": "seed", "data": str(base / "logs"), "spec": str(base / "spec.yaml"), "window_days": 2,
-           "work_dir": str(base / "seed-work"), "model": SMALL_MODEL, "train": TRAIN}
-    (base / "seed.yaml").write_text(yaml.safe_dump(job))
-    r = subprocess.run([*MTRANK, "train", "--config", base / "seed.yaml", "--date", DATE, "--no-track"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return base, job
+    job = {"name": "seed", "data": str(ranker / "logs"), "spec": str(ranker / "spec.yaml"), "window_days": 2,
+           "model": SMALL_MODEL, "train": TRAIN}
+    return base, job, ranker / "work" / "runs" / "ranker" / DATE
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
@@ -58,9 +52,9 @@ def store(request, tmp_path_factory):
 
 def host(trained, name: str, tag: str, uri: str):
     """A second 'host': its own work directory holding the finished outcome, one job config."""
-    base, job = trained
+    base, job, outcome = trained
     work = base / f"work-{name}-{tag}"
-    shutil.copytree(base / "seed-work" / "runs" / "seed" / DATE, work / "runs" / name / DATE)
+    shutil.copytree(outcome, work / "runs" / name / DATE, ignore=shutil.ignore_patterns("checkpoints"))
     path = base / f"{name}-{tag}.yaml"
     path.write_text(yaml.safe_dump({**job, "name": name, "work_dir": str(work), "tracking_uri": uri}))
     return path, work / "runs" / name / DATE

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import MTRANK, cli_generate, small_spec, write_job
+from tests.conftest import MTRANK, write_job
 
 pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
 
@@ -39,15 +39,14 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, ranker):
+    """The shared trained ranker (logs, spec, its run directory), a scoring config and candidates."""
     base = tmp_path_factory.mktemp("redteam")
-    cli_generate(base / "logs", days=3, rows=4000, seed=2, users=400, items=300)
-    small_spec(base / "spec.yaml", max_buckets=1024)
+    for d in ("logs", "work", "spec.yaml"):
+        (base / d).symlink_to(ranker / d)
     write_job(base / "job.yaml", "ranker", TRAIN, score={"list_size": 10})
-    r = run("train", "--config", base / "job.yaml", "--date", DATE, "--no-track")
-    assert r.returncode == 0, r.stderr
     r = run("generate", "--candidates", "--out", base / "cand", "--date", DATE, "--requests", 40,
-            "--per-request", 20, "--seed", 2, "--users", 400, "--items", 300)
+            "--per-request", 20, "--seed", 2, "--users", 2000, "--items", 800)
     assert r.returncode == 0, r.stderr
     return base
 

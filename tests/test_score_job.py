@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import MTRANK, cli_generate, small_spec, write_job
+from tests.conftest import MTRANK, write_job
 
 pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
 
@@ -20,15 +20,14 @@ CAP = 12
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, ranker):
+    """The shared trained ranker (its logs, spec and registry), with this module's scoring config."""
     base = tmp_path_factory.mktemp("score")
-    cli_generate(base / "logs", days=3, rows=20_000, seed=4, users=2000, items=800)
-    small_spec(base / "spec.yaml")
+    for d in ("logs", "work", "spec.yaml"):
+        (base / d).symlink_to(ranker / d)
     write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
               score={"list_size": 10, "traffic_cap": {"default_cap": CAP}, "window": {"n": 3, "k": 1}})
     run = lambda *args: subprocess.run([*MTRANK, *map(str, args)], capture_output=True, text=True)  # noqa: E731
-    r = run("daily", "--config", base / "job.yaml", "--date", DATE)
-    assert r.returncode == 0, r.stderr
     r = run("generate", "--candidates", "--out", base / "cand", "--date", DATE, "--requests", 150,
             "--per-request", 40, "--seed", 4, "--users", 2000, "--items", 800)
     assert r.returncode == 0, r.stderr

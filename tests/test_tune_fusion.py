@@ -2,13 +2,11 @@
 end-to-end run against a model trained and registered by `mtrank daily` in a real sqlite store."""
 import json
 import subprocess
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pyarrow as pa
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from features.spec import load_spec
@@ -18,7 +16,7 @@ from pipeline.scoring.config import Factor, FusionConfig, TuneConfig
 from pipeline.scoring.fusion import resolve
 from pipeline.scoring.tuning import (RequestMatrix, check_tune, default_gains, evaluate, graded_gain,
                                      relative_change, search, split_requests)
-from tests.conftest import MTRANK, cli_generate, other_names_spec, small_spec, write_job
+from tests.conftest import MTRANK, other_names_spec
 
 SCHEMA = load_spec().outputs
 DEMO = load_config().score            # the demo job: six factors and score.tune
@@ -332,18 +330,9 @@ def test_reader_keeps_extra_columns_and_names_a_missing_one(tmp_path, spec):
 # -- end to end -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tune")
-    cli_generate(base / "logs", days=4, rows=20_000, seed=5, users=2000, items=800)
-    small_spec(base / "spec.yaml")
-    demo = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "default_job.yaml").read_text())["score"]
-    write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
-              model={"experts": 2, "expert_mlp": [16], "tower_mlp": [8]},
-              score={"fusion": demo["fusion"], "tune": demo["tune"]})   # the demo's formula and objective
-    r = subprocess.run([*MTRANK, "daily", "--config", base / "job.yaml", "--date", "2026-11-03"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return base
+def trained(ranker):
+    """The shared trained ranker: its job carries the demo's formula and objective."""
+    return ranker
 
 
 @pytest.mark.slow

@@ -90,6 +90,12 @@ def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str, labels: bool
         actual = schema.field(col).type
         if not ok(actual):
             raise BadInputError(source, col, WRONG_TYPE, f"expected {expected}, found {actual}")
+    ts = spec.timestamp
+    if ts and ts in names:   # optional (only scoring's serving order reads it), but never of another type
+        t = schema.field(ts).type
+        if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_integer(t)):
+            raise BadInputError(source, ts, WRONG_TYPE, f"the spec's timestamp column must be a timestamp, date "
+                                                        f"or integer, found {t}")
     for task, col in spec.ground_truth.items():
         if col in names and not _is_number(schema.field(col).type):
             raise BadInputError(source, col, WRONG_TYPE, f"ground truth of {task} must be numeric, "

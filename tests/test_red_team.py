@@ -125,12 +125,13 @@ def test_candidate_time_of_the_wrong_type_and_missing_rule_values(base, tmp_path
     holes.mkdir()
     n = t.height
     t.with_columns(quality_score=pl.Series([float("nan")] * 7 + [0.9] * (n - 7)),
-                   ts=pl.when(pl.int_range(0, n) < 5).then(None).otherwise(pl.col("ts"))) \
+                   ts=pl.when(pl.int_range(0, n) < 5).then(None).otherwise(pl.col("ts")),
+                   in_campaign=pl.when(pl.int_range(0, n) < 3).then(None).otherwise(pl.col("in_campaign"))) \
         .write_parquet(holes / "part.parquet")
     r = score(base, candidates=holes)
     assert r.returncode == 0, r.stderr
     summary = json.loads((base / "out" / "ranked.parquet.summary.json").read_text())
-    assert summary["missing_values"]["quality_score"] == 7 and summary["missing_values"]["ts"] == 5
+    assert summary["missing_values"] == {"ts": 5, "item_age_days": 0, "in_campaign": 3, "quality_score": 7}
     assert "missing values" in r.stdout and "quality_score 7" in r.stdout
 
 
@@ -236,3 +237,12 @@ def test_tune_fusion_refuses_rows_without_a_request_id(base, tmp_path):
     r = run("tune-fusion", "--config", tmp_path / "job.yaml", "--model", model_dir(base), "--data", logs, "--date",
             DATE, "--trials", 3, "--no-track")
     one_line_error(r, "'request_id'", "rule null", "(4 rows)")
+
+
+def test_a_log_timestamp_of_another_type_is_named(base, tmp_path):
+    logs = tmp_path / "logs"
+    for f in sorted((base / "logs").rglob("*.parquet")):
+        dst = logs / f.relative_to(base / "logs")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        pl.read_parquet(f).with_columns(pl.col("ts").cast(pl.String)).write_parquet(dst)
+    one_line_error(run("validate", "--data", logs, "--spec", base / "spec.yaml"), "'ts'", "wrong_type", "timestamp")

@@ -131,6 +131,9 @@ class FeatureSpec(_Strict):
     hash_seed: int = Field(ge=0, lt=2**64)
     embedding_dim: int = Field(default=16, gt=0)
     on_bad_row: Literal["fail", "quarantine"] = "fail"
+    duplicate_rows: Literal["keep", "reject"] = Field(
+        default="keep", description="exact copies of an earlier row of the window (same features and labels): "
+                                    "kept, or rejected and counted as row:duplicate_row (the first copy stays)")
     allow_empty_partitions: bool = False
     request_id: str | None = Field(default="request_id", description="groups candidates into one ranked "
                                    "list; needed by scoring and fusion tuning only (null: absent)")

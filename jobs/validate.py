@@ -33,6 +33,7 @@ def validate(data: str | Path, spec: FeatureSpec, start: dt.date | None = None, 
     if readable:   # exact copies of an earlier row (a logging retry, a double write): counted, kept
         lf = pl.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
         report["duplicate_rows"] = int(lf.select(pl.len() - pl.struct(pl.all()).n_unique()).collect().item())
+        report["duplicate_rows_policy"] = spec.duplicate_rows
     if collisions and readable:
         lf = pl.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
         report["collisions"] = {k: v.as_dict() for k, v in table_collisions(lf, spec).items()}
@@ -52,7 +53,9 @@ def format_report(report: dict) -> str:
         rows = f", {u['rows']:,} rows not read" if u["rows"] is not None else ""
         lines.append(f"SKIPPED unreadable file {u['file']}{where}{rows}: {u['error']}")
     if "duplicate_rows" in report:
-        lines.append(f"exact duplicate rows (copies of an earlier row, kept): {report['duplicate_rows']:,}")
+        how = ("rejected: duplicate_rows: reject" if report.get("duplicate_rows_policy") == "reject"
+               else "kept; the spec's duplicate_rows: reject drops them")
+        lines.append(f"exact duplicate rows (copies of an earlier row; {how}): {report['duplicate_rows']:,}")
     if win["empty_partitions"]:
         lines.append(f"empty partitions (allowed): {', '.join(win['empty_partitions'])}")
     if "collisions" in report:

@@ -108,6 +108,33 @@ def open_parquet(path: str, spec: FeatureSpec) -> pq.ParquetFile:
                           page_checksum_verification=True)  # pages written with a CRC are checked
 
 
+DUPLICATE_ROW = "row:duplicate_row"
+DUPLICATE_SEED = 0x6475706C  # fixed: the same rows are duplicates on every rank and run
+
+
+def duplicate_rows(window: DataWindow, spec: FeatureSpec) -> dict[str, np.ndarray]:
+    """file -> sorted row numbers (within the file) of rows identical, on every column the spec reads,
+    to an earlier row of the window (files in window order, rows in file order). One columnar pass;
+    every rank computes the same answer, so a copy is dropped whichever shard it lands in."""
+    cols = list(spec.required_columns)
+    frames = []
+    for i, f in enumerate(window.files):
+        frames.append(pl.scan_parquet(f).select(cols).select(
+            pl.struct(pl.all()).hash(DUPLICATE_SEED).alias("h"), pl.lit(i, pl.Int32).alias("f"),
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("r")))
+    if not frames:
+        return {}
+    try:
+        dup = pl.concat(frames).filter(~pl.col("h").is_first_distinct()).select("f", "r").collect()
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise BadInputError(window.root, None, UNREADABLE, f"cannot scan the window for duplicate rows ({e}); "
+                            "use duplicate_rows: keep to read what is readable") from None
+    out = {}
+    for (fid,), part in dup.group_by(["f"]):
+        out[window.files[fid]] = np.sort(part["r"].to_numpy())
+    return out
+
+
 class RowValidator:
     """Applies the spec's row rules to chunks of one file; fails or quarantines the bad rows."""
 
@@ -129,8 +156,14 @@ class RowValidator:
         return self._rules[floats]
 
     def split(self, rb: pa.RecordBatch, schema: pa.Schema, group: RowGroup, chunk: int,
-              acc: RowAccounting) -> pa.RecordBatch:
-        """The accepted rows of a chunk; bad rows are counted and raised or quarantined."""
+              acc: RowAccounting, duplicates: np.ndarray | None = None) -> pa.RecordBatch:
+        """The accepted rows of a chunk; bad rows are counted and raised or quarantined.
+        `duplicates`: rows that copy an earlier row (spec duplicate_rows: reject): counted, dropped."""
+        if duplicates is not None and duplicates.any():
+            n = int(duplicates.sum())
+            acc.rows_read += n
+            acc.rejected[DUPLICATE_ROW] += n
+            rb = rb.filter(pa.array(~duplicates))
         acc.rows_read += rb.num_rows
         reason = pl.from_arrow(rb.select(self._cols)).select(self._reason(schema)).to_series()
         bad = reason.is_not_null()
@@ -198,11 +231,32 @@ class ImpressionReader:
         self.progress, self.with_eval = progress, with_eval
         self.extra_columns = tuple(extra_columns)
         self.accounting = RowAccounting()
+        self._dups: dict[str, np.ndarray] | None = None   # spec duplicate_rows: reject, computed once
 
     @property
     def rows(self) -> int:
         """Rows this rank will read per pass (before validation)."""
         return sum(g.rows for g in self.groups)
+
+    def _duplicates(self, group: RowGroup, offset: int, n: int) -> np.ndarray | None:
+        """Mask of the rows [offset, offset + n) of a row group that copy an earlier row (or None)."""
+        if self.spec.duplicate_rows != "reject":
+            return None
+        if self._dups is None:
+            self._dups = duplicate_rows(self.window, self.spec)
+            self._rg_start = {}
+        rows = self._dups.get(group.file)
+        if rows is None:
+            return None
+        if group.file not in self._rg_start:
+            meta = pq.ParquetFile(group.file).metadata
+            self._rg_start[group.file] = np.concatenate(
+                [[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
+        start = int(self._rg_start[group.file][group.index]) + offset
+        lo, hi = np.searchsorted(rows, [start, start + n])
+        mask = np.zeros(n, bool)
+        mask[rows[lo:hi] - start] = True
+        return mask
 
     def _order(self, epoch: int) -> list[RowGroup]:
         if not self.shuffle:
@@ -243,7 +297,7 @@ class ImpressionReader:
                         break
                     if rb is None:
                         break
-                    good = self.validator.split(rb, schema, group, i, acc)
+                    good = self.validator.split(rb, schema, group, i, acc, self._duplicates(group, done, rb.num_rows))
                     done, i = done + rb.num_rows, i + 1
                     if bar is not None:
                         bar.update(rb.num_rows)

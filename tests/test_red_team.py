@@ -170,6 +170,7 @@ def test_undefined_metrics_are_null_in_strict_json(base, tmp_path):
     r = run("train", "--config", tmp_path / "job.yaml", "--date", DATE, "--no-track")
     assert r.returncode == 0, r.stderr
     assert "undefined on 2026-11-03" in r.stderr and "collect.auc" in r.stderr
+    assert "RuntimeWarning" not in r.stderr and "UserWarning" not in r.stderr   # one warning, ours
 
     def strict(c):
         raise ValueError(f"non-standard JSON constant {c}")
@@ -210,7 +211,8 @@ def test_validate_counts_exact_duplicate_impressions(base, tmp_path):
     r = run("validate", "--data", logs, "--spec", base / "spec.yaml", "--json", tmp_path / "v.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "v.json").read_text())["duplicate_rows"] == 3
-    assert "exact duplicate rows (copies of an earlier row, kept): 3" in r.stdout
+    assert "exact duplicate rows (copies of an earlier row; kept; the spec's duplicate_rows: reject drops them): 3" \
+        in r.stdout
 
 
 def test_a_diverged_model_fails_clearly_instead_of_registering(base, tmp_path):
@@ -246,3 +248,39 @@ def test_a_log_timestamp_of_another_type_is_named(base, tmp_path):
         dst.parent.mkdir(parents=True, exist_ok=True)
         pl.read_parquet(f).with_columns(pl.col("ts").cast(pl.String)).write_parquet(dst)
     one_line_error(run("validate", "--data", logs, "--spec", base / "spec.yaml"), "'ts'", "wrong_type", "timestamp")
+
+
+def test_duplicate_rows_can_be_rejected_and_counted(base, tmp_path):
+    """`duplicate_rows: reject`: every copy of an earlier row (within a file or across days) is
+    dropped and counted, the first copy stays, and the accounting balances."""
+    from features.spec import load_spec
+    from pipeline.dataset import open_window
+    from pipeline.reader import DUPLICATE_ROW, ImpressionReader
+
+    logs = tmp_path / "logs"
+    files = sorted((base / "logs").rglob("*.parquet"))
+    first = pl.read_parquet(files[0])
+    for f in files:
+        dst = logs / f.relative_to(base / "logs")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        t = pl.read_parquet(f)
+        if f == files[0]:
+            t = pl.concat([t, t.slice(10, 4)])           # 4 copies inside the file
+        elif f == files[-1]:
+            t = pl.concat([t, first.slice(100, 3)])       # 3 copies of another day's rows
+        t.write_parquet(dst)
+    spec = load_spec(base / "spec.yaml")
+    for mode, expected in (("keep", 0), ("reject", 7)):
+        s = spec.model_copy(update={"duplicate_rows": mode})
+        window = open_window(logs, s)
+        reader = ImpressionReader(window, s, shuffle=True, seed=3)
+        accepted = sum(rb.num_rows for rb in reader.frames())
+        acc = reader.accounting
+        assert acc.rejected.get(DUPLICATE_ROW, 0) == expected
+        assert acc.rows_read == window.rows == accepted + acc.rows_rejected
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.model_copy(update={"duplicate_rows": "reject"}).to_yaml())
+    r = run("validate", "--data", logs, "--spec", spec_file)
+    assert r.returncode == 0, r.stderr
+    assert "row:duplicate_row" in r.stdout
+    assert "exact duplicate rows (copies of an earlier row; rejected: duplicate_rows: reject): 7" in r.stdout

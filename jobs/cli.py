@@ -290,9 +290,20 @@ def _cmd_init_spec(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtrank", description="Multi-task ranking training pipeline.")
+    import functools
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("mtrank")
+    except PackageNotFoundError:   # a checkout that was never installed
+        release = "unknown"
+    # allow_abbrev=False: `--conf` is an error, not a silent `--config`
+    p = argparse.ArgumentParser(prog="mtrank", description="Multi-task ranking training pipeline.",
+                                allow_abbrev=False)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"mtrank {release}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
 
     g = sub.add_parser("generate", help="write synthetic impression logs with hidden ground truth")
     g.add_argument("--out", required=True, help="root directory; writes dt=YYYY-MM-DD/part-*.parquet")

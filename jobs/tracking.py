@@ -25,6 +25,41 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CHALLENGER, CHAMPION = "challenger", "champion"
 
 
+class ModelNotFound(MtrankError, LookupError):
+    """A model reference the registry does not have (a mistyped name, alias or version)."""
+
+
+@contextmanager
+def _registry_lookup(ref: str, uri: str | None):
+    """MLflow's 'RESOURCE_DOES_NOT_EXIST' for a model reference as one clear ModelNotFound line."""
+    try:
+        yield
+    except MtrankError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MlflowException without a usable type to catch on its own
+        if "RESOURCE_DOES_NOT_EXIST" not in str(getattr(e, "error_code", "")) and "not found" not in str(e).lower():
+            raise
+        raise ModelNotFound(f"{ref}: {str(e).splitlines()[0].rstrip('.')} in {uri or 'the tracking store'}"
+                            f"{_known(ref, uri)}") from None
+
+
+def _known(ref: str, uri: str | None) -> str:
+    """'; it has versions 1, 2 and aliases champion, challenger' for the model `ref` names, if any."""
+    if not ref.startswith("models:/"):
+        return ""
+    name = ref[len("models:/"):].split("@")[0].split("/")[0]
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(uri, uri)
+        model = client.get_registered_model(name)
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        return (f"; model {name!r} has versions {', '.join(map(str, versions)) or 'none'} and aliases "
+                f"{', '.join(sorted(model.aliases)) or 'none'}")
+    except Exception:  # noqa: BLE001 - the hint is best effort
+        return f"; the store has no registered model {name!r}"
+
+
 class TrackingUnavailable(MtrankError, RuntimeError):
     """The tracking server did not answer within the configured retries (job config `tracking:`)."""
 
@@ -344,7 +379,10 @@ def lineage(cfg: JobConfig, start: str) -> list:
     """Versions from `start` (a version or an alias) back through mtrank.parent_version to the
     full retrain that rooted the chain (or as far as the registry still has versions)."""
     _, client = _client(cfg)
-    v = client.get_model_version(cfg.name, start) if start.isdigit() else client.get_model_version_by_alias(cfg.name, start)
+    ref = f"models:/{cfg.name}/{start}" if start.isdigit() else f"models:/{cfg.name}@{start}"
+    with _registry_lookup(ref, tracking_uri(cfg)):
+        v = client.get_model_version(cfg.name, start) if start.isdigit() else \
+            client.get_model_version_by_alias(cfg.name, start)
     chain = [v]
     seen = {str(v.version)}
     while (parent := chain[-1].tags.get("mtrank.parent_version")) and parent not in seen:
@@ -401,7 +439,8 @@ def resolve_model(ref: str, dst: Path, uri: str | None = None) -> Path:
         ensure_store(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-    with _reachable(uri or mlflow.get_tracking_uri(), f"downloading {ref}", DOWNLOAD_HINT):
+    with _reachable(uri or mlflow.get_tracking_uri(), f"downloading {ref}", DOWNLOAD_HINT), \
+            _registry_lookup(ref, uri or mlflow.get_tracking_uri()):
         local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst))
     return Path(local) / "artifacts" / "model"
 
@@ -425,7 +464,7 @@ def model_version_of(ref: str, uri: str) -> str | None:
 
     client = mlflow.MlflowClient(uri, uri)
     if rest:
-        with _reachable(uri, f"resolving {ref}"):
+        with _reachable(uri, f"resolving {ref}"), _registry_lookup(ref, uri):
             return str(client.get_model_version_by_alias(name, rest).version)
     name, _, version = name.partition("/")
     return version or None

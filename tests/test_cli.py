@@ -82,3 +82,10 @@ def test_spec_errors_and_missing_data_are_clear(tmp_path, logs):
     assert r.returncode == 2 and "data directory does not exist" in r.stderr
     r = mtrank("validate", "--data", logs, "--from", "2026-10-30", "--to", "2026-11-01", check=False)
     assert r.returncode == 2 and "dt=2026-10-30" in r.stderr and "missing_partition" in r.stderr
+
+
+def test_version_and_no_abbreviated_flags():
+    r = subprocess.run([*MTRANK, "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("mtrank ")
+    r = subprocess.run([*MTRANK, "validate", "--dat", "x"], capture_output=True, text=True)   # not --data
+    assert r.returncode == 2 and "Traceback" not in r.stderr

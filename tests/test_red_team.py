@@ -284,3 +284,13 @@ def test_duplicate_rows_can_be_rejected_and_counted(base, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "row:duplicate_row" in r.stdout
     assert "exact duplicate rows (copies of an earlier row; rejected: duplicate_rows: reject): 7" in r.stdout
+
+
+def test_mistyped_model_references_are_one_line_naming_what_exists(base, tmp_path):
+    uri = f"sqlite:///{(base / 'work' / 'mlflow.db').resolve()}"
+    r = run("score", "--config", base / "job.yaml", "--model", "models:/ranker@champoin", "--tracking-uri", uri,
+            "--candidates", base / "cand", "--date", DATE, "--out", tmp_path / "x.parquet", "--no-track")
+    one_line_error(r, "models:/ranker@champoin", "alias champoin not found", "aliases challenger, champion")
+    r = run("lineage", "--config", base / "job.yaml", "--version", "99")
+    one_line_error(r, "models:/ranker/99", "version=99", "has versions 1")
+    assert not (tmp_path / "x.parquet").exists()

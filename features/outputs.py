@@ -42,13 +42,6 @@ class OutputField:
     def binary(self) -> bool:
         return self.kind is not OutputKind.REGRESSION
 
-    def describe(self) -> str:
-        if self.kind is OutputKind.PRODUCT:
-            return f"{self.name} (p({' ∧ '.join(self.targets)}) over all of {self.population})"
-        if self.kind is OutputKind.PROBABILITY:
-            return f"{self.name} (p({self.task}) over {'all rows' if self.population == 'all' else self.population + ' positives'})"
-        return f"{self.name} (prediction of {self.task})"
-
 
 PROBABILITY_PREFIX = "p_"
 
@@ -74,7 +67,6 @@ class OutputSchema:
         if dup:
             raise ValueError(f"output names collide: {', '.join(dup)} (rename a task or set its `product:`)")
         self._by_name = {f.name: f for f in fields}
-        self._by_figure = {f.figure: f for f in fields}
         self._own = {f.task: f for f in fields if f.kind is not OutputKind.PRODUCT}
         self._product = {f.task: f for f in fields if f.kind is OutputKind.PRODUCT}
 
@@ -102,13 +94,6 @@ class OutputSchema:
         except KeyError:
             raise KeyError(f"unknown model output {name!r}; this model's outputs are: "
                            f"{', '.join(self.names)}") from None
-
-    def by_figure(self, figure: str) -> OutputField:
-        try:
-            return self._by_figure[figure]
-        except KeyError:
-            raise KeyError(f"unknown task or product {figure!r}; this model has: "
-                           f"{', '.join(self._by_figure)}") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name

@@ -58,6 +58,11 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
+def is_time_type(t: pa.DataType) -> bool:
+    """What a timestamp column may hold: a timestamp, a date or an integer (e.g. epoch seconds)."""
+    return pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_integer(t)
+
+
 def _kind_check(spec: FeatureSpec, labels: bool = True) -> dict[str, tuple[str, callable]]:
     """column -> (expected description, predicate over the Arrow type)."""
     checks: dict[str, tuple[str, callable]] = {c: ("string or integer", _is_id_type) for c in spec.group_columns}
@@ -93,7 +98,7 @@ def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str, labels: bool
     ts = spec.timestamp
     if ts and ts in names:   # optional (only scoring's serving order reads it), but never of another type
         t = schema.field(ts).type
-        if not (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_integer(t)):
+        if not is_time_type(t):
             raise BadInputError(source, ts, WRONG_TYPE, f"the spec's timestamp column must be a timestamp, date "
                                                         f"or integer, found {t}")
     for task, col in spec.ground_truth.items():

@@ -300,6 +300,13 @@ class FeatureSpec(_Strict):
         """Columns the model reads from a row (what a scoring candidate needs)."""
         return tuple(dict.fromkeys([*self.group_columns, *(f.name for f in self.features)]))
 
+    def request_column(self, stage: str) -> str:
+        """The request id column, for a stage that ranks rows per request (it is optional in the spec)."""
+        if self.request_id is None:
+            raise SpecError(f"the model's FeatureSpec has request_id: null; {stage} ranks rows per request and "
+                            "needs a request id column (set request_id in the spec)")
+        return self.request_id
+
     @cached_property
     def group_columns(self) -> tuple[str, ...]:
         """The GAUC group column, if the spec names one (it is optional)."""

@@ -83,9 +83,7 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, plan: FusionP
     arrays `request_id`, `item`, `outputs` (the formula's), `columns` (the factors' candidate columns),
     `labels` (task -> label) and `value` (the value column, if any)."""
     spec = saved.spec
-    if spec.request_id is None:
-        raise BadInputError(str(data), None, "missing_column", "the model's spec has request_id: null; "
-                            "tune-fusion ranks logged rows per request and needs a request id column")
+    spec.request_column("tune-fusion")
     binary = [t for t in spec.tasks if t.type == "binary"]
     extras = list(dict.fromkeys([spec.request_id, item_column, *plan.columns,
                                  *([value_column] if value_column else []), *(t.label for t in binary)]))

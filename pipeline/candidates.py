@@ -65,10 +65,7 @@ class CandidateReader:
                  quarantine_dir: str | Path | None = None, chunk_rows: int = 65_536,
                  extra_columns: tuple[str, ...] = ()):
         self.files, self.spec, self.cfg, self.chunk_rows = files, spec, cfg, chunk_rows
-        if spec.request_id is None:
-            raise SpecError("the model's FeatureSpec has request_id: null; scoring ranks candidates per request "
-                            "and needs a request id column (set request_id in the spec)")
-        self.request_column = spec.request_id
+        self.request_column = spec.request_column("scoring")
         self.quarantine_dir = Path(quarantine_dir) if quarantine_dir else None
         if cfg.on_bad_row == "quarantine" and self.quarantine_dir is None:
             raise SpecError("score.on_bad_row: quarantine needs a quarantine directory (set quarantine_dir in "

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from features.rules import is_time_type
 from pipeline.scoring.boosts import rule_weights
 from pipeline.scoring.config import ScoringConfig
 from pipeline.scoring.fate import Fate, counts, describe
@@ -61,7 +62,7 @@ def serving_order(request_ids: pa.Array, ts: pa.Array | None,
     if ts is None:
         return rcode, runiq
     ts = _plain(ts)
-    if not (pa.types.is_timestamp(ts.type) or pa.types.is_date(ts.type) or pa.types.is_integer(ts.type)):
+    if not is_time_type(ts.type):
         raise ScoringError(f"column {time_name!r}: rule wrong_type: the spec's timestamp column must be a "
                            f"timestamp, date or integer, found {ts.type}")
     # a request without any time is served after every timed one (counted in the summary)

@@ -32,11 +32,11 @@ from scipy import stats
 
 from bench.common import machine, write_results
 from bench.mtrank_run import train_eval
-from features.spec import load_spec
-from models import ModelConfig
-from pipeline.evaluate import Predictions, binary_sets
-from pipeline.metrics import auc, expected_auc
-from pipeline.trainer import TrainConfig
+from mtrank.features.spec import load_spec
+from mtrank.models import ModelConfig
+from mtrank.pipeline.evaluate import Predictions, binary_sets
+from mtrank.pipeline.metrics import auc, expected_auc
+from mtrank.pipeline.trainer import TrainConfig
 
 MARGIN = 0.002
 HEAD_ROWS = 200_000

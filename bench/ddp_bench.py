@@ -47,7 +47,7 @@ def run(job: Path, nproc: int, threads: int) -> dict:
     shutil.rmtree(job.parent / "work", ignore_errors=True)       # a fresh run: statistics pass included
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--config", str(job), "--date", str(EVAL_DAY),
+    r = subprocess.run([sys.executable, "-m", "mtrank.jobs.cli", "train", "--config", str(job), "--date", str(EVAL_DAY),
                         "--no-track", "--nproc", str(nproc)], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
@@ -60,8 +60,8 @@ def run(job: Path, nproc: int, threads: int) -> dict:
 
 
 def dense_parameters() -> tuple[int, int]:
-    from features.spec import load_spec
-    from models import ModelConfig, MultiTaskRanker
+    from mtrank.features.spec import load_spec
+    from mtrank.models import ModelConfig, MultiTaskRanker
     model = MultiTaskRanker(load_spec(), ModelConfig())
     return sum(p.numel() for p in model.dense_parameters()), model.embeddings.output_dim
 
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
     if a.quick:
-        from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+        from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
         root = CACHE / "ddp-quick-200000"
         if not (root / f"dt={EVAL_DAY}").exists():
             generate_impressions(root, ImpressionConfig(seed=1, start="2026-11-01", days=2, rows_per_day=200_000,

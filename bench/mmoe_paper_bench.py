@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from bench.common import RESULTS, machine, write_results
-from models.bottoms import MMoE, OMoE, BatchedMLP, SharedBottom
-from pipeline.synthetic.mmoe_regression import mmoe_synthetic
+from mtrank.models.bottoms import MMoE, OMoE, BatchedMLP, SharedBottom
+from mtrank.pipeline.synthetic.mmoe_regression import mmoe_synthetic
 
 TASKS = ("y1", "y2")
 DIM = 100

@@ -16,20 +16,20 @@ import time
 import torch
 
 from bench.common import CACHE, peak_rss_mb
-from features.featurize import Featurizer
-from features.spec import FeatureSpec, load_spec
-from models import ModelConfig
-from pipeline.dataset import open_window
-from pipeline.evaluate import Predictions, predict, task_metrics
-from pipeline.reader import ImpressionReader, fit_numeric_stats
-from pipeline.trainer import TrainConfig, Trainer, build_model
+from mtrank.features.featurize import Featurizer
+from mtrank.features.spec import FeatureSpec, load_spec
+from mtrank.models import ModelConfig
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.evaluate import Predictions, predict, task_metrics
+from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
+from mtrank.pipeline.trainer import TrainConfig, Trainer, build_model
 
 ROOT = CACHE / "std-1000000"
 TRAIN_DAY, EVAL_DAY = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 
 
 def ensure_data(root=ROOT) -> str:
-    from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+    from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 
     days = [root / f"dt={d}" / "part-00000.parquet" for d in (TRAIN_DAY, EVAL_DAY)]
     if not all(p.exists() for p in days):

@@ -29,11 +29,11 @@ import yaml
 
 from bench.common import CACHE, machine, write_results
 from bench.mtrank_run import EVAL_DAY, TRAIN_DAY, train_eval
-from features.spec import load_spec, parse_spec
-from models import ModelConfig
-from pipeline.metrics import auc
-from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
-from pipeline.trainer import TrainConfig
+from mtrank.features.spec import load_spec, parse_spec
+from mtrank.models import ModelConfig
+from mtrank.pipeline.metrics import auc
+from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+from mtrank.pipeline.trainer import TrainConfig
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:

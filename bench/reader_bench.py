@@ -15,16 +15,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bench.common import CACHE, machine, peak_rss_mb, repeat, run_child, write_results
-from features.featurize import Featurizer
-from features.spec import load_spec
-from pipeline.dataset import open_window
-from pipeline.reader import ImpressionReader, fit_numeric_stats, open_parquet, read_columns
+from mtrank.features.featurize import Featurizer
+from mtrank.features.spec import load_spec
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats, open_parquet, read_columns
 
 START = dt.date(2026, 11, 1)
 
 
 def ensure_data(rows_per_day: int, days: int) -> str:
-    from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+    from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 
     root = CACHE / f"std-{rows_per_day}"
     marker = root / f"_done_{days}"
@@ -89,7 +89,7 @@ def pandas_labelencoder_pass(window, spec) -> int:
 
 def child(root: str, days: int, stats_json: str) -> None:
     """One pass in a fresh process: peak RSS of streaming a window of `days` days."""
-    from features.numeric import NumericStats
+    from mtrank.features.numeric import NumericStats
 
     spec, window = _window(root, days)
     base = peak_rss_mb()

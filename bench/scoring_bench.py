@@ -21,22 +21,22 @@ import torch
 from bench.common import CACHE, machine, repeat, write_results
 from bench.mtrank_run import EVAL_DAY, ROOT, TRAIN_DAY, ensure_data
 from bench.scoring_loop import score_loop
-from features.featurize import Featurizer
-from features.outputs import OutputKind
-from features.spec import load_spec
-from jobs.config import load_config
-from jobs.exposures import count_exposures
-from jobs.model_io import save_model
-from jobs.score import read_exposures, score
-from pipeline.batch import batch_from_arrays
-from pipeline.dataset import open_window
-from pipeline.evaluate import FORWARD_ROWS
-from pipeline.reader import ImpressionReader, fit_numeric_stats
-from pipeline.scoring import score_candidates
-from pipeline.scoring.fusion import resolve
-from pipeline.synthetic.candidates import generate_candidates
-from pipeline.synthetic.impressions import ImpressionConfig
-from pipeline.trainer import build_model
+from mtrank.features.featurize import Featurizer
+from mtrank.features.outputs import OutputKind
+from mtrank.features.spec import load_spec
+from mtrank.jobs.config import load_config
+from mtrank.jobs.exposures import count_exposures
+from mtrank.jobs.model_io import save_model
+from mtrank.jobs.score import read_exposures, score
+from mtrank.pipeline.batch import batch_from_arrays
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.evaluate import FORWARD_ROWS
+from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
+from mtrank.pipeline.scoring import score_candidates
+from mtrank.pipeline.scoring.fusion import resolve
+from mtrank.pipeline.synthetic.candidates import generate_candidates
+from mtrank.pipeline.synthetic.impressions import ImpressionConfig
+from mtrank.pipeline.trainer import build_model
 
 
 
@@ -76,7 +76,7 @@ def ensure_model(job) -> Path:
 
 def bare_forward(model_dir: Path, candidates: Path) -> tuple[int, float]:
     """Forward pass only, over batches featurized beforehand (the ceiling `mtrank score` chases)."""
-    from jobs.model_io import load_model
+    from mtrank.jobs.model_io import load_model
 
     saved = load_model(model_dir)
     table = pq.read_table(candidates / f"dt={EVAL_DAY}")

@@ -12,10 +12,10 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from features.outputs import OutputKind
-from pipeline.scoring.config import ScoringConfig
-from pipeline.scoring.fate import Fate
-from pipeline.scoring.fusion import FusionPlan, ScoringError
+from mtrank.features.outputs import OutputKind
+from mtrank.pipeline.scoring.config import ScoringConfig
+from mtrank.pipeline.scoring.fate import Fate
+from mtrank.pipeline.scoring.fusion import FusionPlan, ScoringError
 
 INF = float("inf")
 

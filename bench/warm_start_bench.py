@@ -23,14 +23,14 @@ import time
 import torch
 
 from bench.common import CACHE, RESULTS, machine, write_results
-from jobs.config import load_config
-from jobs.model_io import load_model
-from jobs.train import Parent, train
-from pipeline.dataset import open_window
-from pipeline.evaluate import predict, task_metrics
-from pipeline.reader import ImpressionReader
-from features.featurize import Featurizer
-from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+from mtrank.jobs.config import load_config
+from mtrank.jobs.model_io import load_model
+from mtrank.jobs.train import Parent, train
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.evaluate import predict, task_metrics
+from mtrank.pipeline.reader import ImpressionReader
+from mtrank.features.featurize import Featurizer
+from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 
 START = dt.date(2026, 11, 1)
 TASKS = ("ctr", "ctcvr", "cvr", "cart", "collect")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from features.spec import FeatureSpec
+from mtrank.features.spec import FeatureSpec
 
 
 @dataclass

@@ -20,9 +20,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.hashing import NULL_ID, group_key_expr, hash_expr, table_seed
-from features.numeric import NumericStats, bucket_expr, dense_expr
-from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, NumericFeature
+from mtrank.features.hashing import NULL_ID, group_key_expr, hash_expr, table_seed
+from mtrank.features.numeric import NumericStats, bucket_expr, dense_expr
+from mtrank.features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, NumericFeature
 
 
 @dataclass

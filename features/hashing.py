@@ -24,7 +24,7 @@ import polars as pl
 import polars_hash  # noqa: F401  (registers the `nchash` expression namespace)
 import xxhash
 
-from features.spec import FeatureSpec, MultiHotFeature, NumericFeature
+from mtrank.features.spec import FeatureSpec, MultiHotFeature, NumericFeature
 
 NULL_ID = 0
 _TABLE_PREFIX = b"mtrank/table:"

@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from features.rules import MISSING_COLUMN, MISSING_PARTITION, UNREADABLE, WRONG_TYPE, BadInputError
-from features.spec import SpecError, parse_spec
+from mtrank.features.rules import MISSING_COLUMN, MISSING_PARTITION, UNREADABLE, WRONG_TYPE, BadInputError
+from mtrank.features.spec import SpecError, parse_spec
 
 DEFAULT_HASH_SEED = 20261121
 DEFAULT_COLLISION_TARGET = 0.01

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from features.spec import FeatureSpec, NumericFeature
+from mtrank.features.spec import FeatureSpec, NumericFeature
 
 
 def pre_standardize_expr(f: NumericFeature) -> pl.Expr:

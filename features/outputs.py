@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from features.spec import FeatureSpec
+    from mtrank.features.spec import FeatureSpec
 
 
 class OutputKind(str, Enum):

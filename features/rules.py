@@ -8,14 +8,14 @@ rows read = rows accepted + sum(rows rejected by reason).
 """
 from __future__ import annotations
 
-from features.base import MtrankError
+from mtrank.features.base import MtrankError
 
 from dataclasses import dataclass
 
 import polars as pl
 import pyarrow as pa
 
-from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, NumericFeature
+from mtrank.features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, NumericFeature
 
 REASON = "_reject_reason"  # "column:rule" for rejected rows, null for accepted ones
 

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from features.base import MtrankError, StrictConfig
+from mtrank.features.base import MtrankError, StrictConfig
 
 DEFAULT_SPEC = "default_spec.yaml"
 
 if TYPE_CHECKING:
-    from features.outputs import OutputSchema
+    from mtrank.features.outputs import OutputSchema
 
 
 class SpecError(MtrankError, ValueError):
@@ -282,7 +282,7 @@ class FeatureSpec(_Strict):
     @cached_property
     def outputs(self) -> "OutputSchema":
         """The names of every model output this spec's tasks produce."""
-        from features.outputs import OutputSchema
+        from mtrank.features.outputs import OutputSchema
 
         return OutputSchema(self)
 

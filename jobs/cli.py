@@ -6,9 +6,9 @@ import datetime as dt
 import logging
 import sys
 
-from features.base import MtrankError
-from features.spec import SpecError, load_spec
-from pipeline.distributed import PeerFailed
+from mtrank.features.base import MtrankError
+from mtrank.features.spec import SpecError, load_spec
+from mtrank.pipeline.distributed import PeerFailed
 
 log = logging.getLogger("mtrank")
 
@@ -21,7 +21,7 @@ def _date(text: str) -> dt.date:
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+    from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 
     cfg = ImpressionConfig(seed=a.seed, start=a.start, days=a.days, rows_per_day=a.rows_per_day,
                            n_users=a.users, n_items=a.items, task_correlation=a.task_correlation,
@@ -33,13 +33,13 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     print(f"click {s.click_rate:.2%}  conversion|click {s.cvr_given_click:.2%}  collect {s.collect_rate:.2%}  "
           f"cart {s.cart_rate:.2%}  mean stay|click {s.mean_stay_given_click:.1f}s")
     if a.json:
-        from jobs.validate import write_json
+        from mtrank.jobs.validate import write_json
         write_json(s.to_dict(), a.json)
     return 0
 
 
 def _generate_candidates(a: argparse.Namespace, cfg) -> int:
-    from pipeline.synthetic.candidates import generate_candidates
+    from mtrank.pipeline.synthetic.candidates import generate_candidates
 
     if a.date is None:
         print("mtrank generate: error: --candidates requires --date", file=sys.stderr)
@@ -48,13 +48,13 @@ def _generate_candidates(a: argparse.Namespace, cfg) -> int:
     print(f"wrote {s.rows:,} candidates for {s.requests:,} requests of {s.day} in {len(s.files)} files "
           f"under {s.out_dir} ({s.rows_per_second:,.0f} rows/s)")
     if a.json:
-        from jobs.validate import write_json
+        from mtrank.jobs.validate import write_json
         write_json(s.to_dict(), a.json)
     return 0
 
 
 def _cmd_exposures(a: argparse.Namespace) -> int:
-    from jobs.exposures import count_exposures
+    from mtrank.jobs.exposures import count_exposures
 
     if a.spec:
         spec = load_spec(a.spec)
@@ -66,7 +66,7 @@ def _cmd_exposures(a: argparse.Namespace) -> int:
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
-    from jobs.validate import format_report, validate, write_json
+    from mtrank.jobs.validate import format_report, validate, write_json
 
     spec = load_spec(a.spec)
     if a.on_bad_row:
@@ -80,17 +80,17 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from jobs.config import load_config
-    from jobs.train import format_metrics, train
-    from pipeline.distributed import process_group, under_torchrun
+    from mtrank.jobs.config import load_config
+    from mtrank.jobs.train import format_metrics, train
+    from mtrank.pipeline.distributed import process_group, under_torchrun
 
     if a.nproc > 1 and not under_torchrun():
-        from jobs.launch import torchrun
+        from mtrank.jobs.launch import torchrun
         return torchrun(a.nproc, a.argv)
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
     parent = None
     if a.parent:
-        from jobs.daily import load_parent
+        from mtrank.jobs.daily import load_parent
         parent = load_parent(a.parent)
     with process_group() as dist:
         out = train(cfg, a.date, resume=a.resume, dist=dist, parent=parent)
@@ -113,8 +113,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_promote(a: argparse.Namespace) -> int:
-    from jobs.config import load_config
-    from jobs.promote import promote
+    from mtrank.jobs.config import load_config
+    from mtrank.jobs.promote import promote
 
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir, name=a.name)
     d = promote(cfg, a.date)
@@ -126,10 +126,10 @@ def _cmd_daily(a: argparse.Namespace) -> int:
     """train -> evaluate -> promote for one date; rerunning a finished date reuses its version."""
     import json
 
-    from jobs.config import load_config
-    from jobs.daily import run_daily
-    from jobs.tracking import tracking_uri
-    from jobs.train import format_metrics
+    from mtrank.jobs.config import load_config
+    from mtrank.jobs.daily import run_daily
+    from mtrank.jobs.tracking import tracking_uri
+    from mtrank.jobs.train import format_metrics
 
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
     out = run_daily(cfg, a.date, force=a.force, wait=a.wait, full=a.full, nproc=a.nproc)
@@ -158,8 +158,8 @@ def _cmd_daily(a: argparse.Namespace) -> int:
 
 
 def _cmd_lineage(a: argparse.Namespace) -> int:
-    from jobs.config import load_config
-    from jobs.tracking import lineage
+    from mtrank.jobs.config import load_config
+    from mtrank.jobs.tracking import lineage
 
     cfg = load_config(a.config, name=a.name, work_dir=a.work_dir, data=".")
     chain = lineage(cfg, a.version)
@@ -177,7 +177,7 @@ def _cmd_lineage(a: argparse.Namespace) -> int:
 
 
 def _track(cfg, out) -> str:
-    from jobs.tracking import log_training, tracking_uri
+    from mtrank.jobs.tracking import log_training, tracking_uri
 
     reg = log_training(cfg, out.run_dir)
     run_id, version = reg.run_id, reg.version
@@ -187,8 +187,8 @@ def _track(cfg, out) -> str:
 
 
 def _cmd_score(a: argparse.Namespace) -> int:
-    from jobs.config import load_config
-    from jobs.score import format_lists, score
+    from mtrank.jobs.config import load_config
+    from mtrank.jobs.score import format_lists, score
 
     cfg = load_config(a.config, work_dir=a.work_dir, data=a.data or ".")
     if a.tracking_uri:
@@ -215,8 +215,8 @@ def _cmd_score(a: argparse.Namespace) -> int:
 
 
 def _cmd_tune_fusion(a: argparse.Namespace) -> int:
-    from jobs.config import load_config
-    from jobs.tune_fusion import format_result, tune_fusion
+    from mtrank.jobs.config import load_config
+    from mtrank.jobs.tune_fusion import format_result, tune_fusion
 
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
     if a.tracking_uri:
@@ -242,8 +242,8 @@ def _positive(text: str) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from jobs.evaluate import evaluate
-    from jobs.train import format_metrics
+    from mtrank.jobs.evaluate import evaluate
+    from mtrank.jobs.train import format_metrics
 
     out = a.out or f".mtrank/reports/{a.date}"
     html, ev, base = evaluate(a.model, a.data, a.date, out, a.baseline, a.max_rows, a.tracking_uri,
@@ -258,7 +258,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 def _cmd_init_spec(a: argparse.Namespace) -> int:
     """Propose a commented FeatureSpec YAML from Parquet logs (stdout, or --out)."""
-    from features.infer_spec import InferOptions, infer_spec, write_spec
+    from mtrank.features.infer_spec import InferOptions, infer_spec, write_spec
 
     def pairs(items: list[str] | None, flag: str) -> list[tuple[str, str]]:
         out = []
@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rank_tag() -> str:
-    from pipeline.distributed import from_env
+    from mtrank.pipeline.distributed import from_env
 
     d = from_env()
     return f" [rank {d.rank}/{d.world_size}]" if d.enabled else ""
@@ -474,7 +474,7 @@ def _rank_tag() -> str:
 
 def _logging(verbose: bool) -> None:
     """Under torchrun every rank logs with its rank in the line; ranks other than 0 only warnings."""
-    from pipeline.distributed import from_env
+    from mtrank.pipeline.distributed import from_env
 
     d = from_env()
     level = logging.DEBUG if verbose else logging.INFO if d.is_main else logging.WARNING

@@ -11,11 +11,11 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from features.base import StrictConfig
-from features.spec import SpecError, read_yaml
-from models import ModelConfig
-from pipeline.scoring.config import ScoringConfig
-from pipeline.trainer import TrainConfig
+from mtrank.features.base import StrictConfig
+from mtrank.features.spec import SpecError, read_yaml
+from mtrank.models import ModelConfig
+from mtrank.pipeline.scoring.config import ScoringConfig
+from mtrank.pipeline.trainer import TrainConfig
 
 DEFAULT_JOB = "default_job.yaml"
 

@@ -6,7 +6,7 @@ retrained; an interrupted training resumes from its checkpoint. One run per job 
 """
 from __future__ import annotations
 
-from features.base import MtrankError, failpoint
+from mtrank.features.base import MtrankError, failpoint
 
 import datetime as dt
 import fcntl
@@ -18,12 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs import tracking
-from jobs.config import JobConfig, absolute_paths
-from jobs.promote import Decision, promote
-from jobs.model_io import load_model
-from jobs.paths import run_dir
-from jobs.train import Parent, train
+from mtrank.jobs import tracking
+from mtrank.jobs.config import JobConfig, absolute_paths
+from mtrank.jobs.promote import Decision, promote
+from mtrank.jobs.model_io import load_model
+from mtrank.jobs.paths import run_dir
+from mtrank.jobs.train import Parent, train
 
 
 log = logging.getLogger("mtrank.daily")
@@ -80,7 +80,7 @@ def _train_ranks(cfg: JobConfig, date: dt.date, parent: Parent | None, resume: b
     absolute) and the parent this process found; the outcome lands in the run directory as usual."""
     import yaml
 
-    from jobs.launch import torchrun
+    from mtrank.jobs.launch import torchrun
 
     job = tmp / "job.yaml"
     job.write_text(yaml.safe_dump(absolute_paths(cfg).model_dump(mode="json", by_alias=True)))

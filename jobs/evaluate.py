@@ -5,14 +5,14 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.featurize import Featurizer
-from jobs.model_io import SavedModel
-from jobs.report import gauc_note, write_report
-from jobs.tracking import open_model
-from pipeline.checkpoint import make_dirs
-from pipeline.dataset import open_window
-from pipeline.evaluate import Predictions, predict, task_curves, task_metrics
-from pipeline.reader import ImpressionReader
+from mtrank.features.featurize import Featurizer
+from mtrank.jobs.model_io import SavedModel
+from mtrank.jobs.report import gauc_note, write_report
+from mtrank.jobs.tracking import open_model
+from mtrank.pipeline.checkpoint import make_dirs
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.evaluate import Predictions, predict, task_curves, task_metrics
+from mtrank.pipeline.reader import ImpressionReader
 
 
 @dataclass

@@ -33,7 +33,7 @@ def torchrun(nproc: int, argv: list[str]) -> int:
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "jobs.cli", *without_option(argv, "--nproc")]
+           "-m", "mtrank.jobs.cli", *without_option(argv, "--nproc")]
     log.info("launching %d ranks (%s threads each): %s", nproc, env["OMP_NUM_THREADS"], " ".join(cmd))
     rc = subprocess.call(cmd, env=env)
     if rc != 0:

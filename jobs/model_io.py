@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from features.numeric import NumericStats
-from features.spec import FeatureSpec, SpecError, load_spec
-from models import ModelConfig, MultiTaskRanker
-from pipeline.checkpoint import load_tensors, write_atomic
+from mtrank.features.numeric import NumericStats
+from mtrank.features.spec import FeatureSpec, SpecError, load_spec
+from mtrank.models import ModelConfig, MultiTaskRanker
+from mtrank.pipeline.checkpoint import load_tensors, write_atomic
 
 FILES = ("weights.pt", "feature_spec.yaml", "numeric_stats.json", "model_config.json")
 

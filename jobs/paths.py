@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from jobs.config import JobConfig
+from mtrank.jobs.config import JobConfig
 
 
 def quarantine_dir(cfg: JobConfig, stage: str) -> Path:

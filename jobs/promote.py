@@ -44,14 +44,14 @@ from typing import Literal
 
 import numpy as np
 
-from features.spec import SpecError
-from jobs import tracking
-from jobs.config import JobConfig, PromoteConfig
-from jobs.evaluate import evaluate_model
-from jobs.paths import quarantine_dir, run_dir
-from jobs.report import add_gate
-from pipeline.evaluate import BinarySet, binary_sets
-from pipeline.metrics import paired_auc_test
+from mtrank.features.spec import SpecError
+from mtrank.jobs import tracking
+from mtrank.jobs.config import JobConfig, PromoteConfig
+from mtrank.jobs.evaluate import evaluate_model
+from mtrank.jobs.paths import quarantine_dir, run_dir
+from mtrank.jobs.report import add_gate
+from mtrank.pipeline.evaluate import BinarySet, binary_sets
+from mtrank.pipeline.metrics import paired_auc_test
 
 Outcome = Literal["pass", "fail", "undefined"]
 

@@ -14,14 +14,14 @@ from mlflow.pyfunc import PythonModel
 
 class RankerPyfunc(PythonModel):
     def load_context(self, context) -> None:
-        from features.featurize import Featurizer
-        from jobs.model_io import load_model
+        from mtrank.features.featurize import Featurizer
+        from mtrank.jobs.model_io import load_model
 
         self.saved = load_model(context.artifacts["model"])
         self.featurizer = Featurizer(self.saved.spec, self.saved.stats)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from pipeline.evaluate import predict_rows
+        from mtrank.pipeline.evaluate import predict_rows
 
         table = pa.Table.from_pandas(model_input, preserve_index=False)
         return pd.DataFrame(predict_rows(self.saved.model, self.featurizer, table))

@@ -18,19 +18,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.featurize import Featurizer
-from features.rules import MISSING_COLUMN, BadInputError
-from features.base import failpoint
-from jobs.config import JobConfig
-from jobs.paths import quarantine_dir
-from jobs.report import strict_json
-from jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
-from pipeline.evaluate import predict_rows
-from pipeline.candidates import CandidateReader, candidate_files
-from pipeline.checkpoint import make_dirs, write_atomic
-from pipeline.progress import Progress
-from pipeline.scoring import ScoringConfig, score_candidates
-from pipeline.scoring.fusion import resolve
+from mtrank.features.featurize import Featurizer
+from mtrank.features.rules import MISSING_COLUMN, BadInputError
+from mtrank.features.base import failpoint
+from mtrank.jobs.config import JobConfig
+from mtrank.jobs.paths import quarantine_dir
+from mtrank.jobs.report import strict_json
+from mtrank.jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
+from mtrank.pipeline.evaluate import predict_rows
+from mtrank.pipeline.candidates import CandidateReader, candidate_files
+from mtrank.pipeline.checkpoint import make_dirs, write_atomic
+from mtrank.pipeline.progress import Progress
+from mtrank.pipeline.scoring import ScoringConfig, score_candidates
+from mtrank.pipeline.scoring.fusion import resolve
 
 log = logging.getLogger("mtrank.score")
 

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.base import MtrankError, failpoint
-from jobs.config import JobConfig
-from jobs.model_io import load_model, read_spec
-from jobs.paths import run_dir
+from mtrank.features.base import MtrankError, failpoint
+from mtrank.jobs.config import JobConfig
+from mtrank.jobs.model_io import load_model, read_spec
+from mtrank.jobs.paths import run_dir
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CHALLENGER, CHAMPION = "challenger", "champion"

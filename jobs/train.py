@@ -12,21 +12,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.compat import compare_specs
-from features.featurize import Featurizer
-from features.numeric import NumericStats
-from features.spec import FeatureSpec, SpecError, load_spec
-from jobs.config import JobConfig
-from jobs.model_io import SavedModel, save_model
-from jobs.paths import quarantine_dir, run_dir
-from models.warm_start import transfer_weights
-from jobs.report import gauc_note, strict_json, undefined_figures, write_report
-from pipeline.checkpoint import CheckpointStore, write_atomic
-from pipeline.dataset import check_labels, open_window
-from pipeline.distributed import SINGLE, Dist
-from pipeline.evaluate import degenerate_outputs, merge_predictions, predict, task_curves, task_metrics
-from pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, skipped_files
-from pipeline.trainer import DivergedError, TrainResult, Trainer, build_model
+from mtrank.features.compat import compare_specs
+from mtrank.features.featurize import Featurizer
+from mtrank.features.numeric import NumericStats
+from mtrank.features.spec import FeatureSpec, SpecError, load_spec
+from mtrank.jobs.config import JobConfig
+from mtrank.jobs.model_io import SavedModel, save_model
+from mtrank.jobs.paths import quarantine_dir, run_dir
+from mtrank.models.warm_start import transfer_weights
+from mtrank.jobs.report import gauc_note, strict_json, undefined_figures, write_report
+from mtrank.pipeline.checkpoint import CheckpointStore, write_atomic
+from mtrank.pipeline.dataset import check_labels, open_window
+from mtrank.pipeline.distributed import SINGLE, Dist
+from mtrank.pipeline.evaluate import degenerate_outputs, merge_predictions, predict, task_curves, task_metrics
+from mtrank.pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, skipped_files
+from mtrank.pipeline.trainer import DivergedError, TrainResult, Trainer, build_model
 
 log = logging.getLogger("mtrank.train")
 

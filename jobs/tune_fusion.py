@@ -17,21 +17,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.featurize import Featurizer
-from features.rules import BadInputError
-from features.spec import SpecError
-from jobs.config import JobConfig
-from jobs.paths import quarantine_dir
-from jobs.report import strict_json
-from jobs.tracking import log_tuning, model_version_of, open_model, tracking_uri
-from jobs.model_io import SavedModel
-from pipeline.evaluate import FORWARD_ROWS, predict_rows
-from pipeline.checkpoint import write_atomic
-from pipeline.dataset import open_window
-from pipeline.reader import ImpressionReader
-from pipeline.scoring import tuning
-from pipeline.scoring.fusion import FusionPlan, resolve
-from pipeline.scoring.stage import dense_codes
+from mtrank.features.featurize import Featurizer
+from mtrank.features.rules import BadInputError
+from mtrank.features.spec import SpecError
+from mtrank.jobs.config import JobConfig
+from mtrank.jobs.paths import quarantine_dir
+from mtrank.jobs.report import strict_json
+from mtrank.jobs.tracking import log_tuning, model_version_of, open_model, tracking_uri
+from mtrank.jobs.model_io import SavedModel
+from mtrank.pipeline.evaluate import FORWARD_ROWS, predict_rows
+from mtrank.pipeline.checkpoint import write_atomic
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.reader import ImpressionReader
+from mtrank.pipeline.scoring import tuning
+from mtrank.pipeline.scoring.fusion import FusionPlan, resolve
+from mtrank.pipeline.scoring.stage import dense_codes
 
 
 @dataclass

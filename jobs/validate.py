@@ -8,11 +8,11 @@ from pathlib import Path
 
 import polars as pl
 
-from features.hashing import table_collisions
-from features.spec import FeatureSpec
-from pipeline.checkpoint import make_dirs, write_atomic
-from pipeline.dataset import open_window
-from pipeline.reader import ImpressionReader, skipped_files
+from mtrank.features.hashing import table_collisions
+from mtrank.features.spec import FeatureSpec
+from mtrank.pipeline.checkpoint import make_dirs, write_atomic
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.reader import ImpressionReader, skipped_files
 
 log = logging.getLogger("mtrank")
 

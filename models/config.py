@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from features.base import StrictConfig
+from mtrank.features.base import StrictConfig
 
 
 class ModelConfig(StrictConfig):

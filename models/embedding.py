@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from features.spec import FeatureSpec
-from models.batch import Batch
+from mtrank.features.spec import FeatureSpec
+from mtrank.models.batch import Batch
 
 
 class FusedEmbeddings(nn.Module):

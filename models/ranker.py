@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from features.outputs import OutputSchema
-from features.spec import FeatureSpec
-from models.bottoms import MMoE, OMoE, PLE, BatchedMLP, SharedBottom
-from models.config import ModelConfig
-from models.embedding import FusedEmbeddings
-from models.batch import Batch, ModelOutput
+from mtrank.features.outputs import OutputSchema
+from mtrank.features.spec import FeatureSpec
+from mtrank.models.bottoms import MMoE, OMoE, PLE, BatchedMLP, SharedBottom
+from mtrank.models.config import ModelConfig
+from mtrank.models.embedding import FusedEmbeddings
+from mtrank.models.batch import Batch, ModelOutput
 
 
 def build_bottom(cfg: ModelConfig, tasks: tuple[str, ...], in_dim: int) -> nn.Module:

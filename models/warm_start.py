@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from models.ranker import MultiTaskRanker
+from mtrank.models.ranker import MultiTaskRanker
 
 
 @torch.no_grad()

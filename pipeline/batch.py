@@ -5,8 +5,8 @@ import warnings
 
 import torch
 
-from features.featurize import FeatureArrays
-from models.batch import Batch, TableInput
+from mtrank.features.featurize import FeatureArrays
+from mtrank.models.batch import Batch, TableInput
 
 __all__ = ["Batch", "TableInput", "batch_from_arrays"]
 

@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, BadInputError,
+from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, BadInputError,
                             RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
-from features.spec import FeatureSpec, SpecError
-from pipeline.checkpoint import write_atomic
-from pipeline.reader import RowAccounting, open_parquet
-from pipeline.scoring.config import ScoringConfig
+from mtrank.features.spec import FeatureSpec, SpecError
+from mtrank.pipeline.checkpoint import write_atomic
+from mtrank.pipeline.reader import RowAccounting, open_parquet
+from mtrank.pipeline.scoring.config import ScoringConfig
 
 DUPLICATE = "duplicate_in_request"  # the same item twice in one request
 

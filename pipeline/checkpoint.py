@@ -7,7 +7,7 @@ moment leaves either the previous checkpoint or the new one, never a half-writte
 """
 from __future__ import annotations
 
-from features.base import MtrankError
+from mtrank.features.base import MtrankError
 
 import contextlib
 import errno

@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features.rules import (EMPTY_PARTITION, MISSING_PARTITION, UNREADABLE, BadInputError,
+from mtrank.features.rules import (EMPTY_PARTITION, MISSING_PARTITION, UNREADABLE, BadInputError,
                             check_schema)
-from features.spec import FeatureSpec
+from mtrank.features.spec import FeatureSpec
 
 _PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 log = logging.getLogger("mtrank.data")

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from pipeline.optim import coalesce
+from mtrank.pipeline.optim import coalesce
 
 log = logging.getLogger("mtrank.dist")
 T = TypeVar("T")

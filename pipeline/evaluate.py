@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from features.spec import FeatureSpec
-from features.outputs import OutputKind, joint_positive
-from models import MultiTaskRanker
-from pipeline.metrics import auc, calibration_bins, gauc, logloss, normalized_entropy, r2, rmse, roc_points
-from pipeline.reader import ImpressionReader
+from mtrank.features.spec import FeatureSpec
+from mtrank.features.outputs import OutputKind, joint_positive
+from mtrank.models import MultiTaskRanker
+from mtrank.pipeline.metrics import auc, calibration_bins, gauc, logloss, normalized_entropy, r2, rmse, roc_points
+from mtrank.pipeline.reader import ImpressionReader
 
 
 @dataclass
@@ -46,7 +46,7 @@ def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None 
                  chunk_rows: int = FORWARD_ROWS) -> dict[str, np.ndarray]:
     """Predictions for raw feature rows (an Arrow table or record batch), featurized and run in
     chunks; `timings` accumulates featurize_s and forward_s when given."""
-    from pipeline.batch import batch_from_arrays
+    from mtrank.pipeline.batch import batch_from_arrays
 
     parts: dict[str, list[np.ndarray]] = {}
     device = model_device(model)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from features.spec import FeatureSpec
-from features.outputs import joint_positive
-from models.batch import Batch, ModelOutput
+from mtrank.features.spec import FeatureSpec
+from mtrank.features.outputs import joint_positive
+from mtrank.models.batch import Batch, ModelOutput
 
 LOG_HALF = -math.log(2.0)
 

@@ -20,15 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.featurize import FeatureArrays, Featurizer
-from features.numeric import NumericStats
-from features.rules import (MISSING_COLUMN, NULL, REASON, UNREADABLE, BadInputError, RowRule,
+from mtrank.features.featurize import FeatureArrays, Featurizer
+from mtrank.features.numeric import NumericStats
+from mtrank.features.rules import (MISSING_COLUMN, NULL, REASON, UNREADABLE, BadInputError, RowRule,
                             float_columns, reject_reason_expr, row_rules)
-from features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, SpecError
-from models.batch import Batch
-from pipeline.batch import batch_from_arrays
-from pipeline.dataset import SKIP_HINT, DataWindow, RowGroup
-from pipeline.progress import Progress
+from mtrank.features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, SpecError
+from mtrank.models.batch import Batch
+from mtrank.pipeline.batch import batch_from_arrays
+from mtrank.pipeline.dataset import SKIP_HINT, DataWindow, RowGroup
+from mtrank.pipeline.progress import Progress
 
 log = logging.getLogger("mtrank.reader")
 

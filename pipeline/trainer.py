@@ -8,7 +8,7 @@ position in the epoch's (seeded) batch order.
 """
 from __future__ import annotations
 
-from features.base import MtrankError, StrictConfig, failpoint
+from mtrank.features.base import MtrankError, StrictConfig, failpoint
 
 import contextlib
 import hashlib
@@ -23,15 +23,15 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from features.numeric import NumericStats
-from features.spec import FeatureSpec
-from models import DenseStage, ModelConfig, ModelOutput, MultiTaskRanker
-from pipeline.checkpoint import CheckpointStore
-from pipeline.distributed import SINGLE, Dist, GradientSync, lockstep, resolve_device
-from pipeline.losses import MultiTaskLoss
-from pipeline.optim import dense_optimizer, sparse_optimizer
-from pipeline.progress import Progress
-from pipeline.reader import ImpressionReader, RowAccounting
+from mtrank.features.numeric import NumericStats
+from mtrank.features.spec import FeatureSpec
+from mtrank.models import DenseStage, ModelConfig, ModelOutput, MultiTaskRanker
+from mtrank.pipeline.checkpoint import CheckpointStore
+from mtrank.pipeline.distributed import SINGLE, Dist, GradientSync, lockstep, resolve_device
+from mtrank.pipeline.losses import MultiTaskLoss
+from mtrank.pipeline.optim import dense_optimizer, sparse_optimizer
+from mtrank.pipeline.progress import Progress
+from mtrank.pipeline.reader import ImpressionReader, RowAccounting
 
 log = logging.getLogger("mtrank.train")
 

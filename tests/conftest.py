@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import yaml
 
-from features.spec import load_spec
+from mtrank.features.spec import load_spec
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +57,7 @@ def make_frame(spec, n: int, seed: int = 0) -> pl.DataFrame:
     return pl.DataFrame(cols)
 
 
-MTRANK = [sys.executable, "-m", "jobs.cli"]
+MTRANK = [sys.executable, "-m", "mtrank.jobs.cli"]
 
 
 def cli_generate(out, days: int, rows: int, seed: int, users: int, items: int) -> None:
@@ -115,7 +115,7 @@ def write_job(path: Path, name: str, train: dict, *, data: str = "logs", spec: s
 def other_names_spec():
     """A spec whose tasks are not the demo's: regression `watch_time` listed first, binary
     `click_through`, and `purchase` with click_through as entire-space parent (no product name)."""
-    from features.spec import parse_spec
+    from mtrank.features.spec import parse_spec
 
     return parse_spec({
         "hash_seed": 1,

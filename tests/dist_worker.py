@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from features.featurize import Featurizer
-from features.spec import load_spec
-from models import ModelConfig
-from pipeline.dataset import open_window
-from pipeline.distributed import GradientSync, process_group
-from pipeline.reader import ImpressionReader, fit_numeric_stats
-from pipeline.trainer import TrainConfig, Trainer, build_model
+from mtrank.features.featurize import Featurizer
+from mtrank.features.spec import load_spec
+from mtrank.models import ModelConfig
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.distributed import GradientSync, process_group
+from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
+from mtrank.pipeline.trainer import TrainConfig, Trainer, build_model
 
 
 def main(logs: str, out: str) -> None:

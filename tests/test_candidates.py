@@ -14,14 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import MTRANK, cli_generate
-from features.featurize import Featurizer
-from features.numeric import NumericStats
-from features.rules import EMPTY_PARTITION, MISSING_COLUMN, MISSING_PARTITION, NULL, BadInputError, check_schema
-from jobs.cli import main as cli_main
-from jobs.exposures import count_exposures
-from pipeline.synthetic import CANDIDATE_SCHEMA, SCHEMA, ImpressionConfig, generate_candidates, generate_impressions
-from pipeline.synthetic.candidates import _campaign, _quality_scores
-from pipeline.synthetic.impressions import _Universe
+from mtrank.features.featurize import Featurizer
+from mtrank.features.numeric import NumericStats
+from mtrank.features.rules import EMPTY_PARTITION, MISSING_COLUMN, MISSING_PARTITION, NULL, BadInputError, check_schema
+from mtrank.jobs.cli import main as cli_main
+from mtrank.jobs.exposures import count_exposures
+from mtrank.pipeline.synthetic import CANDIDATE_SCHEMA, SCHEMA, ImpressionConfig, generate_candidates, generate_impressions
+from mtrank.pipeline.synthetic.candidates import _campaign, _quality_scores
+from mtrank.pipeline.synthetic.impressions import _Universe
 
 CFG = ImpressionConfig(seed=5, start=date(2026, 11, 8), days=1, rows_per_day=2_000, n_users=5_000, n_items=3_000,
                        n_categories=200, n_brands=1_000, n_shops=1_500, rows_per_file=1_500, row_group_size=500)

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-MTRANK = [sys.executable, "-m", "jobs.cli"]
+MTRANK = [sys.executable, "-m", "mtrank.jobs.cli"]
 SMALL = ["--users", "5000", "--items", "3000"]
 
 

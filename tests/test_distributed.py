@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 from tests.conftest import MTRANK, small_spec, write_job
 
 pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
@@ -138,11 +138,11 @@ def test_failing_rank_fails_the_job_with_its_error(base):
 
 
 def test_repeated_two_rank_jobs_exit_cleanly_register_once_and_resume_exactly(base, small):
-    """Three 2-rank jobs, each must exit 0: torchrun -m jobs.cli train (tracked: one MLflow run, one
+    """Three 2-rank jobs, each must exit 0: torchrun -m mtrank.jobs.cli train (tracked: one MLflow run, one
     version), then the same job for one epoch and its --resume to two epochs, which must end with the
     weights of the uninterrupted two-epoch job."""
     full = _job(base, "full", data="small", epochs=2)
-    r = _train(TORCHRUN + ["-m", "jobs.cli", "train"], full)   # tracked: the default sqlite store under work_dir
+    r = _train(TORCHRUN + ["-m", "mtrank.jobs.cli", "train"], full)   # tracked: the default sqlite store under work_dir
     assert r.returncode == 0, r.stderr[-3000:]
     uri = f"sqlite:///{(base / 'work-full' / 'mlflow.db').resolve()}"
     client = mlflow.MlflowClient(uri, uri)
@@ -181,8 +181,8 @@ def test_daily_trains_on_ranks_and_warm_starts_them_from_the_champion(base, smal
 
 
 def test_device_choice_is_explicit_about_a_missing_gpu():
-    from pipeline.distributed import Dist, resolve_device
-    from pipeline.trainer import TrainConfig
+    from mtrank.pipeline.distributed import Dist, resolve_device
+    from mtrank.pipeline.trainer import TrainConfig
 
     if torch.cuda.is_available():
         pytest.skip("this check is about a machine without CUDA")

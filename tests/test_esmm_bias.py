@@ -19,15 +19,15 @@ import polars as pl
 import pytest
 import yaml
 
-from features.featurize import Featurizer
-from features.spec import load_spec, parse_spec
-from models import ModelConfig
-from pipeline.dataset import open_window
-from pipeline.evaluate import predict
-from pipeline.metrics import auc
-from pipeline.reader import ImpressionReader, fit_numeric_stats
-from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
-from pipeline.trainer import TrainConfig, Trainer, build_model
+from mtrank.features.featurize import Featurizer
+from mtrank.features.spec import load_spec, parse_spec
+from mtrank.models import ModelConfig
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.evaluate import predict
+from mtrank.pipeline.metrics import auc
+from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
+from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+from mtrank.pipeline.trainer import TrainConfig, Trainer, build_model
 
 pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
 

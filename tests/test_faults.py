@@ -113,7 +113,7 @@ else:
         return download(self, remote_file_path, local_path)
     h.HttpArtifactRepository._download_file = _download_file
 
-from jobs.cli import main
+from mtrank.jobs.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -4,11 +4,11 @@ import polars as pl
 import pytest
 import torch
 
-from features.featurize import FeatureArrays, Featurizer
-from features.hashing import NULL_ID, hash_value
-from features.numeric import Moments, NumericStats, pre_standardize_expr
-from features.spec import parse_spec
-from pipeline.batch import batch_from_arrays
+from mtrank.features.featurize import FeatureArrays, Featurizer
+from mtrank.features.hashing import NULL_ID, hash_value
+from mtrank.features.numeric import Moments, NumericStats, pre_standardize_expr
+from mtrank.features.spec import parse_spec
+from mtrank.pipeline.batch import batch_from_arrays
 from tests.conftest import make_frame
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from jobs import promote as gate_mod
-from jobs.config import PromoteConfig
-from jobs.promote import GateError, compare
-from pipeline.evaluate import BinarySet
+from mtrank.jobs import promote as gate_mod
+from mtrank.jobs.config import PromoteConfig
+from mtrank.jobs.promote import GateError, compare
+from mtrank.pipeline.evaluate import BinarySet
 
 
 def fig(name, score, label, population="all"):

@@ -9,9 +9,9 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.hashing import (NULL_ID, CollisionStats, hash_expr, hash_value, table_collisions,
+from mtrank.features.hashing import (NULL_ID, CollisionStats, hash_expr, hash_value, table_collisions,
                               table_seed)
-from features.spec import load_spec
+from mtrank.features.spec import load_spec
 
 SEED = 20261121
 

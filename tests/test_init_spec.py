@@ -7,10 +7,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.infer_spec import bucket_count, expected_collision_rate, expected_lost_rate
-from features.spec import CategoricalFeature, MultiHotFeature, NumericFeature, load_spec
+from mtrank.features.infer_spec import bucket_count, expected_collision_rate, expected_lost_rate
+from mtrank.features.spec import CategoricalFeature, MultiHotFeature, NumericFeature, load_spec
 
-MTRANK = [sys.executable, "-m", "jobs.cli"]
+MTRANK = [sys.executable, "-m", "mtrank.jobs.cli"]
 ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult.parquet"
 DAYS = ("2024-03-01", "2024-03-02", "2024-03-03")
 
@@ -21,7 +21,7 @@ def mtrank(*args) -> subprocess.CompletedProcess:
 
 def mtrank_here(capsys, *args) -> tuple[int, str, str]:
     """The same CLI entry point in this process: no interpreter start (init-spec itself runs in a subprocess)."""
-    from jobs.cli import main
+    from mtrank.jobs.cli import main
 
     capsys.readouterr()
     rc = main([str(a) for a in args])

@@ -26,15 +26,21 @@ def _imports(path: Path) -> set[str]:
 
 
 def _modules(room: str) -> dict[str, Path]:
-    return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+    return {"mtrank." + ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
             for p in (ROOT / room).rglob("*.py")}
+
+
+def _room(module: str) -> str | None:
+    """The room an import names (`mtrank.pipeline.reader` -> pipeline), or None for other packages."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "mtrank" and len(parts) > 1 and parts[1] in ROOMS else None
 
 
 @pytest.mark.parametrize("room", ROOMS)
 def test_rooms_import_only_rooms_to_their_left(room):
     allowed = set(ROOMS[:ROOMS.index(room) + 1])
     bad = [f"{mod} imports {imp}" for mod, path in _modules(room).items() for imp in _imports(path)
-           if imp.split(".")[0] in ROOMS and imp.split(".")[0] not in allowed]
+           if _room(imp) is not None and _room(imp) not in allowed]
     assert not bad, "\n".join(bad)
 
 
@@ -47,7 +53,7 @@ def test_models_know_no_parquet_or_mlflow_and_features_no_torch():
 def test_jobs_modules_import_each_other_without_a_cycle():
     mods = _modules("jobs")
     graph = {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
-    graph = {m: deps - {"jobs.cli"} if m != "jobs.cli" else deps for m, deps in graph.items()}
+    graph = {m: deps - {"mtrank.jobs.cli"} if m != "mtrank.jobs.cli" else deps for m, deps in graph.items()}
     state: dict[str, int] = {}
 
     def visit(m: str, stack: list[str]) -> None:
@@ -62,19 +68,19 @@ def test_jobs_modules_import_each_other_without_a_cycle():
     for m in graph:
         if m not in state:
             visit(m, [])
-    assert not any("jobs.cli" in deps for m, deps in
-                   {m: {i for i in _imports(p)} for m, p in mods.items() if m != "jobs.cli"}.items())
+    assert not any("mtrank.jobs.cli" in deps for m, deps in
+                   {m: {i for i in _imports(p)} for m, p in mods.items() if m != "mtrank.jobs.cli"}.items())
 
 
 def test_every_user_facing_error_shares_one_base():
-    from features.base import MtrankError
-    from features.rules import BadInputError
-    from features.spec import SpecError
-    from jobs.daily import JobLocked, TrainingFailed
-    from jobs.tracking import TrackingUnavailable
-    from pipeline.checkpoint import CheckpointError, OutputError
-    from pipeline.scoring import ScoringError
-    from pipeline.trainer import NonFiniteLossError, ResumeMismatchError
+    from mtrank.features.base import MtrankError
+    from mtrank.features.rules import BadInputError
+    from mtrank.features.spec import SpecError
+    from mtrank.jobs.daily import JobLocked, TrainingFailed
+    from mtrank.jobs.tracking import TrackingUnavailable
+    from mtrank.pipeline.checkpoint import CheckpointError, OutputError
+    from mtrank.pipeline.scoring import ScoringError
+    from mtrank.pipeline.trainer import NonFiniteLossError, ResumeMismatchError
 
     for cls in (BadInputError, SpecError, JobLocked, TrainingFailed, TrackingUnavailable, CheckpointError,
                 OutputError, ScoringError, NonFiniteLossError, ResumeMismatchError):
@@ -84,7 +90,7 @@ def test_every_user_facing_error_shares_one_base():
 def test_every_config_model_derives_from_the_strict_base():
     import pydantic
 
-    from features.base import StrictConfig
+    from mtrank.features.base import StrictConfig
 
     for room in ROOMS:
         for mod, path in _modules(room).items():
@@ -94,3 +100,33 @@ def test_every_config_model_derives_from_the_strict_base():
                     assert not bases & {"BaseModel", "pydantic.BaseModel"} or node.name == "StrictConfig", \
                         f"{mod}.{node.name} derives from pydantic.BaseModel, not features.base.StrictConfig"
     assert issubclass(StrictConfig, pydantic.BaseModel)
+
+
+def test_nothing_imports_a_bare_room_name():
+    """The rooms are importable only as `mtrank.<room>`: a bare `from features...` works in the
+    checkout by accident (cwd on sys.path) and nowhere else."""
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        if ".venv" in path.parts or "build" in path.parts:
+            continue
+        bad += [f"{path.relative_to(ROOT)} imports {imp}" for imp in _imports(path) if imp.split(".")[0] in ROOMS]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_one_top_level_name(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("mtrank-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"mtrank"}, tops
+    for room in ROOMS:
+        assert f"mtrank/{room}/__init__.py" in names
+    assert "mtrank/features/default_spec.yaml" in names and "mtrank/jobs/default_job.yaml" in names
+    assert "mtrank/__init__.py" not in names   # a namespace: the rooms' own __init__ files are the package roots

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from features.spec import load_spec
-from models.batch import Batch, ModelOutput
-from pipeline.losses import MultiTaskLoss, bce_from_log_prob, log1mexp, loss_terms
+from mtrank.features.spec import load_spec
+from mtrank.models.batch import Batch, ModelOutput
+from mtrank.pipeline.losses import MultiTaskLoss, bce_from_log_prob, log1mexp, loss_terms
 
 
 @pytest.fixture(scope="module")

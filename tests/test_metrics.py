@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 
-from pipeline.metrics import auc, calibration_bins, expected_auc, gauc, logloss, normalized_entropy
+from mtrank.pipeline.metrics import auc, calibration_bins, expected_auc, gauc, logloss, normalized_entropy
 
 
 @settings(max_examples=60, deadline=None)
@@ -107,7 +107,7 @@ def _delong_bruteforce(a: np.ndarray, b: np.ndarray, y: np.ndarray) -> tuple[flo
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 5), st.booleans()), min_size=4, max_size=120))
 def test_paired_auc_test_matches_the_bruteforce_delong(rows):
-    from pipeline.metrics import paired_auc_test
+    from mtrank.pipeline.metrics import paired_auc_test
 
     a = np.array([r[0] for r in rows], float)     # few distinct scores: ties within and across classes
     b = np.array([r[1] for r in rows], float)
@@ -129,7 +129,7 @@ def test_paired_auc_test_matches_the_bruteforce_delong(rows):
 
 
 def test_paired_auc_test_on_random_continuous_scores_matches_bruteforce():
-    from pipeline.metrics import paired_auc_test
+    from mtrank.pipeline.metrics import paired_auc_test
 
     rng = np.random.default_rng(11)
     for _ in range(20):
@@ -150,7 +150,7 @@ def test_paired_auc_test_on_random_continuous_scores_matches_bruteforce():
 
 def test_paired_auc_variance_matches_replicates():
     """The standard error predicts the spread of delta over independent draws of the day."""
-    from pipeline.metrics import paired_auc_test
+    from mtrank.pipeline.metrics import paired_auc_test
 
     rng = np.random.default_rng(5)
     deltas, variances = [], []
@@ -168,7 +168,7 @@ def test_paired_auc_variance_matches_replicates():
 
 
 def test_paired_auc_test_identical_scores_and_edge_cases():
-    from pipeline.metrics import paired_auc_test
+    from mtrank.pipeline.metrics import paired_auc_test
 
     rng = np.random.default_rng(2)
     y = rng.random(1000) < 0.1
@@ -188,7 +188,7 @@ def test_paired_auc_test_identical_scores_and_edge_cases():
 
 def test_paired_auc_test_handles_a_large_day():
     """2M rows in one vectorised pass (about a second here; speed itself is not asserted)."""
-    from pipeline.metrics import paired_auc_test
+    from mtrank.pipeline.metrics import paired_auc_test
 
     rng = np.random.default_rng(0)
     n = 2_000_000

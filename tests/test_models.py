@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from features.spec import load_spec, parse_spec
-from models import BatchedMLP, FusedEmbeddings, ModelConfig, MultiTaskRanker
-from models.batch import Batch, TableInput
-from pipeline.batch import batch_from_arrays
+from mtrank.features.spec import load_spec, parse_spec
+from mtrank.models import BatchedMLP, FusedEmbeddings, ModelConfig, MultiTaskRanker
+from mtrank.models.batch import Batch, TableInput
+from mtrank.pipeline.batch import batch_from_arrays
 
 SMALL = {
     "hash_seed": 1,
@@ -101,8 +101,8 @@ def test_default_spec_outputs():
 def test_featurizer_batch_end_to_end(spec):
     """A Batch from the real Featurizer (nulls, empty bags, mean-pool weights) runs and backprops."""
     from tests.conftest import make_frame
-    from features.featurize import Featurizer
-    from features.numeric import NumericStats
+    from mtrank.features.featurize import Featurizer
+    from mtrank.features.numeric import NumericStats
 
     df = make_frame(spec, 12)
     batch = batch_from_arrays(Featurizer(spec, NumericStats.of_frame(df, spec)).transform(df))

@@ -62,8 +62,8 @@ def host(trained, name: str, tag: str, uri: str):
 
 @pytest.mark.parametrize("order", ["a_first", "b_first"])
 def test_two_hosts_register_one_date_in_either_order(trained, store, order):
-    from jobs import tracking
-    from jobs.config import load_config
+    from mtrank.jobs import tracking
+    from mtrank.jobs.config import load_config
 
     kind, uri_of = store
     name = f"m-{kind}-{order}"

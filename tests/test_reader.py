@@ -6,10 +6,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.featurize import Featurizer
-from features.rules import BadInputError
-from pipeline.dataset import open_window
-from pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats
+from mtrank.features.featurize import Featurizer
+from mtrank.features.rules import BadInputError
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats
 from tests.conftest import make_frame
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)

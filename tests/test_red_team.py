@@ -79,7 +79,7 @@ def test_pickled_objects_in_weights_and_checkpoints_are_refused(base, tmp_path):
     manifest = json.loads((ckpt / "latest.json").read_text())
     last = ckpt / manifest["checkpoints"][-1]["file"]
     torch.save({"x": Payload()}, last)
-    from pipeline.checkpoint import sha256
+    from mtrank.pipeline.checkpoint import sha256
 
     manifest["checkpoints"][-1]["sha256"] = sha256(last)
     (ckpt / "latest.json").write_text(json.dumps(manifest))
@@ -189,10 +189,10 @@ def test_promote_without_a_challenger_is_one_line(tmp_path):
 
 
 def test_quarantine_spec_without_a_directory_is_a_clear_error(base):
-    from features.base import MtrankError
-    from features.spec import load_spec
-    from pipeline.dataset import open_window
-    from pipeline.reader import ImpressionReader
+    from mtrank.features.base import MtrankError
+    from mtrank.features.spec import load_spec
+    from mtrank.pipeline.dataset import open_window
+    from mtrank.pipeline.reader import ImpressionReader
 
     spec = load_spec(base / "spec.yaml").model_copy(update={"on_bad_row": "quarantine"})
     window = open_window(base / "logs", spec)
@@ -253,9 +253,9 @@ def test_a_log_timestamp_of_another_type_is_named(base, tmp_path):
 def test_duplicate_rows_can_be_rejected_and_counted(base, tmp_path):
     """`duplicate_rows: reject`: every copy of an earlier row (within a file or across days) is
     dropped and counted, the first copy stays, and the accounting balances."""
-    from features.spec import load_spec
-    from pipeline.dataset import open_window
-    from pipeline.reader import DUPLICATE_ROW, ImpressionReader
+    from mtrank.features.spec import load_spec
+    from mtrank.pipeline.dataset import open_window
+    from mtrank.pipeline.reader import DUPLICATE_ROW, ImpressionReader
 
     logs = tmp_path / "logs"
     files = sorted((base / "logs").rglob("*.parquet"))

@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.scoring_loop import score_loop
-from features.spec import load_spec
-from jobs.config import load_config
-from pipeline.scoring import Fate, ScoringConfig, ScoringError, score_candidates
-from pipeline.scoring.config import Factor, FusionConfig, WindowRule
-from pipeline.scoring.fusion import FusionPlan, fuse, recalibrate, resolve
-from pipeline.scoring.rerank import rerank
+from mtrank.features.spec import load_spec
+from mtrank.jobs.config import load_config
+from mtrank.pipeline.scoring import Fate, ScoringConfig, ScoringError, score_candidates
+from mtrank.pipeline.scoring.config import Factor, FusionConfig, WindowRule
+from mtrank.pipeline.scoring.fusion import FusionPlan, fuse, recalibrate, resolve
+from mtrank.pipeline.scoring.rerank import rerank
 from tests.conftest import other_names_spec
 
 TASKS = ("p_ctr", "p_cvr", "p_cart", "p_collect")

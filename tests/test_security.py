@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from features.rules import UNREADABLE, BadInputError
-from features.spec import SpecError
-from jobs.config import load_config, parse_config
-from pipeline.checkpoint import CheckpointError
-from pipeline.dataset import list_partitions, open_window
+from mtrank.features.rules import UNREADABLE, BadInputError
+from mtrank.features.spec import SpecError
+from mtrank.jobs.config import load_config, parse_config
+from mtrank.pipeline.checkpoint import CheckpointError
+from mtrank.pipeline.dataset import list_partitions, open_window
 from tests.conftest import MTRANK, make_frame
 
 REPO = Path(__file__).parents[1]
@@ -102,10 +102,10 @@ class Payload:
 
 
 def test_a_model_file_carrying_code_is_refused_not_run(tmp_path, spec):
-    from features.numeric import NumericStats
-    from jobs.model_io import load_model, save_model
-    from models import ModelConfig
-    from pipeline.trainer import build_model
+    from mtrank.features.numeric import NumericStats
+    from mtrank.jobs.model_io import load_model, save_model
+    from mtrank.models import ModelConfig
+    from mtrank.pipeline.trainer import build_model
 
     model = build_model(spec, ModelConfig(experts=2, expert_mlp=[8], tower_mlp=[4]), 0, None)
     save_model(tmp_path / "model", model, spec, NumericStats())

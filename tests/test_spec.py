@@ -4,7 +4,7 @@ import copy
 import pytest
 import yaml
 
-from features.spec import SpecError, load_spec, parse_spec
+from mtrank.features.spec import SpecError, load_spec, parse_spec
 
 
 @pytest.fixture

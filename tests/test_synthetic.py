@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.synthetic import SCHEMA, ImpressionConfig, generate_impressions, mmoe_synthetic
+from mtrank.pipeline.synthetic import SCHEMA, ImpressionConfig, generate_impressions, mmoe_synthetic
 
 SMALL = ImpressionConfig(seed=3, start=date(2026, 11, 1), days=2, rows_per_day=25_000, n_users=20_000,
                          n_items=10_000, n_categories=500, n_brands=2_000, n_shops=3_000,

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from jobs.config import load_config
-from features.spec import SpecError
+from mtrank.jobs.config import load_config
+from mtrank.features.spec import SpecError
 
 from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 
@@ -77,8 +77,8 @@ def test_saved_model_reloads_in_another_process_and_evaluates(job, tmp_path):
     (weights_only) and must reproduce its metrics exactly; `mtrank evaluate` writes the report."""
     from html.parser import HTMLParser
 
-    from jobs.evaluate import evaluate_model
-    from jobs.model_io import load_model
+    from mtrank.jobs.evaluate import evaluate_model
+    from mtrank.jobs.model_io import load_model
 
     run = job.parent / "work" / "runs" / "t" / "2026-11-03"
     if not (run / "metrics.json").exists():
@@ -121,8 +121,8 @@ def test_run_logged_and_registered_model_scores_raw_rows(job):
     import mlflow
     import pyarrow.parquet as pq
 
-    from jobs.evaluate import evaluate_model
-    from jobs.model_io import load_model
+    from mtrank.jobs.evaluate import evaluate_model
+    from mtrank.jobs.model_io import load_model
 
     work = job.parent / "work"
     run = work / "runs" / "t" / "2026-11-03"

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from features.featurize import Featurizer
-from features.spec import load_spec
-from models import ModelConfig
-from pipeline.checkpoint import CheckpointError, CheckpointStore
-from pipeline.dataset import open_window
-from pipeline.evaluate import predict, task_metrics
-from pipeline.optim import RowWiseAdagrad
-from pipeline.reader import ImpressionReader, fit_numeric_stats
-from pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
-from pipeline.trainer import (NonFiniteLossError, ResumeMismatchError, TrainConfig, Trainer, bf16_supported,
+from mtrank.features.featurize import Featurizer
+from mtrank.features.spec import load_spec
+from mtrank.models import ModelConfig
+from mtrank.pipeline.checkpoint import CheckpointError, CheckpointStore
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.evaluate import predict, task_metrics
+from mtrank.pipeline.optim import RowWiseAdagrad
+from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
+from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+from mtrank.pipeline.trainer import (NonFiniteLossError, ResumeMismatchError, TrainConfig, Trainer, bf16_supported,
                               build_model)
 
 START = dt.date(2026, 11, 1)

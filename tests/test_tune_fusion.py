@@ -9,12 +9,12 @@ import pyarrow as pa
 import pytest
 from pydantic import ValidationError
 
-from features.spec import load_spec
-from jobs.config import load_config
-from jobs.tune_fusion import _capped, item_codes
-from pipeline.scoring.config import Factor, FusionConfig, TuneConfig
-from pipeline.scoring.fusion import resolve
-from pipeline.scoring.tuning import (RequestMatrix, check_tune, default_gains, evaluate, graded_gain,
+from mtrank.features.spec import load_spec
+from mtrank.jobs.config import load_config
+from mtrank.jobs.tune_fusion import _capped, item_codes
+from mtrank.pipeline.scoring.config import Factor, FusionConfig, TuneConfig
+from mtrank.pipeline.scoring.fusion import resolve
+from mtrank.pipeline.scoring.tuning import (RequestMatrix, check_tune, default_gains, evaluate, graded_gain,
                                      relative_change, search, split_requests)
 from tests.conftest import MTRANK, other_names_spec
 
@@ -132,8 +132,8 @@ def test_rows_of_a_request_need_not_be_contiguous():
 def test_equal_fused_scores_rank_as_the_scorer_ranks_them():
     """Ties (here: equal predictions and price) go to the smaller item id, as in `rerank`, not to
     whichever row was logged first."""
-    from pipeline.scoring.fusion import fuse
-    from pipeline.scoring.rerank import rerank
+    from mtrank.pipeline.scoring.fusion import fuse
+    from mtrank.pipeline.scoring.rerank import rerank
 
     items = np.array([30, 10, 20, 7, 5])
     rid, conv = ["A", "A", "A", "B", "B"], [1, 0, 0, 1, 0]   # each request's logged-first item converted
@@ -312,9 +312,9 @@ def test_max_rows_keeps_whole_requests():
 def test_reader_keeps_extra_columns_and_names_a_missing_one(tmp_path, spec):
     import datetime as dt
 
-    from features.rules import BadInputError
-    from pipeline.dataset import open_window
-    from pipeline.reader import ImpressionReader
+    from mtrank.features.rules import BadInputError
+    from mtrank.pipeline.dataset import open_window
+    from mtrank.pipeline.reader import ImpressionReader
     from tests.conftest import make_frame
 
     part = tmp_path / "logs" / "dt=2026-11-01"
@@ -379,8 +379,8 @@ def test_tune_fusion_end_to_end(trained, tmp_path):
 def test_a_searched_factor_that_starts_switched_off(trained):
     import datetime as dt
 
-    from jobs.config import load_config as load_job
-    from jobs.tune_fusion import tune_fusion
+    from mtrank.jobs.config import load_config as load_job
+    from mtrank.jobs.tune_fusion import tune_fusion
 
     cfg = load_job(trained / "job.yaml")
     factors = tuple(f.model_copy(update={"exponent": 0.0}) if f.output == "stay" else f

@@ -7,16 +7,16 @@ import pytest
 import torch
 import yaml
 
-from features.compat import compare_specs
-from features.spec import load_spec, parse_spec
-from jobs.model_io import load_model
-from models import ModelConfig
-from models.warm_start import table_rows, transfer_weights
-from pipeline.dataset import open_window
-from pipeline.evaluate import predict, task_metrics
-from pipeline.reader import ImpressionReader
-from pipeline.trainer import build_model
-from features.featurize import Featurizer
+from mtrank.features.compat import compare_specs
+from mtrank.features.spec import load_spec, parse_spec
+from mtrank.jobs.model_io import load_model
+from mtrank.models import ModelConfig
+from mtrank.models.warm_start import table_rows, transfer_weights
+from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.evaluate import predict, task_metrics
+from mtrank.pipeline.reader import ImpressionReader
+from mtrank.pipeline.trainer import build_model
+from mtrank.features.featurize import Featurizer
 from tests.conftest import MTRANK, cli_daily, cli_generate, small_spec, sqlite_client, write_job
 
 pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.scoring.config import ScoringConfig
-from pipeline.scoring.fate import Fate
+from mtrank.pipeline.scoring.config import ScoringConfig
+from mtrank.pipeline.scoring.fate import Fate
 
 
 @dataclass

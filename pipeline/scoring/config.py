@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from features.base import StrictConfig as _Strict
+from mtrank.features.base import StrictConfig as _Strict
 
 
 class Range(_Strict):

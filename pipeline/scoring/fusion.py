@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from features.base import MtrankError
-from features.outputs import OutputField, OutputKind, OutputSchema
-from pipeline.scoring.config import FactorSearch, FusionConfig
-from pipeline.scoring.fate import Fate
+from mtrank.features.base import MtrankError
+from mtrank.features.outputs import OutputField, OutputKind, OutputSchema
+from mtrank.pipeline.scoring.config import FactorSearch, FusionConfig
+from mtrank.pipeline.scoring.fate import Fate
 
 
 class ScoringError(MtrankError, ValueError):

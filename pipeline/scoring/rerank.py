@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.scoring.config import WindowRule
-from pipeline.scoring.fate import Fate
+from mtrank.pipeline.scoring.config import WindowRule
+from mtrank.pipeline.scoring.fate import Fate
 
 _PAD = -2          # attribute code of padding cells
 _NONE = -1         # "nothing placed in this row at this slot": matches no attribute code

@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.rules import is_time_type
-from pipeline.scoring.boosts import rule_weights
-from pipeline.scoring.config import ScoringConfig
-from pipeline.scoring.fate import Fate, counts, describe
-from pipeline.scoring.fusion import FusionPlan, ScoringError, fuse
-from pipeline.scoring.rerank import rerank
+from mtrank.features.rules import is_time_type
+from mtrank.pipeline.scoring.boosts import rule_weights
+from mtrank.pipeline.scoring.config import ScoringConfig
+from mtrank.pipeline.scoring.fate import Fate, counts, describe
+from mtrank.pipeline.scoring.fusion import FusionPlan, ScoringError, fuse
+from mtrank.pipeline.scoring.rerank import rerank
 
 UNCAPPED = np.iinfo(np.int64).max // 4
 

@@ -26,9 +26,9 @@ import numpy as np
 import polars as pl
 import polars_hash  # noqa: F401  (registers the `nchash` expression namespace)
 
-from features.outputs import OutputKind, OutputSchema
-from pipeline.scoring.config import TuneConfig
-from pipeline.scoring.fusion import FusionPlan, fuse
+from mtrank.features.outputs import OutputKind, OutputSchema
+from mtrank.pipeline.scoring.config import TuneConfig
+from mtrank.pipeline.scoring.fusion import FusionPlan, fuse
 
 OBJECTIVES = ("value", "ndcg")
 SPLIT_SEED = 0x6D7472616E6B  # "mtrank": fixed, so every run splits a day the same way

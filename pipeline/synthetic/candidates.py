@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.progress import Progress
-from pipeline.synthetic.impressions import (CHUNK_REQUESTS, SCHEMA, ImpressionConfig, WriteRate, _chunk_table,
+from mtrank.pipeline.progress import Progress
+from mtrank.pipeline.synthetic.impressions import (CHUNK_REQUESTS, SCHEMA, ImpressionConfig, WriteRate, _chunk_table,
                                             _day_base, _day_features, _DayWriter, _sample_core, _splitmix, _swap_in_day,
                                             _Universe)
 

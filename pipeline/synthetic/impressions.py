@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.progress import Progress
+from mtrank.pipeline.progress import Progress
 
 DIM = 8                      # latent dimension of users / items
 CHUNK_REQUESTS = 4096        # requests per chunk (~123k rows): bounds memory, keeps numpy efficient

@@ -1,0 +1,68 @@
+"""A trained model on disk: weights as a plain state dict beside the spec, statistics and config.
+
+Everything needed to score raw rows travels together (the FeatureSpec carries the hash seed), and
+loading never unpickles code: weights go through `torch.load(weights_only=True)`, the rest is YAML
+(safe-loaded) and JSON.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtrank.features.numeric import NumericStats
+from mtrank.features.spec import FeatureSpec, SpecError, load_spec
+from mtrank.models import ModelConfig, MultiTaskRanker
+from mtrank.pipeline.checkpoint import load_tensors, write_atomic
+
+FILES = ("weights.pt", "feature_spec.yaml", "numeric_stats.json", "model_config.json")
+
+
+OPTIMIZER = "optimizer.pt"  # optional: optimizer and loss-weight state, for warm starts
+
+
+@dataclass
+class SavedModel:
+    spec: FeatureSpec
+    stats: NumericStats
+    config: ModelConfig
+    model: MultiTaskRanker
+    optimizer: dict | None = None
+
+
+def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stats: NumericStats,
+               optimizer: dict | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomic(path / "weights.pt", lambda f: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f))
+    if optimizer is not None:
+        write_atomic(path / OPTIMIZER, lambda f: torch.save(optimizer, f))
+    write_atomic(path / "feature_spec.yaml", spec.to_yaml().encode())
+    write_atomic(path / "numeric_stats.json", stats.to_json().encode())
+    write_atomic(path / "model_config.json", model.cfg.model_dump_json(indent=1).encode())
+    return path
+
+
+def read_spec(path: str | Path) -> FeatureSpec:
+    """The FeatureSpec a saved model was trained with (hash seed included)."""
+    return load_spec(Path(path) / "feature_spec.yaml")
+
+
+def load_model(path: str | Path, with_optimizer: bool = False) -> SavedModel:
+    path = Path(path)
+    missing = [f for f in FILES if not (path / f).exists()]
+    if missing:
+        raise SpecError(f"{path}: not a saved mtrank model (missing {', '.join(missing)})")
+    spec = read_spec(path)
+    stats = NumericStats.from_json((path / "numeric_stats.json").read_text())
+    config = ModelConfig.model_validate(json.loads((path / "model_config.json").read_text()))
+    model = MultiTaskRanker(spec, config)
+    state = load_tensors(path / "weights.pt")
+    model.load_state_dict(state)
+    model.eval()
+    optimizer = None
+    if with_optimizer and (path / OPTIMIZER).exists():
+        optimizer = load_tensors(path / OPTIMIZER)
+    return SavedModel(spec, stats, config, model, optimizer)

@@ -1,0 +1,122 @@
+"""MultiTaskRanker: embeddings -> bottom -> one tower per task -> logits and probabilities.
+
+Tasks, their types and ESMM parents all come from `spec.tasks`; the model names no task itself.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtrank.features.outputs import OutputSchema
+from mtrank.features.spec import FeatureSpec
+from mtrank.models.bottoms import MMoE, OMoE, PLE, BatchedMLP, SharedBottom
+from mtrank.models.config import ModelConfig
+from mtrank.models.embedding import FusedEmbeddings
+from mtrank.models.batch import Batch, ModelOutput
+
+
+def build_bottom(cfg: ModelConfig, tasks: tuple[str, ...], in_dim: int) -> nn.Module:
+    if cfg.bottom == "shared_bottom":
+        return SharedBottom(tasks, in_dim, cfg.expert_mlp, cfg.dropout)
+    if cfg.bottom == "omoe":
+        return OMoE(tasks, in_dim, cfg.experts, cfg.expert_mlp, cfg.dropout)
+    if cfg.bottom == "mmoe":
+        return MMoE(tasks, in_dim, cfg.experts, cfg.expert_mlp, cfg.dropout)
+    return PLE(tasks, in_dim, cfg.experts, cfg.ple_task_experts, cfg.ple_levels, cfg.expert_mlp, cfg.dropout)
+
+
+class DenseStage(nn.Module):
+    """A ranker's bottom + towers as one module, sharing its parameters: the part a data-parallel
+    trainer hands to DDP (the tables' sparse gradients are synchronised on their own)."""
+
+    def __init__(self, ranker: "MultiTaskRanker"):
+        super().__init__()
+        self.bottom, self.towers = ranker.bottom, ranker.towers
+        self._dense = ranker.dense
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        return self._dense(x)
+
+
+class MultiTaskRanker(nn.Module):
+    """forward(batch) -> ModelOutput, its predictions named by the spec's `OutputSchema`.
+
+    Binary tasks: probability = sigmoid(logit). Children with a `parent`: also the product
+    p_parent * p_task and its log (a logsigmoid sum, finite for any logit, so the entire-space BCE
+    can be computed in log space). Regression tasks: the logit is the raw prediction; with loss
+    mse_log1p it is log1p(value) and the prediction is expm1(clamp(raw, min=0)).
+    """
+
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ModelConfig()
+        self.task_specs = spec.tasks
+        self.schema: OutputSchema = spec.outputs
+        self.tasks = tuple(t.name for t in spec.tasks)
+        self.embeddings = FusedEmbeddings(spec)
+        self.bottom = build_bottom(cfg, self.tasks, self.embeddings.output_dim)
+        # All towers in one batched MLP: tower t reads bottom features t.
+        self.towers = BatchedMLP(len(self.tasks), self.bottom.out_dim, cfg.tower_mlp + (1,),
+                                 cfg.dropout, last_activation=False)
+
+    @torch.no_grad()
+    def init_heads(self, targets: dict[str, float]) -> None:
+        """Start each tower's output at its task's base level: logit(rate) for binary tasks, the mean
+        (in loss space) for regression. Without it a regression head starts ~3 units off target
+        (log1p of ~30 s dwell) and its gradients swamp the shared experts for the first steps."""
+        bias = self.towers.biases[-1]                   # [T, 1, 1]
+        for i, t in enumerate(self.task_specs):
+            if t.name not in targets:
+                continue
+            v = targets[t.name]
+            if t.type == "binary":
+                v = min(max(v, 1e-4), 1 - 1e-4)
+                v = math.log(v / (1 - v))
+            bias[i].fill_(v)
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Embedding tables (sparse grads -> SparseAdam)."""
+        return self.embeddings.sparse_parameters()
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Everything else (dense grads -> Adam/AdamW)."""
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        return self.outputs(*self.dense(self.embeddings(batch)))
+
+    def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        """[B, in] -> raw tower outputs [T, B] and gates: everything whose gradients are dense.
+
+        Under mixed precision only the bottom (where ~99 % of the FLOPs are) runs in bf16: a bf16
+        head rounds logits to 3 significant digits, which ties rare-task scores and perturbs their
+        gradients, for ~1 % of the work."""
+        h, gates = self.bottom(x)                       # [T, B, H]
+        with torch.autocast(x.device.type, enabled=False):   # towers in fp32 under bf16 autocast
+            return self.towers(h.float()).squeeze(-1), gates  # [T, B]
+
+    def outputs(self, raw: torch.Tensor, gates: dict | None) -> ModelOutput:
+        """Raw tower outputs -> logits, probabilities, products, regression values (no parameters)."""
+        logits = {t: raw[i] for i, t in enumerate(self.tasks)}
+        preds: dict[str, torch.Tensor] = {}
+        log_products: dict[str, torch.Tensor] = {}
+        own = {}
+        for t in self.task_specs:
+            z = logits[t.name]
+            if t.type == "binary":
+                own[t.name] = torch.sigmoid(z)
+            elif t.loss == "mse_log1p":
+                own[t.name] = torch.expm1(z.clamp(min=0))
+            else:
+                own[t.name] = z
+        for t in self.task_specs:  # products always exist: scoring and evaluation read them
+            preds[self.schema.own(t.name).name] = own[t.name]
+            prod = self.schema.product(t.name)
+            if prod is not None:
+                preds[prod.name] = own[t.parent] * own[t.name]
+                log_products[t.name] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
+        return ModelOutput(logits, preds, log_products, gates)

@@ -1,0 +1,216 @@
+"""Predict over an evaluation window and score each task on its own population.
+
+Each figure of the spec's `OutputSchema` is judged on its population: a task on its `space` (all rows,
+or its space task's positives, e.g. clicked rows for post-click tasks), an entire-space product over
+its parent's population; regression tasks by RMSE / R² on their space. Where the data carries
+the generator's true probabilities, the oracle AUC (truth as the score) is reported beside the
+model's, so "how good" has a ceiling to be read against.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mtrank.features.spec import FeatureSpec
+from mtrank.features.outputs import OutputKind, joint_positive
+from mtrank.models import MultiTaskRanker
+from mtrank.pipeline.metrics import auc, calibration_bins, gauc, logloss, normalized_entropy, r2, rmse, roc_points
+from mtrank.pipeline.reader import ImpressionReader
+
+
+@dataclass
+class Predictions:
+    outputs: dict[str, np.ndarray]      # output name (the spec's OutputSchema) -> per-row values
+    labels: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+    truth: dict[str, np.ndarray]
+    group: np.ndarray | None
+    gate_means: dict[str, np.ndarray]   # task -> mean softmax weight per expert
+    rows: int
+
+
+FORWARD_ROWS = 16_384
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Batches go where the weights are (the CPU unless a trainer moved the model to a GPU)."""
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None = None,
+                 chunk_rows: int = FORWARD_ROWS) -> dict[str, np.ndarray]:
+    """Predictions for raw feature rows (an Arrow table or record batch), featurized and run in
+    chunks; `timings` accumulates featurize_s and forward_s when given."""
+    from mtrank.pipeline.batch import batch_from_arrays
+
+    parts: dict[str, list[np.ndarray]] = {}
+    device = model_device(model)
+    for start in range(0, rows.num_rows, chunk_rows):
+        t0 = time.perf_counter()
+        batch = batch_from_arrays(featurizer.transform(rows.slice(start, chunk_rows), with_labels=False))
+        t1 = time.perf_counter()
+        out = model(batch.to(device)).predictions
+        if timings is not None:
+            timings["featurize_s"] = timings.get("featurize_s", 0.0) + t1 - t0
+            timings["forward_s"] = timings.get("forward_s", 0.0) + time.perf_counter() - t1
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def degenerate_outputs(pred: Predictions) -> dict[str, str]:
+    """Outputs that cannot rank anything: non-finite values, or one value for every row (a diverged
+    model saturates every sigmoid). {output: what is wrong}."""
+    bad = {}
+    for name, v in pred.outputs.items():
+        if v.size == 0:
+            continue
+        if not np.isfinite(v).all():
+            bad[name] = f"{int((~np.isfinite(v)).sum()):,} non-finite values"
+        elif v.size > 1 and v.min() == v.max():
+            bad[name] = f"the same value {float(v[0]):.4g} for all {v.size:,} rows"
+    return bad
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+@torch.inference_mode()
+def predict(model: MultiTaskRanker, reader: ImpressionReader, max_rows: int | None = None,
+            precision: str = "fp32") -> Predictions:
+    """All outputs for the reader's rows (the first `max_rows` if given), as flat numpy arrays."""
+    was_training = model.training
+    model.eval()
+    outs: dict[str, list] = {}
+    labels: dict[str, list] = {}
+    masks: dict[str, list] = {}
+    truth: dict[str, list] = {}
+    groups: list = []
+    gate_sums: dict[str, torch.Tensor] = {}
+    rows = 0
+    device = model_device(model)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    for batch in reader.batches(0):
+        if max_rows is not None and rows >= max_rows:
+            break
+        take = batch.size if max_rows is None else min(batch.size, max_rows - rows)
+        with ctx:
+            out = model(batch.to(device))
+        for k, v in out.predictions.items():
+            outs.setdefault(k, []).append(v[:take].float().cpu().numpy())
+        for src, dst in ((batch.labels, labels), (batch.masks, masks), (batch.truth, truth)):
+            for k, v in src.items():
+                dst.setdefault(k, []).append(v[:take].numpy())
+        if batch.group is not None:
+            groups.append(batch.group[:take].numpy())
+        for t, g in (out.gates or {}).items():
+            s = g[:take].float().sum(0).cpu()
+            gate_sums[t] = gate_sums[t] + s if t in gate_sums else s
+        rows += take
+    model.train(was_training)
+    return Predictions({k: _cat(v) for k, v in outs.items()}, {k: _cat(v) for k, v in labels.items()},
+                       {k: _cat(v) for k, v in masks.items()}, {k: _cat(v) for k, v in truth.items()},
+                       _cat(groups) if groups else None,
+                       {t: (s / max(rows, 1)).numpy() for t, s in gate_sums.items()}, rows)
+
+
+def merge_predictions(parts: list[Predictions]) -> Predictions:
+    """Ranks' predictions of their shards as one set, so that AUC is computed over every row
+    (an average of per-rank AUCs is not the AUC of the day)."""
+    live = [p for p in parts if p.rows] or parts[:1]
+    keys = lambda attr: dict.fromkeys(k for p in live for k in getattr(p, attr))  # noqa: E731
+    cat = {attr: {k: _cat([getattr(p, attr)[k] for p in live if k in getattr(p, attr)]) for k in keys(attr)}
+           for attr in ("outputs", "labels", "masks", "truth")}
+    rows = sum(p.rows for p in live)
+    gates = {t: sum(p.gate_means[t] * p.rows for p in live if t in p.gate_means) / max(rows, 1)
+             for t in keys("gate_means")}
+    groups = [p.group for p in live if p.group is not None]
+    return Predictions(cat["outputs"], cat["labels"], cat["masks"], cat["truth"],
+                       _cat(groups) if groups else None, gates, rows)
+
+
+def _binary(score: np.ndarray, y: np.ndarray, oracle: np.ndarray | None, group: np.ndarray | None) -> dict:
+    empty = score.size == 0
+    m = {"rows": int(y.size), "positives": int((y > 0).sum()), "auc": auc(score, y),
+         "logloss": float("nan") if empty else logloss(score, y),
+         "ne": float("nan") if empty else normalized_entropy(score, y),
+         "mean_pred": float("nan") if empty else float(score.mean()),
+         "observed_rate": float("nan") if empty else float((y > 0).mean())}
+    m["pcoc"] = m["mean_pred"] / m["observed_rate"] if m["observed_rate"] else float("nan")
+    if group is not None:
+        m["gauc"], m["gauc_groups"] = gauc(score, y, group)
+    if oracle is not None:
+        m["oracle_auc"] = auc(oracle, y)
+        if group is not None:
+            m["oracle_gauc"] = gauc(oracle, y, group)[0]
+    return m
+
+
+@dataclass
+class BinarySet:
+    """One binary figure's rows: a task on its own population, or a product on its parent's."""
+
+    name: str
+    population: str
+    score: np.ndarray
+    label: np.ndarray
+    oracle: np.ndarray | None
+    group: np.ndarray | None
+
+
+def binary_sets(pred: Predictions, spec: FeatureSpec) -> dict[str, BinarySet]:
+    """Every binary figure of the spec's outputs (a task on its own population, a product on its
+    parent's), keyed by figure name, in spec order; products a model did not output are left out."""
+    out: dict[str, BinarySet] = {}
+    for f in spec.outputs.binary:
+        if f.name not in pred.outputs:
+            continue
+        # a task's rows are its space's; a product's are its parent's (targets[0])
+        mask = pred.masks[f.task if f.kind is OutputKind.PROBABILITY else f.targets[0]]
+        label = joint_positive(pred.labels, f.targets).astype(np.int8)
+        truth = None
+        if all(t in pred.truth for t in f.targets):
+            truth = np.prod([pred.truth[t] for t in f.targets], axis=0)
+        out[f.figure] = BinarySet(f.figure, f.population, pred.outputs[f.name][mask], label[mask],
+                                  None if truth is None else truth[mask],
+                                  None if pred.group is None else pred.group[mask])
+    return out
+
+
+def task_curves(pred: Predictions, spec: FeatureSpec, points: int = 200) -> dict[str, dict]:
+    """ROC points, reliability bins and a prediction histogram per binary task/product (for plots)."""
+    curves = {}
+    for name, b in binary_sets(pred, spec).items():
+        hist, edges = np.histogram(b.score, bins=50, range=(0.0, 1.0))
+        curves[name] = {"roc": roc_points(b.score, b.label, points),
+                        "calibration": calibration_bins(b.score, b.label),
+                        "histogram": {"counts": hist.tolist(), "edges": edges.tolist()}}
+    return curves
+
+
+def task_metrics(pred: Predictions, spec: FeatureSpec) -> dict[str, dict]:
+    """{figure: metrics}: one entry per task on its population, plus one per entire-space product."""
+    sets = binary_sets(pred, spec)
+    res: dict[str, dict] = {}
+    for f in spec.outputs:
+        if f.binary:
+            if f.figure in sets:
+                b = sets[f.figure]
+                res[f.figure] = {"population": b.population, **_binary(b.score, b.label, b.oracle, b.group)}
+            continue
+        t = spec.task_by_name[f.task]
+        pop = pred.masks[t.name]
+        y, p = pred.labels[t.name][pop], pred.outputs[f.name][pop]
+        m = {"population": t.space, "rows": int(y.size), "rmse": rmse(p, y), "r2": r2(p, y)}
+        if t.loss == "mse_log1p":
+            m["rmse_log1p"] = rmse(np.log1p(p), np.log1p(y))
+        if t.name in pred.truth:
+            m["oracle_rmse"] = rmse(pred.truth[t.name][pop], y)
+        res[t.name] = m
+    return res

@@ -1,0 +1,194 @@
+"""Scoring configuration: the fusion formula's parameters and each business rule, typed and strict.
+
+Defaults are the documented starting point (README, "Scoring"); `mtrank tune-fusion` searches the
+fusion parameters on a logged day. Unknown keys are errors, like every other mtrank config.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mtrank.features.base import StrictConfig as _Strict
+
+
+class Range(_Strict):
+    """A search interval for `mtrank tune-fusion`: offsets are drawn log-uniformly (lo > 0), exponents
+    uniformly."""
+    lo: float = Field(ge=0)
+    hi: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Range":
+        if not self.lo < self.hi:
+            raise ValueError(f"lo {self.lo} must be < hi {self.hi}")
+        return self
+
+
+class FactorSearch(_Strict):
+    offset: Range | None = None
+    exponent: Range | None = None
+
+    @model_validator(mode="after")
+    def _log(self) -> "FactorSearch":
+        if self.offset is not None and self.offset.lo <= 0:
+            raise ValueError("offset range: lo must be > 0 (offsets are searched log-uniformly)")
+        return self
+
+
+class Factor(_Strict):
+    """One factor `(offset + value) ^ exponent` of the fused score.
+
+    `value` is a model output named by the spec (`output: p_<task>`, a product, or a regression
+    task's prediction) or a candidate column (`column: price`). Exponents are >= 0 so each factor is
+    monotone non-decreasing in its value; 0 switches the factor off (and the output is then not needed).
+    """
+    name: str | None = Field(default=None, description="output column factor_<name>; default: the output "
+                                                       "or column name")
+    output: str | None = Field(default=None, description="a model output (see the model's spec)")
+    column: str | None = Field(default=None, description="a numeric candidate column")
+    offset: float = Field(default=0.0, ge=0)
+    exponent: float = Field(default=1.0, ge=0)
+    on_bad_value: Literal["zero", "filter", "error"] = Field(
+        default="zero", description="column factors: a missing, NaN or <= 0 value counts as 0 (marked "
+                                    "value_defaulted), filters the item out (marked), or fails naming the rows")
+    search: FactorSearch | None = Field(default=None, description="tune-fusion bounds for offset / exponent")
+
+    @model_validator(mode="after")
+    def _source(self) -> "Factor":
+        if (self.output is None) == (self.column is None):
+            raise ValueError("a factor reads exactly one of `output` (a model output) or `column` (a candidate column)")
+        if self.output is not None and self.on_bad_value != "zero":
+            raise ValueError("on_bad_value applies to column factors (model outputs are checked, never defaulted)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.output or self.column  # type: ignore[return-value]
+
+
+class FusionConfig(_Strict):
+    """score = Π (offset + value) ^ exponent over `factors`, × rule_weight.
+
+    Checked against the model's spec when scoring starts. No factors: rank by the probability of the
+    spec's first binary task trained on all rows. The demo's job YAML spells out its formula (six
+    factors: three probabilities, an offset probability, price with an offset, a dwell prediction).
+    """
+    factors: tuple[Factor, ...] | None = None
+    negative_keep_rate: dict[str, float] = Field(
+        default_factory=dict, description="task -> keep rate r of negatives in its training data; "
+                                          "its probability is re-calibrated to p / (p + (1 - p) / r) before fusion")
+
+    @model_validator(mode="after")
+    def _check(self) -> "FusionConfig":
+        for task, r in self.negative_keep_rate.items():
+            if not 0 < r <= 1:
+                raise ValueError(f"negative_keep_rate.{task} must be in (0, 1], got {r}")
+        if self.factors is not None:
+            if not self.factors:
+                raise ValueError("factors: give at least one factor (or leave factors out for the default)")
+            labels = [f.label for f in self.factors]
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"factors: {', '.join(dup)} named twice (give one of them a `name`)")
+        return self
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Candidate columns the configured factors read."""
+        return tuple(f.column for f in self.factors or () if f.column is not None)
+
+
+class TuneConfig(_Strict):
+    """What `mtrank tune-fusion` optimises on a logged day (task names are the spec's)."""
+    gains: dict[str, float] | None = Field(
+        default=None, description="task -> NDCG gain of a row positive on that task (the highest applies); "
+                                  "default: 1 for binary tasks on all rows, 2 for the others")
+    value_column: str | None = Field(default=None, description="logged column of a row's value (e.g. price): "
+                                     "the `value` objective sums value × label over the top K")
+    value_task: str | None = Field(default=None, description="the task whose positives realise the value "
+                                   "(e.g. the purchase task); required with value_column")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TuneConfig":
+        if (self.value_column is None) != (self.value_task is None):
+            raise ValueError("value_column and value_task go together")
+        for task, g in (self.gains or {}).items():
+            if not g > 0:
+                raise ValueError(f"gains.{task} must be > 0, got {g}")
+        return self
+
+
+class WindowRule(_Strict):
+    """Category N-pick-1: any N consecutive slots hold at most k items sharing `attribute`."""
+    enabled: bool = True
+    attribute: str = "category_id"
+    n: int = Field(default=4, ge=1)
+    k: int = Field(default=1, ge=1, le=127)
+    fallback: Literal["end", "relax"] = Field(
+        default="end", description="no remaining item fits: end the list there, or take the best "
+                                   "remaining item anyway and mark it window_relaxed")
+
+
+class TrafficCap(_Strict):
+    """Per-item daily exposure cap over existing exposures plus what this run allocates."""
+    enabled: bool = True
+    default_cap: int | None = Field(default=2_000, ge=0, description="cap of items without their own; "
+                                                                     "null = uncapped")
+    caps_file: str | None = Field(default=None, description="Parquet (item_id, cap) overriding default_cap")
+    exposures_file: str | None = Field(default=None, description="Parquet (item_id, dt, exposures) from "
+                                                                 "`mtrank exposures`; rows of the scored date count")
+
+
+class NewItemBoost(_Strict):
+    enabled: bool = True
+    column: str = "item_age_days"
+    max_age_days: float = Field(default=14.0, gt=0, description="boost items with age < this many days")
+    multiplier: float = Field(default=1.2, gt=0)
+
+
+class CampaignBoost(_Strict):
+    enabled: bool = True
+    column: str | None = Field(default="in_campaign", description="boolean candidate column")
+    items_file: str | None = Field(default=None, description="Parquet (item_id, start_dt, end_dt): items "
+                                                             "active on the scored date are in the campaign")
+    multiplier: float = Field(default=1.3, gt=0)
+
+    @model_validator(mode="after")
+    def _source(self) -> "CampaignBoost":
+        if self.enabled and self.column is None and self.items_file is None:
+            raise ValueError("campaign boost needs a column or an items_file")
+        return self
+
+
+class LowQuality(_Strict):
+    enabled: bool = True
+    column: str = "quality_score"
+    threshold: float = Field(default=0.2, description="items with score < threshold are low quality")
+    action: Literal["demote", "filter"] = "demote"
+    multiplier: float = Field(default=0.5, gt=0, lt=1)
+
+
+class ScoringConfig(_Strict):
+    fusion: FusionConfig = FusionConfig()
+    tune: TuneConfig = TuneConfig()
+    window: WindowRule = WindowRule()
+    traffic_cap: TrafficCap = TrafficCap()
+    new_item: NewItemBoost = NewItemBoost()
+    campaign: CampaignBoost = CampaignBoost()
+    low_quality: LowQuality = LowQuality()
+    list_size: int | None = Field(default=50, gt=0, description="slots per request; null = rank every "
+                                                               "eligible candidate")
+    item_column: str = "item_id"
+    on_bad_row: Literal["fail", "quarantine"] = Field(
+        default="fail", description="null keys or a duplicate item in one request: fail naming file, "
+                                    "column and count, or set the rows aside (counted)")
+
+    def rules_off(self) -> "ScoringConfig":
+        """The same fusion with every rule switched off (a pure sort by fused score)."""
+        return self.model_copy(update={
+            "window": self.window.model_copy(update={"enabled": False}),
+            "traffic_cap": self.traffic_cap.model_copy(update={"enabled": False}),
+            "new_item": self.new_item.model_copy(update={"enabled": False}),
+            "campaign": self.campaign.model_copy(update={"enabled": False}),
+            "low_quality": self.low_quality.model_copy(update={"enabled": False})})

@@ -1,0 +1,364 @@
+"""The multi-task training loop over the streaming reader.
+
+Everything task-specific lives in the loss terms built from the task records; the loop itself
+only runs forward, loss, backward, clip and the two optimizers (row-wise Adagrad or SparseAdam for
+the tables, Adam for the rest). It is deterministic on CPU for a given seed, and a checkpoint
+carries what is needed to continue exactly: weights, both optimizer states, the RNG, and the
+position in the epoch's (seeded) batch order.
+"""
+from __future__ import annotations
+
+from mtrank.features.base import MtrankError, StrictConfig, failpoint
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mtrank.features.numeric import NumericStats
+from mtrank.features.spec import FeatureSpec
+from mtrank.models import DenseStage, ModelConfig, ModelOutput, MultiTaskRanker
+from mtrank.pipeline.checkpoint import CheckpointStore
+from mtrank.pipeline.distributed import SINGLE, Dist, GradientSync, lockstep, resolve_device
+from mtrank.pipeline.losses import MultiTaskLoss
+from mtrank.pipeline.optim import dense_optimizer, sparse_optimizer
+from mtrank.pipeline.progress import Progress
+from mtrank.pipeline.reader import ImpressionReader, RowAccounting
+
+log = logging.getLogger("mtrank.train")
+
+
+class TrainConfig(StrictConfig):
+    """Optimisation knobs; strict so that a misspelt key in a job config is an error."""
+
+    epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=4096, gt=0)
+    lr: float = Field(default=1e-3, gt=0, description="Adam, dense parameters")
+    weight_decay: float = Field(default=0.0, ge=0)
+    sparse_optimizer: Literal["rowwise_adagrad", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = Field(default=0.05, gt=0, description="embedding tables")
+    sparse_initial_accumulator: float = Field(default=0.0, ge=0, description="row-wise Adagrad's starting sum")
+    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    grad_clip: float | None = Field(default=10.0, gt=0, description="max L2 norm of dense gradients")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: each rank's GPU when CUDA is present, else the CPU")
+    shuffle: bool = True
+    shuffle_buffer: int = Field(default=65_536, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0 = epoch ends only")
+    checkpoint_keep: int = Field(default=2, gt=0)
+    min_rows: int = Field(default=100, gt=0, description="a training window with fewer rows is an error, "
+                          "not a model")
+
+    def fingerprint_fields(self) -> dict:
+        """What must not change between a checkpoint and its resume (epochs may grow)."""
+        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device", "min_rows"})
+
+
+class NonFiniteLossError(MtrankError, RuntimeError):
+    pass
+
+
+class DivergedError(MtrankError, RuntimeError):
+    """Training ended with a model that cannot rank: non-finite or constant predictions."""
+
+
+class ResumeMismatchError(MtrankError, RuntimeError):
+    pass
+
+
+def build_model(spec: FeatureSpec, cfg: ModelConfig, seed: int, stats: NumericStats | None = None) -> MultiTaskRanker:
+    """Seeded construction: the same seed gives the same initial weights in any process. With
+    fitted statistics the heads start at each task's base rate / target mean."""
+    torch.manual_seed(seed)
+    model = MultiTaskRanker(spec, cfg)
+    if stats is not None:
+        model.init_heads({t.name: m.mean for t in spec.tasks if (m := stats.target(t.name)) is not None})
+    return model
+
+
+def bf16_supported() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    rows: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    loss_sums: dict[str, float] = field(default_factory=dict)   # sum of batch loss * population
+    populations: dict[str, int] = field(default_factory=dict)
+
+    def add(self, losses: dict[str, float], counts: dict[str, int], rows: int) -> None:
+        self.rows += rows
+        self.steps += 1
+        for t, v in losses.items():
+            self.loss_sums[t] = self.loss_sums.get(t, 0.0) + v * counts[t]
+            self.populations[t] = self.populations.get(t, 0) + counts[t]
+
+    def merge(self, other: "EpochStats") -> "EpochStats":
+        """Two ranks' shares of one epoch (steps are taken together: the count is one rank's)."""
+        keys = list(dict.fromkeys([*self.loss_sums, *other.loss_sums]))
+        return EpochStats(self.epoch, self.rows + other.rows, max(self.steps, other.steps),
+                          max(self.seconds, other.seconds),
+                          {t: self.loss_sums.get(t, 0.0) + other.loss_sums.get(t, 0.0) for t in keys},
+                          {t: self.populations.get(t, 0) + other.populations.get(t, 0) for t in keys})
+
+    def losses(self) -> dict[str, float]:
+        return {t: self.loss_sums[t] / n for t, n in self.populations.items() if n}
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "rows": self.rows, "steps": self.steps, "seconds": self.seconds,
+                "samples_per_s": self.rows / self.seconds if self.seconds else 0.0,
+                "loss": self.losses(), "population": dict(self.populations),
+                "loss_sums": dict(self.loss_sums)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "EpochStats":
+        return EpochStats(d["epoch"], d["rows"], d["steps"], d["seconds"], dict(d["loss_sums"]),
+                          dict(d["population"]))
+
+
+@dataclass
+class TrainResult:
+    epochs: list[dict]
+    global_step: int
+    rows_trained: int
+    accounting: RowAccounting
+    resumed_from_step: int | None = None
+
+
+class Trainer:
+    """Owns the loss and optimizers for one model; `fit` runs (or resumes) the epochs.
+
+    With `dist` (a rank of a torchrun job) the same loop runs data-parallel: the reader passed to
+    `fit` holds this rank's shard, the dense stage is wrapped in DDP, table gradients are summed
+    sparsely, steps are taken in lockstep, and only rank 0 writes checkpoints. `batch_size` stays
+    the global batch (each rank takes batch_size / world_size rows a step), so a job keeps its
+    learning rates and step count whatever the number of ranks.
+    """
+
+    def __init__(self, model: MultiTaskRanker, spec: FeatureSpec, cfg: TrainConfig,
+                 checkpoints: CheckpointStore | None = None, fingerprint: dict | None = None,
+                 dist: Dist = SINGLE):
+        self.device = resolve_device(cfg.device, dist)
+        if cfg.precision == "bf16" and self.device.type == "cpu" and not bf16_supported():
+            raise ValueError("precision: bf16 needs a CPU with avx512_bf16 or AMX; use fp32")
+        if cfg.batch_size % dist.world_size:
+            raise ValueError(f"train.batch_size {cfg.batch_size} is the global batch and must divide evenly "
+                             f"over {dist.world_size} ranks")
+        self.model, self.spec, self.cfg, self.dist = model.to(self.device), spec, cfg, dist
+        self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting).to(self.device)
+        self.sparse_opt = sparse_optimizer(model.sparse_parameters(), cfg.sparse_optimizer, cfg.sparse_lr,
+                                           cfg.sparse_initial_accumulator)
+        self.dense_params = model.dense_parameters() + list(self.loss.parameters())
+        self.dense_opt = dense_optimizer(self.dense_params, cfg.lr, cfg.weight_decay)
+        self.checkpoints = checkpoints   # every rank reads it on resume; rank 0 alone writes
+        self.fingerprint = self._fingerprint({**(fingerprint or {}),
+                                              **({"world_size": dist.world_size} if dist.enabled else {})})
+        self.global_step = 0
+        self.rows_trained = 0
+        self.ddp: nn.Module | None = None
+        self.sync = GradientSync(dist, model.sparse_parameters(), list(self.loss.parameters()))
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            for w in model.sparse_parameters():   # same seeded init everywhere; made certain
+                torch.distributed.broadcast(w.data, src=0)
+            on_gpu = self.device.type == "cuda"
+            self.ddp = DistributedDataParallel(DenseStage(model),  # no buffers to sync
+                                               device_ids=[self.device.index] if on_gpu else None)
+
+    @property
+    def rank_batch_size(self) -> int:
+        return self.cfg.batch_size // self.dist.world_size
+
+    def _fingerprint(self, extra: dict) -> str:
+        blob = json.dumps({"spec": self.spec.fingerprint(), "model": self.model.cfg.model_dump(mode="json"),
+                           "train": self.cfg.fingerprint_fields(), **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    # -- one step -------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward(self, batch) -> "ModelOutput":
+        if self.ddp is None:
+            return self.model(batch)
+        return self.model.outputs(*self.ddp(self.model.embeddings(batch)))
+
+    def _idle_loss(self) -> torch.Tensor:
+        """A rank out of rows still steps with the others: a zero loss over an empty batch gives
+        zero gradients to every dense parameter, so DDP's all_reduce buckets match."""
+        raw, gates = self.ddp(torch.zeros(0, self.model.embeddings.output_dim, device=self.device))
+        return sum((t.sum() for t in [raw, *(gates or {}).values()]), torch.zeros((), device=self.device)) * 0.0
+
+    def step(self, batch, active: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+        """One optimiser step; `batch` None (data-parallel only) means this rank has no rows left
+        while `active` other ranks still do."""
+        if batch is not None:
+            batch = batch.to(self.device)
+        with self._autocast():
+            out = self._forward(batch) if batch is not None else None
+        if batch is None:
+            total, losses, counts = self._idle_loss(), {}, {}
+        else:
+            total, losses, counts = self.loss(out, batch)
+            if not math.isfinite(total.item()):
+                bad = ", ".join(f"{t}={v:.4g}" for t, v in losses.items())
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.global_step + 1} (per task: {bad}){self._where()}; training "
+                    "stopped. Lower lr/sparse_lr, enable grad_clip, or check the input rows of this batch.")
+            if active != self.dist.world_size:   # all_reduce divides by world size: mean over active ranks
+                total = total * (self.dist.world_size / active)
+        self.sparse_opt.zero_grad(set_to_none=True)
+        self.dense_opt.zero_grad(set_to_none=True)
+        total.backward()
+        self.sync()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.dense_params, self.cfg.grad_clip)
+        self.sparse_opt.step()
+        self.dense_opt.step()
+        self.global_step += 1
+        self.rows_trained += batch.size if batch is not None else 0
+        return losses, counts
+
+    def _where(self) -> str:
+        return f" on {self.dist}" if self.dist.enabled else ""
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self, epoch: int, step_in_epoch: int, history: list[dict], current: EpochStats) -> dict:
+        """Weights and optimizers are the same on every rank; what is a rank's own (its RNG, rows
+        and partial-epoch statistics) is kept per rank, so each continues exactly where it was."""
+        mine = {"rng": torch.get_rng_state(), "rows_trained": self.rows_trained, "current": current.as_dict()}
+        ranks = self.dist.all_gather(mine)
+        return {"fingerprint": self.fingerprint, "model": self.model.state_dict(),
+                "loss": self.loss.state_dict(), "sparse_opt": self.sparse_opt.state_dict(),
+                "dense_opt": self.dense_opt.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": self.global_step, "history": history, "ranks": ranks, **mine}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ResumeMismatchError(
+                "checkpoint was written by a different spec, model, training config, data window or number "
+                "of ranks; "
+                "refusing to resume (start without --resume, or use a fresh checkpoint directory)")
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.sparse_opt.load_state_dict(state["sparse_opt"])
+        self.dense_opt.load_state_dict(state["dense_opt"])
+        mine = state["ranks"][self.dist.rank] if "ranks" in state else state
+        torch.set_rng_state(mine["rng"])
+        self.global_step, self.rows_trained = state["global_step"], mine["rows_trained"]
+
+    def optimizer_state(self) -> dict:
+        """What a warm start continues from besides the weights: both optimizers and loss weights."""
+        return {"sparse_opt": self.sparse_opt.state_dict(), "dense_opt": self.dense_opt.state_dict(),
+                "loss": self.loss.state_dict()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.sparse_opt.load_state_dict(state["sparse_opt"])
+        self.dense_opt.load_state_dict(state["dense_opt"])
+        self.loss.load_state_dict(state["loss"])
+
+    def _save(self, epoch: int, step_in_epoch: int, history: list[dict], current: EpochStats) -> None:
+        if self.checkpoints is None:
+            return
+        state = self.state_dict(epoch, step_in_epoch, history, current)   # collective when data-parallel
+        if self.dist.is_main:
+            path = self.checkpoints.save(state, self.global_step)
+            failpoint("training")
+            log.info("checkpoint %s (epoch %d, step %d)", path, epoch, self.global_step)
+
+    def _load_latest(self) -> dict | None:
+        """Rank 0 picks the newest intact checkpoint; every rank loads that same file (work_dir must
+        be shared storage when the ranks are on several machines)."""
+        if self.checkpoints is None:
+            raise ValueError("resume needs a checkpoint directory")
+        path = self.dist.broadcast(self.checkpoints.latest() if self.dist.is_main else None)
+        return None if path is None else self.checkpoints.load(path)
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self, reader: ImpressionReader, resume: bool = False, progress: bool | None = None) -> TrainResult:
+        """Runs the remaining epochs; data-parallel, every rank calls it with its own shard and gets
+        the whole job's result (rows and accounting summed over ranks, epoch losses pooled)."""
+        if reader.batch_size != self.rank_batch_size:
+            raise ValueError(f"reader batch_size {reader.batch_size} != this rank's share of train.batch_size "
+                             f"({self.cfg.batch_size} / {self.dist.world_size} ranks)")
+        history: list[dict] = []
+        start_epoch, skip, resumed, current = 0, 0, None, None
+        if resume:
+            state = self._load_latest()
+            if state is not None:
+                self.load_state_dict(state)
+                start_epoch, skip, history = state["epoch"], state["step_in_epoch"], list(state["history"])
+                mine = state["ranks"][self.dist.rank] if "ranks" in state else state
+                current = EpochStats.from_dict(mine["current"]) if skip else None
+                resumed = self.global_step
+                log.info("resuming at epoch %d, batch %d (step %d)%s", start_epoch, skip, self.global_step,
+                         self._where())
+        accounting = RowAccounting()
+        self.model.train()
+        for epoch in range(start_epoch, self.cfg.epochs):
+            stats = current if current is not None and epoch == start_epoch else EpochStats(epoch)
+            history_before = list(history)
+            t0 = time.perf_counter() - stats.seconds
+            desc = f"train epoch {epoch + 1}/{self.cfg.epochs}" + (f" (rank 0 of {self.dist.world_size})"
+                                                                   if self.dist.enabled else "")
+            bar = Progress(desc, total=reader.rows, enabled=progress if self.dist.is_main else False)
+            batches = reader.batches(epoch)
+            for _ in range(skip):  # same seeded order as the interrupted run: skip what it trained
+                b = next(batches, None)
+                if b is None:
+                    break
+                bar.update(b.size)
+            step_in_epoch = skip
+            for batch, active in lockstep(batches, self.dist):
+                losses, counts = self.step(batch, active)
+                if batch is not None:
+                    stats.add(losses, counts, batch.size)
+                    bar.update(batch.size, **{t: f"{v:.4f}" for t, v in losses.items()})
+                step_in_epoch += 1
+                if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
+                    stats.seconds = time.perf_counter() - t0
+                    self._save(epoch, step_in_epoch, history_before, stats)
+            bar.close()
+            stats.seconds = time.perf_counter() - t0
+            accounting = accounting.merge(reader.accounting)
+            stats = _pooled(self.dist.all_gather(stats))
+            history = history_before + [stats.as_dict()]
+            if self.dist.is_main:
+                log.info("epoch %d: %s rows, %.0f samples/s, loss %s", epoch + 1, f"{stats.rows:,}",
+                         stats.rows / max(stats.seconds, 1e-9),
+                         " ".join(f"{t}={v:.4f}" for t, v in stats.losses().items()))
+            skip, current = 0, None
+            self._save(epoch + 1, 0, history, EpochStats(epoch + 1))
+        if self.dist.enabled:
+            log.info("%s: %d steps, the sparse table sync (%s) carried %.0f rows a step", self.dist,
+                     self.sync.steps, self.sync.mode, self.sync.rows_sent / max(self.sync.steps, 1))
+        parts = self.dist.all_gather((accounting, self.rows_trained))
+        return TrainResult(history, self.global_step, sum(r for _, r in parts),
+                           RowAccounting.total(acc for acc, _ in parts), resumed)
+
+
+def _pooled(parts: list[EpochStats]) -> EpochStats:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merge(p)
+    return out

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
+from mtrank.features import storage
 from mtrank.features.rules import MISSING_COLUMN, MISSING_PARTITION, UNREADABLE, WRONG_TYPE, BadInputError
 from mtrank.features.spec import SpecError, parse_spec
 
@@ -120,11 +120,33 @@ class InputFiles:
     layout: str                     # "partitions" | "folder" | "file"
 
 
+def _remote_files(root: str) -> tuple[list[str], list[str], str]:
+    """find_files' choice for an object-store URI: (files, partitions, layout)."""
+    root = root.rstrip("/")
+    try:
+        what = storage.kind(root)
+        if what == "file":
+            return [root], [], "file"
+        if what != "dir":
+            raise BadInputError(root, None, MISSING_PARTITION, "no such file or directory")
+        entries = storage.list_dir(root)
+        days = [u for u, is_dir in entries if is_dir and _PARTITION.match(storage.name(u))]
+        if days:
+            files = [f for d in days for f, is_dir in storage.list_dir(d) if not is_dir and f.endswith(".parquet")]
+            return files, [storage.name(d) for d in days], "partitions"
+        return [u for u, is_dir in entries if not is_dir and u.endswith(".parquet")], [], "folder"
+    except OSError as e:
+        raise BadInputError(root, None, UNREADABLE, f"cannot list ({storage.one_line(e)})") from None
+
+
 def find_files(root: str | Path) -> InputFiles:
-    """DIR/dt=YYYY-MM-DD/*.parquet, else DIR/*.parquet, else one .parquet file; footers read."""
+    """DIR/dt=YYYY-MM-DD/*.parquet, else DIR/*.parquet, else one .parquet file; footers read.
+    `root` may be an object-store URI (s3://bucket/logs)."""
     p = Path(root)
     parts: list[str] = []
-    if p.is_file():
+    if storage.is_uri(root):
+        files, parts, layout = _remote_files(str(root))
+    elif p.is_file():
         files, layout = [p], "file"
     elif p.is_dir():
         days = sorted(d for d in p.iterdir() if d.is_dir() and _PARTITION.match(d.name))
@@ -136,12 +158,13 @@ def find_files(root: str | Path) -> InputFiles:
     else:
         raise BadInputError(str(p), None, MISSING_PARTITION, "no such file or directory")
     if not files:
-        raise BadInputError(str(p), None, MISSING_PARTITION, "no Parquet files: expected DIR/dt=YYYY-MM-DD/*.parquet, "
+        raise BadInputError(str(root).rstrip("/") if storage.is_uri(root) else str(p), None, MISSING_PARTITION,
+                            "no Parquet files: expected DIR/dt=YYYY-MM-DD/*.parquet, "
                             "a folder of .parquet files, or one .parquet file")
     rows = []
     for f in files:
         try:
-            rows.append(pq.ParquetFile(f).metadata.num_rows)
+            rows.append(storage.parquet_file(str(f)).metadata.num_rows)
         except (OSError, pa.ArrowException) as e:
             raise BadInputError(str(f), None, UNREADABLE, f"not a readable Parquet file ({e})") from None
     return InputFiles(str(root), [str(f) for f in files], rows, parts, layout)
@@ -153,7 +176,7 @@ def _merged_schema(files: list[str]) -> tuple[dict[str, pa.DataType], dict[str, 
     where: dict[str, str] = {}
     for f in files:
         try:
-            schema = pq.read_schema(f)
+            schema = storage.read_schema(f)
         except (OSError, pa.ArrowException) as e:
             raise BadInputError(f, None, UNREADABLE, f"not a readable Parquet file ({e})") from None
         for fld in schema:
@@ -175,7 +198,7 @@ def _sample(inp: InputFiles, max_rows: int) -> tuple[pl.LazyFrame, int]:
         short = max_rows - sum(takes)
         for i in sorted(range(len(takes)), key=lambda i: inp.rows[i] - takes[i], reverse=True)[:short]:
             takes[i] += 1
-    frames = [pl.scan_parquet(f, hive_partitioning=False).head(k) for f, k in zip(inp.files, takes) if k > 0]
+    frames = [storage.scan_parquet(f, hive_partitioning=False).head(k) for f, k in zip(inp.files, takes) if k > 0]
     return pl.concat(frames, how="diagonal_relaxed"), sum(takes)
 
 

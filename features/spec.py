@@ -33,35 +33,40 @@ _Strict = StrictConfig
 
 class TableSpec(_Strict):
     buckets: int = Field(gt=1, description="rows of the table; id 0 is reserved for null")
-    dim: int | None = Field(default=None, gt=0)
+    dim: int | None = Field(default=None, gt=0, description="embedding dim; null = the spec's embedding_dim")
 
 
-class CategoricalFeature(_Strict):
-    name: str
-    kind: Literal["categorical"]
-    table: str | None = None
-    buckets: int | None = Field(default=None, gt=1)
-    dim: int | None = Field(default=None, gt=0)
+class _HashedFeature(_Strict):
+    """What every hashed feature has: its column and the embedding table its ids index."""
+
+    name: str = Field(description="column name in the logs and candidates")
+    table: str | None = Field(default=None, description="a shared table declared under `tables`; null = the "
+                                                        "feature's own table")
+    buckets: int | None = Field(default=None, gt=1, description="rows of the feature's own table (required "
+                                                               "without `table`); id 0 is reserved for null")
+    dim: int | None = Field(default=None, gt=0, description="embedding dim of the own table; null = the spec's "
+                                                           "embedding_dim")
 
 
-class MultiHotFeature(_Strict):
-    name: str
-    kind: Literal["multi_hot"]
-    table: str | None = None
-    buckets: int | None = Field(default=None, gt=1)
-    dim: int | None = Field(default=None, gt=0)
-    pooling: Literal["sum", "mean"] = "mean"
+class CategoricalFeature(_HashedFeature):
+    kind: Literal["categorical"] = Field(description="one id per row (strings or integers), hashed")
+
+
+class MultiHotFeature(_HashedFeature):
+    kind: Literal["multi_hot"] = Field(description="a list of ids per row (a null list is an empty bag)")
+    pooling: Literal["sum", "mean"] = Field(default="mean", description="how a row's embeddings are combined")
 
 
 class NumericFeature(_Strict):
     """Transforms apply in a fixed order: fill -> clip -> log1p -> (standardize | bucketize)."""
 
-    name: str
-    kind: Literal["numeric"]
+    name: str = Field(description="column name in the logs and candidates")
+    kind: Literal["numeric"] = Field(description="a number per row (integers or floats)")
     fill: float | None = Field(default=None, description="value for nulls; no fill = null is a bad row")
-    clip: tuple[float, float] | None = None
-    log1p: bool = False
-    standardize: bool = False
+    clip: tuple[float, float] | None = Field(default=None, description="[lower, upper] bounds, after fill")
+    log1p: bool = Field(default=False, description="log1p of max(x, 0), after clip")
+    standardize: bool = Field(default=False, description="subtract the mean and divide by the standard "
+                                                        "deviation fitted on the training window (saved with the model)")
     boundaries: tuple[float, ...] | None = Field(
         default=None, description="bucketize into an embedding table instead of a dense input")
     dim: int | None = Field(default=None, gt=0, description="embedding dim when bucketized")
@@ -91,11 +96,13 @@ Feature = Annotated[Union[CategoricalFeature, MultiHotFeature, NumericFeature], 
 class TaskSpec(_Strict):
     """One record per task: everything the trainer and evaluator need, no model-type branches."""
 
-    name: str
-    label: str
-    type: Literal["binary", "regression"]
-    loss: Literal["bce", "mse", "mse_log1p"] = "bce"
-    weight: float = Field(default=1.0, ge=0.0)
+    name: str = Field(description="task name: names its output (p_<name> or <name>), metrics and tolerances")
+    label: str = Field(description="label column: 0/1 or booleans for binary tasks, numbers for regression")
+    type: Literal["binary", "regression"] = Field(description="binary: a probability; regression: a value in "
+                                                               "label units")
+    loss: Literal["bce", "mse", "mse_log1p"] = Field(default="bce", description="bce for binary tasks; mse or "
+                                                     "mse_log1p (MSE on log1p of the label) for regression")
+    weight: float = Field(default=1.0, ge=0.0, description="loss weight under train.loss_weighting: fixed")
     space: str = Field(default="all", description="'all' or the task whose positives form the population")
     parent: str | None = Field(default=None, description="entire-space product: p(this & parent) = p_parent * p_this")
     product: str | None = Field(default=None, description="name of the entire-space product (default "
@@ -127,24 +134,29 @@ class TaskSpec(_Strict):
 
 
 class FeatureSpec(_Strict):
-    version: Literal[1] = 1
-    hash_seed: int = Field(ge=0, lt=2**64)
-    embedding_dim: int = Field(default=16, gt=0)
-    on_bad_row: Literal["fail", "quarantine"] = "fail"
+    version: Literal[1] = Field(default=1, description="spec format version")
+    hash_seed: int = Field(ge=0, lt=2**64, description="seed of every table's id hash; changing it changes "
+                                                      "every id")
+    embedding_dim: int = Field(default=16, gt=0, description="embedding dim of tables that set none")
+    on_bad_row: Literal["fail", "quarantine"] = Field(default="fail", description="a row breaking a row rule: "
+                                                      "fail naming file, column and rule, or set it aside (counted)")
     duplicate_rows: Literal["keep", "reject"] = Field(
         default="keep", description="exact copies of an earlier row of the window (same features and labels): "
                                     "kept, or rejected and counted as row:duplicate_row (the first copy stays)")
-    allow_empty_partitions: bool = False
+    allow_empty_partitions: bool = Field(default=False, description="accept a missing or empty day partition "
+                                                                    "in a window instead of failing")
     request_id: str | None = Field(default="request_id", description="groups candidates into one ranked "
                                    "list; needed by scoring and fusion tuning only (null: absent)")
     group_key: str | None = Field(default="user_id", description="GAUC groups (e.g. the user); null: no "
                                   "GAUC, and the column is not required")
     timestamp: str | None = Field(default="ts", description="event time; used by scoring's serving order "
                                   "only (null: absent)")
-    tables: dict[str, TableSpec] = Field(default_factory=dict)
-    features: tuple[Feature, ...]
-    tasks: tuple[TaskSpec, ...]
-    ground_truth: dict[str, str] = Field(default_factory=dict)
+    tables: dict[str, TableSpec] = Field(default_factory=dict, description="embedding tables shared by "
+                                                                           "several features, by name")
+    features: tuple[Feature, ...] = Field(description="the model's inputs, chosen by `kind`")
+    tasks: tuple[TaskSpec, ...] = Field(description="one record per task")
+    ground_truth: dict[str, str] = Field(default_factory=dict, description="task -> column of its true "
+                                         "probability (generated logs only): oracle metrics, never a feature")
 
     @field_validator("features")
     @classmethod
@@ -378,7 +390,7 @@ def read_yaml(path: str | Path | None, package: str, default: str, what: str) ->
     safe_load only: configs are data, never code. Errors name the file and what it should be.
     """
     if path is None:
-        text = resources.files(package).joinpath(default).read_text()
+        text = resources.files(f"mtrank.{package}").joinpath(default).read_text()
         source, base = f"{package}/{default}", None
     else:
         path = Path(path)

@@ -93,7 +93,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         from mtrank.jobs.daily import load_parent
         parent = load_parent(a.parent)
     with process_group() as dist:
-        out = train(cfg, a.date, resume=a.resume, dist=dist, parent=parent)
+        out = train(cfg, a.date, resume=a.resume, dist=dist, parent=parent,
+                    track=a.for_daily or not a.no_track)   # daily's ranks: rank 0 opens the live run
     if not out.written or a.for_daily:   # rank 0 writes, tracks and reports the job (or daily does)
         return 0
     track = None if a.no_track else _track(cfg, out)
@@ -115,8 +116,12 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_promote(a: argparse.Namespace) -> int:
     from mtrank.jobs.config import load_config
     from mtrank.jobs.promote import promote
+    from mtrank.jobs.tracking import require_store, tracking_uri
 
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir, name=a.name)
+    if a.tracking_uri:
+        cfg = cfg.model_copy(update={"tracking_uri": a.tracking_uri})
+    require_store(tracking_uri(cfg), "mtrank promote")
     d = promote(cfg, a.date)
     print(f"{cfg.name} v{d.version}: {'PROMOTED to champion' if d.promoted else 'not promoted'} ({d.reason})")
     return 0
@@ -159,9 +164,12 @@ def _cmd_daily(a: argparse.Namespace) -> int:
 
 def _cmd_lineage(a: argparse.Namespace) -> int:
     from mtrank.jobs.config import load_config
-    from mtrank.jobs.tracking import lineage
+    from mtrank.jobs.tracking import lineage, require_store, tracking_uri
 
     cfg = load_config(a.config, name=a.name, work_dir=a.work_dir, data=".")
+    if a.tracking_uri:
+        cfg = cfg.model_copy(update={"tracking_uri": a.tracking_uri})
+    require_store(tracking_uri(cfg), "mtrank lineage")
     chain = lineage(cfg, a.version)
     print(f"{cfg.name}: {len(chain)} version(s) from {a.version} back to "
           + ("its full retrain" if chain[-1].tags.get("mtrank.train_mode", "full") == "full" else "the oldest one left"))
@@ -179,7 +187,7 @@ def _cmd_lineage(a: argparse.Namespace) -> int:
 def _track(cfg, out) -> str:
     from mtrank.jobs.tracking import log_training, tracking_uri
 
-    reg = log_training(cfg, out.run_dir)
+    reg = log_training(cfg, out.run_dir, command="train")
     run_id, version = reg.run_id, reg.version
     uri = tracking_uri(cfg)
     return (f"MLflow run {run_id}; registered {cfg.name} version {version} (alias challenger) in {uri}\n"
@@ -189,10 +197,13 @@ def _track(cfg, out) -> str:
 def _cmd_score(a: argparse.Namespace) -> int:
     from mtrank.jobs.config import load_config
     from mtrank.jobs.score import format_lists, score
+    from mtrank.jobs.tracking import require_store, tracking_uri
 
     cfg = load_config(a.config, work_dir=a.work_dir, data=a.data or ".")
     if a.tracking_uri:
         cfg = cfg.model_copy(update={"tracking_uri": a.tracking_uri})
+    if not a.no_track:
+        require_store(tracking_uri(cfg), "mtrank score (it logs a run; --no-track does not)")
     res = score(cfg, a.model, a.candidates, a.date, a.out, exposures=a.exposures, track=not a.no_track)
     s = res.summary
     rules = ", ".join(f"{k} {v:,}" for k, v in s["rules"].items() if v)
@@ -216,11 +227,14 @@ def _cmd_score(a: argparse.Namespace) -> int:
 
 def _cmd_tune_fusion(a: argparse.Namespace) -> int:
     from mtrank.jobs.config import load_config
+    from mtrank.jobs.tracking import require_store, tracking_uri
     from mtrank.jobs.tune_fusion import format_result, tune_fusion
 
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)
     if a.tracking_uri:
         cfg = cfg.model_copy(update={"tracking_uri": a.tracking_uri})
+    if not a.no_track:
+        require_store(tracking_uri(cfg), "mtrank tune-fusion (it logs a run; --no-track does not)")
     out = tune_fusion(cfg, a.model, a.data, a.date, k=a.k, trials=a.trials, objective=a.objective,
                       max_rows=a.max_rows, seed=a.seed, json_path=a.json, track=not a.no_track)
     print(format_result(out.result))
@@ -242,12 +256,23 @@ def _positive(text: str) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mtrank.jobs.config import load_config
     from mtrank.jobs.evaluate import evaluate
+    from mtrank.jobs.paths import quarantine_dir
+    from mtrank.jobs.tracking import require_store, tracking_uri
     from mtrank.jobs.train import format_metrics
 
-    out = a.out or f".mtrank/reports/{a.date}"
-    html, ev, base = evaluate(a.model, a.data, a.date, out, a.baseline, a.max_rows, a.tracking_uri,
-                              quarantine_dir=a.quarantine_dir)
+    cfg = load_config(a.config, work_dir=a.work_dir, data=a.data)
+    if a.tracking_uri:
+        cfg = cfg.model_copy(update={"tracking_uri": a.tracking_uri})
+    uri = tracking_uri(cfg) if any(":/" in str(m) for m in (a.model, a.baseline) if m) else None
+    if uri:   # before the report folder is made: a command that cannot run leaves nothing behind
+        require_store(uri, a.model)
+    out = a.out or Path(cfg.work_dir) / "reports" / str(a.date)
+    html, ev, base = evaluate(a.model, a.data, a.date, out, a.baseline, a.max_rows, uri,
+                              quarantine_dir=a.quarantine_dir or quarantine_dir(cfg, "evaluate"))
     print(format_metrics(ev.metrics))
     if base is not None:
         print("baseline:")
@@ -289,6 +314,17 @@ def _cmd_init_spec(a: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the default is nothing (None, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import functools
     from importlib.metadata import PackageNotFoundError, version
@@ -299,20 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
         release = "unknown"
     # allow_abbrev=False: `--conf` is an error, not a silent `--config`
     p = argparse.ArgumentParser(prog="mtrank", description="Multi-task ranking training pipeline.",
-                                allow_abbrev=False)
+                                allow_abbrev=False, formatter_class=_HelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"mtrank {release}")
     sub = p.add_subparsers(dest="command", required=True,
-                           parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
+                           parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False,
+                                                          formatter_class=_HelpFormatter))
 
     g = sub.add_parser("generate", help="write synthetic impression logs with hidden ground truth")
     g.add_argument("--out", required=True, help="root directory; writes dt=YYYY-MM-DD/part-*.parquet")
-    g.add_argument("--days", type=int, default=7)
-    g.add_argument("--rows-per-day", type=int, default=100_000)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--days", type=_positive, default=7, help="day partitions to write")
+    g.add_argument("--rows-per-day", type=_positive, default=100_000, help="impressions per day")
+    g.add_argument("--seed", type=int, default=0, help="the same seed writes the same logs")
     g.add_argument("--start", type=_date, default=dt.date(2026, 11, 1), help="first day (YYYY-MM-DD)")
-    g.add_argument("--users", type=int, default=1_000_000)
-    g.add_argument("--items", type=int, default=500_000)
+    g.add_argument("--users", type=_positive, default=1_000_000, help="size of the user universe (Zipf)")
+    g.add_argument("--items", type=_positive, default=500_000, help="size of the item universe (Zipf)")
     g.add_argument("--task-correlation", type=float, default=0.8,
                    help="how strongly post-click tasks share the click signal (0..1)")
     g.add_argument("--popularity-drift", type=float, default=0.0,
@@ -337,12 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_cmd_exposures)
 
     v = sub.add_parser("validate", help="check logs against a FeatureSpec; row accounting and collisions")
-    v.add_argument("--data", required=True)
+    v.add_argument("--data", required=True, help="root of the day partitions (DIR/dt=YYYY-MM-DD/*.parquet)")
     v.add_argument("--spec", default=None, help="FeatureSpec YAML (default: the spec for generated logs)")
-    v.add_argument("--from", dest="date_from", type=_date, default=None)
-    v.add_argument("--to", dest="date_to", type=_date, default=None)
+    v.add_argument("--from", dest="date_from", type=_date, default=None, help="first day (default: the first found)")
+    v.add_argument("--to", dest="date_to", type=_date, default=None, help="last day (default: the last found)")
     v.add_argument("--on-bad-row", choices=["fail", "quarantine"], default=None, help="override the spec")
-    v.add_argument("--quarantine-dir", default=".mtrank/quarantine")
+    v.add_argument("--quarantine-dir", default=".mtrank/quarantine", help="where quarantined rows go (only with "
+                   "on_bad_row: quarantine)")
     v.add_argument("--on-unreadable-file", choices=["fail", "skip"], default="fail",
                    help="a corrupt or truncated Parquet file: fail naming it, or skip it (listed in the report)")
     v.add_argument("--json", default=None, help="also write the report as JSON here")
@@ -366,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     isp.add_argument("--timestamp", default=None, metavar="COL", help="default: a timestamp-typed column")
     isp.add_argument("--collision-target", type=float, default=0.01, metavar="F",
                      help="expected share of a table's values that share an id (default 0.01)")
-    isp.add_argument("--hash-seed", type=int, default=20261121, metavar="N")
+    isp.add_argument("--hash-seed", type=int, default=20261121, metavar="N", help="seed of every table's hash")
     isp.add_argument("--max-rows", type=_positive, default=1_000_000, metavar="N", help="rows read for the statistics")
     isp.add_argument("--max-buckets", type=_positive, default=1 << 20, metavar="N", help="largest table proposed")
     isp.add_argument("--out", default=None, metavar="PATH", help="write the YAML here (default: stdout)")
@@ -389,15 +427,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="offline report for a saved model on one day")
     e.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/VERSION, runs:/ID/model, "
                    "or a saved model directory (a run's model/)")
-    e.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ references "
-                   "(default $MLFLOW_TRACKING_URI)")
+    e.add_argument("--config", default=None, help="job YAML: the MLflow store (tracking_uri, else "
+                   "work_dir/mlflow.db) and work_dir (default: the embedded demo job)")
+    e.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ references (overrides the "
+                   "config; default: the config's, else $MLFLOW_TRACKING_URI)")
     e.add_argument("--data", required=True, help="root of the day partitions")
-    e.add_argument("--date", type=_date, required=True)
-    e.add_argument("--baseline", default=None, help="second model to compare against")
-    e.add_argument("--out", default=None, help="report directory (default .mtrank/reports/DATE)")
-    e.add_argument("--max-rows", type=int, default=None)
-    e.add_argument("--quarantine-dir", default=".mtrank/quarantine",
-                   help="where bad rows go when the model's spec says on_bad_row: quarantine")
+    e.add_argument("--date", type=_date, required=True, help="the day evaluated (DATA/dt=DATE/)")
+    e.add_argument("--baseline", default=None, help="second model to compare against (same forms as --model)")
+    e.add_argument("--out", default=None, help="report directory (default: WORK_DIR/reports/DATE)")
+    e.add_argument("--max-rows", type=_positive, default=None, help="evaluate the first N rows (default: all)")
+    e.add_argument("--work-dir", default=None, help="override the config's work_dir")
+    e.add_argument("--quarantine-dir", default=None,
+                   help="where bad rows go when the model's spec says on_bad_row: quarantine "
+                        "(default: WORK_DIR/quarantine/evaluate)")
     e.set_defaults(func=_cmd_evaluate)
 
     sc = sub.add_parser("score", help="rank one day's candidates: model -> fusion -> rules -> Parquet")
@@ -407,11 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "partition when present)")
     sc.add_argument("--date", type=_date, required=True, help="the serving day (caps, campaigns, new items)")
     sc.add_argument("--out", required=True, help="ranked lists Parquet file (written atomically)")
-    sc.add_argument("--config", default=None, help="job YAML; its `score:` section configures fusion and rules")
+    sc.add_argument("--config", default=None, help="job YAML: the store, and its `score:` section (fusion and "
+                    "rules) (default: the embedded demo job)")
     sc.add_argument("--exposures", default=None, help="Parquet from `mtrank exposures` (overrides the config)")
     sc.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the config's)")
     sc.add_argument("--data", default=None, help=argparse.SUPPRESS)
-    sc.add_argument("--work-dir", default=None)
+    sc.add_argument("--work-dir", default=None, help="override the config's work_dir")
     sc.add_argument("--show", type=int, default=3, help="print the first N ranked requests")
     sc.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
     sc.set_defaults(func=_cmd_score)
@@ -422,32 +465,35 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a saved model directory")
     tf.add_argument("--data", required=True, help="root of the day partitions (impression logs with labels)")
     tf.add_argument("--date", type=_date, required=True, help="the logged day D; reads DATA/dt=D/")
-    tf.add_argument("--config", default=None, help="job YAML; its score.fusion is the starting point")
+    tf.add_argument("--config", default=None, help="job YAML: the store, and score.fusion as the starting "
+                    "point (default: the embedded demo job)")
     tf.add_argument("--k", type=_positive, default=10, help="cut-off of value@K and NDCG@K")
     tf.add_argument("--trials", type=_positive, default=200, help="evaluations in all (start + random + refine)")
     tf.add_argument("--objective", choices=["value", "ndcg"], default=None,
                     help="what the search maximises (default: value when score.tune names a value column, else ndcg)")
     tf.add_argument("--max-rows", type=_positive, default=None, help="use the first N rows (whole requests)")
-    tf.add_argument("--seed", type=int, default=0)
+    tf.add_argument("--seed", type=int, default=0, help="seed of the random search and the tune/holdout split")
     tf.add_argument("--json", default=None, help="write the result with every trial here")
     tf.add_argument("--tracking-uri", default=None, help="MLflow URI (default: the config's)")
-    tf.add_argument("--work-dir", default=None)
+    tf.add_argument("--work-dir", default=None, help="override the config's work_dir")
     tf.add_argument("--no-track", action="store_true", help="do not log the run to MLflow")
     tf.set_defaults(func=_cmd_tune_fusion)
 
     pr = sub.add_parser("promote", help="move alias champion to the challenger if it is no worse on --date")
-    pr.add_argument("--config", default=None)
+    pr.add_argument("--config", default=None, help="job YAML: store, model name and the promote: gate "
+                    "(default: the embedded demo job)")
+    pr.add_argument("--tracking-uri", default=None, help="MLflow URI (overrides the config's)")
     pr.add_argument("--name", default=None, help="registered model name (default: the config's)")
     pr.add_argument("--date", type=_date, required=True, help="held-out day both models are evaluated on")
-    pr.add_argument("--data", default=None)
-    pr.add_argument("--work-dir", default=None)
+    pr.add_argument("--data", default=None, help="override the config's data root")
+    pr.add_argument("--work-dir", default=None, help="override the config's work_dir")
     pr.set_defaults(func=_cmd_promote)
 
     dl = sub.add_parser("daily", help="train -> evaluate -> promote for one date (what a scheduler calls)")
-    dl.add_argument("--config", default=None)
-    dl.add_argument("--date", type=_date, required=True)
-    dl.add_argument("--data", default=None)
-    dl.add_argument("--work-dir", default=None)
+    dl.add_argument("--config", default=None, help="job YAML (default: the embedded demo job)")
+    dl.add_argument("--date", type=_date, required=True, help="evaluation day D; trains on the days before it")
+    dl.add_argument("--data", default=None, help="override the config's data root")
+    dl.add_argument("--work-dir", default=None, help="override the config's work_dir")
     dl.add_argument("--force", action="store_true", help="retrain even if this date already has a version")
     dl.add_argument("--wait", action="store_true", help="wait for a running job instead of exiting")
     dl.add_argument("--nproc", type=_positive, default=1,
@@ -457,10 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     dl.set_defaults(func=_cmd_daily)
 
     ln = sub.add_parser("lineage", help="a version's chain of warm starts back to its full retrain")
-    ln.add_argument("--config", default=None)
+    ln.add_argument("--config", default=None, help="job YAML: the store and model name (default: the embedded "
+                    "demo job)")
+    ln.add_argument("--tracking-uri", default=None, help="MLflow URI (overrides the config's)")
     ln.add_argument("--name", default=None, help="registered model name (default: the config's)")
     ln.add_argument("--version", default="champion", help="version number or alias (default champion)")
-    ln.add_argument("--work-dir", default=None)
+    ln.add_argument("--work-dir", default=None, help="override the config's work_dir")
     ln.set_defaults(func=_cmd_lineage)
     return p
 
@@ -488,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     _logging(args.verbose)
+    import signal
+
+    # a scheduler's stop (SIGTERM) unwinds like Ctrl-C: the live MLflow run ends KILLED, files stay whole
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return args.func(args)
     except PeerFailed as e:      # another rank failed and reports the cause itself

@@ -1,7 +1,8 @@
 """Job configuration: one strict YAML document per scheduled job.
 
 Unknown keys anywhere are errors naming the key path, so a typo never silently falls back to a
-default. Paths are data, resolved against the config file's directory when relative.
+default. Paths are data, resolved against the config file's directory when relative; URIs
+(`s3://bucket/logs`) are left as they are.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from mtrank.features.base import StrictConfig
 from mtrank.features.spec import SpecError, read_yaml
+from mtrank.features.storage import is_uri
 from mtrank.models import ModelConfig
 from mtrank.pipeline.scoring.config import ScoringConfig
 from mtrank.pipeline.trainer import TrainConfig
@@ -23,7 +25,7 @@ DEFAULT_JOB = "default_job.yaml"
 class EvalConfig(StrictConfig):
 
     max_rows: int | None = Field(default=None, gt=0, description="evaluate on the first N rows of the day")
-    batch_size: int = Field(default=16_384, gt=0)
+    batch_size: int = Field(default=16_384, gt=0, description="rows per prediction batch")
 
 
 class PromoteConfig(StrictConfig):
@@ -77,11 +79,13 @@ class WarmStartConfig(StrictConfig):
     """
     model_config = ConfigDict(**StrictConfig.model_config, populate_by_name=True)
 
-    source: Literal["champion", "challenger", "none"] = Field(default="none", alias="from")
+    source: Literal["champion", "challenger", "none"] = Field(default="none", alias="from", description="the "
+                                                               "registered alias to continue; none: train from scratch")
     days: int = Field(default=1, gt=0, description="train on [D - days, D - 1] when warm-starting")
     reinit_changed_tables: bool = Field(default=False, description="re-initialise tables whose buckets or hash "
                                         "seed changed instead of refusing the warm start")
-    numeric_stats: Literal["running", "frozen"] = "running"
+    numeric_stats: Literal["running", "frozen"] = Field(default="running", description="running: merge the new "
+                                                        "days' moments into the parent's; frozen: keep the parent's")
 
 
 class JobConfig(StrictConfig):
@@ -91,19 +95,28 @@ class JobConfig(StrictConfig):
     data: str = Field(description="root of dt=YYYY-MM-DD/ impression partitions")
     spec: str | None = Field(default=None, description="FeatureSpec YAML; null = the embedded default")
     window_days: int = Field(default=7, gt=0, description="train on [D - window_days, D - 1], evaluate on D")
-    work_dir: str = ".mtrank/work"
+    work_dir: str = Field(default=".mtrank/work", description="run directories, checkpoints, locks and the "
+                          "default sqlite MLflow store")
     tracking_uri: str | None = Field(default=None, description="MLflow URI; default $MLFLOW_TRACKING_URI, "
                                      "else sqlite in work_dir")
-    quarantine_dir: str | None = None
+    artifact_location: str | None = Field(default=None, description="where the job's MLflow experiment keeps "
+                                          "run artifacts and model files (e.g. s3://bucket/mlflow; needs the `s3` "
+                                          "extra and MLFLOW_S3_ENDPOINT_URL for a non-AWS endpoint); fixed when the "
+                                          "experiment is created, so it applies to a new experiment only; default: "
+                                          "work_dir/mlartifacts for the embedded sqlite store, else the server's")
+    quarantine_dir: str | None = Field(default=None, description="where rejected rows go under on_bad_row: "
+                                       "quarantine (one subfolder per stage); null = work_dir/quarantine")
     on_unreadable_file: Literal["fail", "skip"] = Field(default="fail", description="a corrupt or "
                                                    "truncated Parquet file: fail naming it, or skip it (counted, logged, reported)")
-    tracking: TrackingConfig = TrackingConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    promote: PromoteConfig = PromoteConfig()
-    score: ScoringConfig = ScoringConfig()
-    warm_start: WarmStartConfig = WarmStartConfig()
+    tracking: TrackingConfig = Field(default=TrackingConfig(), description="retries and timeouts of MLflow requests")
+    model: ModelConfig = Field(default=ModelConfig(), description="architecture: bottom, experts, towers, ESMM")
+    train: TrainConfig = Field(default=TrainConfig(), description="optimisation, precision, device, checkpoints")
+    eval: EvalConfig = Field(default=EvalConfig(), description="evaluation on the --date day after training")
+    promote: PromoteConfig = Field(default=PromoteConfig(), description="the gate from challenger to champion")
+    score: ScoringConfig = Field(default=ScoringConfig(), description="fusion and business rules of `mtrank "
+                                 "score`, objectives of `mtrank tune-fusion`")
+    warm_start: WarmStartConfig = Field(default=WarmStartConfig(), description="daily increments from a "
+                                        "registered version")
 
     @field_validator("name")
     @classmethod
@@ -117,7 +130,7 @@ class JobConfig(StrictConfig):
 def _resolve(cfg: JobConfig, base: Path | None) -> JobConfig:
     if base is None:
         return cfg
-    fix = lambda p: p if p is None or Path(p).is_absolute() else str(base / p)  # noqa: E731
+    fix = lambda p: p if p is None or is_uri(p) or Path(p).is_absolute() else str(base / p)  # noqa: E731
     s = cfg.score
     score = s.model_copy(update={
         "traffic_cap": s.traffic_cap.model_copy(update={"caps_file": fix(s.traffic_cap.caps_file),

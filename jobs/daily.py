@@ -132,7 +132,7 @@ def run_daily(cfg: JobConfig, date: dt.date, force: bool = False, wait: bool = F
                     if nproc > 1:
                         _train_ranks(cfg, date, parent, not force, nproc, Path(tmp))
                     else:
-                        train(cfg, date, resume=not force, parent=parent)
+                        train(cfg, date, resume=not force, parent=parent, track=True, command="daily")
                 failpoint("after_training")
             found = None if known else tracking.find_version(cfg, date.isoformat())  # ask again before registering
             if found is not None:  # the registry had this date after all: never a second version

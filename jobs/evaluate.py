@@ -52,5 +52,5 @@ def evaluate(model: str | Path, data: str, date: dt.date, out_dir: str | Path, b
     meta = {"model": str(model), "baseline": str(baseline) if baseline else None, "date": date.isoformat(),
             "evaluation rows": ev.rows, "window": ev.window, "GAUC groups": gauc_note(group_key)}
     html, _ = write_report(out_dir, f"mtrank evaluation, {date}", meta, ev.metrics, ev.curves, ev.gates,
-                           base.metrics if base else None)
+                           base.metrics if base else None, base.curves if base else None)
     return html, ev, base

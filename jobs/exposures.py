@@ -1,7 +1,8 @@
 """`mtrank exposures`: how often each item was shown on one day, for the scoring stage's traffic cap.
 
 Every row of the impression logs is one exposure. Input: the Hive partition DATA/dt=DAY/*.parquet.
-Output: one Parquet file (item_id, dt, exposures), sorted by item_id, written atomically.
+Output: one Parquet file (item_id, dt, exposures), sorted by item_id, written atomically. DATA and
+the output may be object-store URIs (s3://...; features/storage.py).
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mtrank.features import storage
 from mtrank.features.rules import (EMPTY_PARTITION, MISSING_COLUMN, MISSING_PARTITION, NULL, UNREADABLE, WRONG_TYPE,
                             BadInputError)
-from mtrank.pipeline.dataset import list_partitions
+from mtrank.pipeline.checkpoint import check_output, write_output
+from mtrank.pipeline.dataset import list_partitions, partition_files
 
 
 @dataclass
@@ -44,13 +47,13 @@ def _partition_files(data_dir: str | Path, day: dt.date, item_column: str) -> tu
     part = parts.get(day)
     if part is None:
         raise BadInputError(f"{data_dir}/dt={day}", None, MISSING_PARTITION, "no partition for this day")
-    files = [str(f) for f in sorted(part.glob("*.parquet"))]
+    files = partition_files(part)
     if not files:
         raise BadInputError(str(part), None, EMPTY_PARTITION, "partition holds no Parquet files")
     item_type: pa.DataType | None = None
     for f in files:
         try:
-            schema = pq.read_schema(f)
+            schema = storage.read_schema(f)
         except (OSError, pa.ArrowException) as e:
             raise BadInputError(f, None, UNREADABLE, f"not a readable Parquet file ({e})") from None
         if item_column not in schema.names:
@@ -73,9 +76,11 @@ def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
     column, or null item ids (with their count). The file appears atomically (temporary name,
     fsync, rename): a reader sees the previous file or the complete new one.
     """
+    if storage.is_uri(out):
+        check_output(out)   # a missing bucket fails before the logs are read
     files, item_type = _partition_files(data_dir, day, item_column)
-    part = str(Path(files[0]).parent)
-    counts = (pl.scan_parquet(files).select(pl.col(item_column).alias("item_id"))
+    part = storage.parent(files[0])
+    counts = (storage.scan_parquet(files).select(pl.col(item_column).alias("item_id"))
               .group_by("item_id").agg(pl.len().alias("exposures")).collect())
     rows = int(counts["exposures"].sum()) if counts.height else 0
     if rows == 0:
@@ -90,6 +95,12 @@ def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
         "dt": counts["dt"].to_arrow().cast(pa.date32()),
         "exposures": counts["exposures"].to_arrow().cast(pa.int64()),
     })
+    if storage.is_uri(out):   # one complete upload under the final key: atomic on an object store
+        def write(f) -> None:
+            pq.write_table(table, f, compression="snappy")
+
+        write_output(out, write)
+        return ExposureSummary(str(out), str(day), rows, counts.height)
     path = Path(out)
     if path.parent != Path(""):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from mtrank.features.numeric import NumericStats
@@ -21,6 +23,8 @@ FILES = ("weights.pt", "feature_spec.yaml", "numeric_stats.json", "model_config.
 
 
 OPTIMIZER = "optimizer.pt"  # optional: optimizer and loss-weight state, for warm starts
+INPUT_SCHEMA = "input_schema.arrow"      # the feature columns' types in the training logs (serving casts to them)
+INPUT_EXAMPLE = "input_example.parquet"  # a few training rows and one all-null row, for the model signature
 
 
 @dataclass
@@ -30,10 +34,20 @@ class SavedModel:
     config: ModelConfig
     model: MultiTaskRanker
     optimizer: dict | None = None
+    input_schema: pa.Schema | None = None   # None for models saved before it was kept
+
+
+def _write_parquet(table: pa.Table):
+    def write(f):
+        pq.write_table(table, f)
+    return write
 
 
 def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stats: NumericStats,
-               optimizer: dict | None = None) -> Path:
+               optimizer: dict | None = None, input_schema: pa.Schema | None = None,
+               input_example: pa.Table | None = None) -> Path:
+    """`input_schema`: the training logs' schema (only the spec's feature columns are kept);
+    `input_example`: raw rows with those columns."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_atomic(path / "weights.pt", lambda f: torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f))
@@ -42,7 +56,23 @@ def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stat
     write_atomic(path / "feature_spec.yaml", spec.to_yaml().encode())
     write_atomic(path / "numeric_stats.json", stats.to_json().encode())
     write_atomic(path / "model_config.json", model.cfg.model_dump_json(indent=1).encode())
+    if input_schema is not None:
+        from mtrank.features.inputs import serving_schema
+
+        write_atomic(path / INPUT_SCHEMA, serving_schema(spec, input_schema).serialize().to_pybytes())
+    if input_example is not None:
+        write_atomic(path / INPUT_EXAMPLE, _write_parquet(input_example))
     return path
+
+
+def read_input_schema(path: str | Path) -> pa.Schema | None:
+    f = Path(path) / INPUT_SCHEMA
+    return pa.ipc.read_schema(pa.py_buffer(f.read_bytes())) if f.exists() else None
+
+
+def read_input_example(path: str | Path) -> pa.Table | None:
+    f = Path(path) / INPUT_EXAMPLE
+    return pq.read_table(f) if f.exists() else None
 
 
 def read_spec(path: str | Path) -> FeatureSpec:
@@ -65,4 +95,4 @@ def load_model(path: str | Path, with_optimizer: bool = False) -> SavedModel:
     optimizer = None
     if with_optimizer and (path / OPTIMIZER).exists():
         optimizer = load_tensors(path / OPTIMIZER)
-    return SavedModel(spec, stats, config, model, optimizer)
+    return SavedModel(spec, stats, config, model, optimizer, read_input_schema(path))

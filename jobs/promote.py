@@ -30,7 +30,9 @@ The reason (printed by the CLI, tag `promotion.reason`) carries every figure's d
 two-sided interval and the one-sided bound; per-figure version tags `gate.<figure>.delta`,
 `.ci`, `.bound`, `.outcome` and `promotion.rule` record the same; `gate.json` and a gate section
 of report.html land in the challenger's report folder when that folder is on this machine, and are
-logged to the challenger's MLflow run.
+logged to the challenger's MLflow run. There the challenger's report.html is re-rendered with the
+champion as its baseline (both scored on the gate's rows): metrics with deltas, the champion's
+curves in the ROC and reliability plots, then the gate section.
 """
 from __future__ import annotations
 
@@ -47,9 +49,9 @@ import numpy as np
 from mtrank.features.spec import SpecError
 from mtrank.jobs import tracking
 from mtrank.jobs.config import JobConfig, PromoteConfig
-from mtrank.jobs.evaluate import evaluate_model
+from mtrank.jobs.evaluate import Evaluation, evaluate_model
 from mtrank.jobs.paths import quarantine_dir, run_dir
-from mtrank.jobs.report import add_gate
+from mtrank.jobs.report import add_gate, compare_report
 from mtrank.pipeline.evaluate import BinarySet, binary_sets
 from mtrank.pipeline.metrics import paired_auc_test
 
@@ -219,16 +221,27 @@ class Decision:
     gate: Gate | None = None
 
 
-def _write_gate_json(cfg: JobConfig, challenger, payload: dict) -> Path | None:
+def _write_gate_json(cfg: JobConfig, challenger, payload: dict, evals: dict[str, Evaluation] | None = None,
+                     champion_version: str | None = None) -> Path | None:
     """gate.json and the gate's section of report.html in the challenger's report folder (when its run
-    directory is on this machine), both also logged to the challenger's MLflow run."""
+    directory is on this machine), both also logged to the challenger's MLflow run. With `evals`
+    (both models scored on the gate's rows) the report is re-rendered with the champion as its
+    baseline: table with deltas, champion's curves in the plots, then the gate section."""
     day = challenger.tags.get("mtrank.date")
     if not day:
         return None
     report = run_dir(cfg, dt.date.fromisoformat(day)) / "report"
     if not report.is_dir():
         return None
-    files = add_gate(report, payload)
+    if evals:
+        cha, chm = evals["challenger"], evals["champion"]
+        meta = {"baseline": f"champion v{champion_version}, scored on the same {cha.rows:,} rows of "
+                            f"{payload['date']} as this model (the gate's evaluation)",
+                "evaluation rows": cha.rows}
+        files = compare_report(report, cha.metrics, cha.curves, chm.metrics, chm.curves,
+                               (f"challenger v{challenger.version}", f"champion v{champion_version}"), payload, meta)
+    else:
+        files = add_gate(report, payload)
     if getattr(challenger, "run_id", None):
         tracking.log_report_files(cfg, challenger.run_id, files)
     return report / "gate.json"
@@ -251,11 +264,12 @@ def promote(cfg: JobConfig, date: dt.date) -> Decision:
         tracking.record_decision(cfg, challenger.version, True, reason, date.isoformat(),
                                  {"promotion.rule": rule_text(cfg.promote)})
         return Decision(challenger.version, True, reason, None)
-    sets, rows = {}, {}
+    sets, rows, evals = {}, {}, {}
     for label, mv in (("challenger", challenger), ("champion", champion)):
         saved = tracking.open_model(f"models:/{cfg.name}/{mv.version}", tracking.tracking_uri(cfg))
-        pred = evaluate_model(saved, cfg.data, date, cfg.promote.max_rows, quarantine_dir=quarantine_dir(cfg, "promote"),
-                              on_unreadable=cfg.on_unreadable_file)[1]
+        evals[label], pred = evaluate_model(saved, cfg.data, date, cfg.promote.max_rows,
+                                            quarantine_dir=quarantine_dir(cfg, "promote"),
+                                            on_unreadable=cfg.on_unreadable_file)
         sets[label], rows[label] = binary_sets(pred, saved.spec), pred.rows
         del pred, saved
         if label == "challenger":
@@ -267,6 +281,6 @@ def promote(cfg: JobConfig, date: dt.date) -> Decision:
     gate = compare(sets["challenger"], sets["champion"], cfg.promote)
     reason = f"on {date} vs champion v{champion.version}: {gate.reason}"
     _write_gate_json(cfg, challenger, {**head, "champion_version": str(champion.version), "rows": rows["challenger"],
-                                       **gate.to_dict(), "reason": reason})
+                                       **gate.to_dict(), "reason": reason}, evals, str(champion.version))
     tracking.record_decision(cfg, challenger.version, gate.promoted, reason, date.isoformat(), gate.tags())
     return Decision(challenger.version, gate.promoted, reason, champion.version, gate)

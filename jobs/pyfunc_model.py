@@ -1,9 +1,12 @@
 """MLflow pyfunc entry point, logged as *code* (MLflow's models-from-code), never as a pickle.
 
 Loading a registered version runs this file, which builds the ranker from the version's artifacts:
-the FeatureSpec (with its hash seed), the numeric statistics and the weights (a plain state dict,
-`torch.load(weights_only=True)`). `predict` takes a DataFrame of raw feature columns — the same
-columns as the impression logs, labels not needed — and returns every task output per row.
+the FeatureSpec (with its hash seed), the numeric statistics, the weights (a plain state dict,
+`torch.load(weights_only=True)`) and the training logs' column types. The `mtrank` code it imports
+travels with the version (`code/`), so no mtrank install is needed where it loads.
+
+`predict` takes a DataFrame of raw feature columns — the same columns as the impression logs, other
+columns ignored, nulls allowed — and returns one column per output of the spec.
 """
 from __future__ import annotations
 
@@ -12,19 +15,33 @@ import pandas as pd
 import pyarrow as pa
 from mlflow.pyfunc import PythonModel
 
+
 class RankerPyfunc(PythonModel):
     def load_context(self, context) -> None:
         from mtrank.features.featurize import Featurizer
+        from mtrank.features.inputs import serving_schema
         from mtrank.jobs.model_io import load_model
 
         self.saved = load_model(context.artifacts["model"])
         self.featurizer = Featurizer(self.saved.spec, self.saved.stats)
+        self.schema = serving_schema(self.saved.spec, self.saved.input_schema)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        import torch
+        from mlflow.exceptions import MlflowException
+
+        from mtrank.features.base import MtrankError
+        from mtrank.features.inputs import check_serving_nulls, conform
         from mtrank.pipeline.evaluate import predict_rows
 
-        table = pa.Table.from_pandas(model_input, preserve_index=False)
-        return pd.DataFrame(predict_rows(self.saved.model, self.featurizer, table))
+        cols = [c for c in self.schema.names if c in model_input.columns]
+        try:
+            table = conform(pa.Table.from_pandas(model_input[cols], preserve_index=False), self.schema)
+            check_serving_nulls(table, self.saved.spec)
+        except (MtrankError, pa.ArrowException) as e:   # the client's rows: HTTP 400, not 500
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+        with torch.inference_mode():
+            return pd.DataFrame(predict_rows(self.saved.model, self.featurizer, table))
 
 
 mlflow.models.set_model(RankerPyfunc())

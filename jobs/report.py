@@ -2,8 +2,11 @@
 
 Every figure is on its task's population (tasks on all rows and entire-space products over all
 impressions, tasks with a `space` over that task's positives), with the population size beside it and the oracle figure
-where the data carries the generator's true probabilities. With a baseline the two models are
-shown side by side with deltas.
+where the data carries the generator's true probabilities, and each AUC with its 95 % DeLong interval.
+With a baseline (`mtrank evaluate --baseline`, or the champion once the promotion gate has scored
+both on the same rows) the two models are shown side by side: deltas coloured by which way is
+better, the baseline's ROC and reliability curves in each task's panel. Plots are small multiples,
+one panel per task; with the trainer's history, train / validation loss per task too.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ BINARY_COLS = [("rows", "rows", "{:,}"), ("positives", "positives", "{:,}"), ("a
                ("oracle_auc", "oracle AUC", "{:.4f}"), ("gauc", "GAUC", "{:.4f}"),
                ("oracle_gauc", "oracle GAUC", "{:.4f}"), ("logloss", "logloss", "{:.4f}"), ("ne", "NE", "{:.4f}"),
                ("mean_pred", "mean pred", "{:.4f}"), ("observed_rate", "observed", "{:.4f}"),
-               ("pcoc", "PCOC", "{:.3f}")]
+               ("pcoc", "PCOC", "{:.3f}"), ("pcoc_uncalibrated", "PCOC uncalibrated", "{:.3f}"),
+               ("logloss_uncalibrated", "logloss uncalibrated", "{:.4f}")]
+OPTIONAL_COLS = {"pcoc_uncalibrated", "logloss_uncalibrated"}   # shown only for a calibrated model
 REGRESSION_COLS = [("rows", "rows", "{:,}"), ("rmse", "RMSE (s)", "{:.2f}"), ("r2", "R²", "{:.4f}"),
                    ("rmse_log1p", "RMSE log1p", "{:.4f}"), ("oracle_rmse", "oracle RMSE (s)", "{:.2f}")]
 
@@ -67,76 +72,225 @@ def _fmt(fmt: str, v) -> str:
     return fmt.format(v)
 
 
+def _num(v) -> float:
+    """A figure as a float; None (a null read back from metrics.json) and non-numbers are NaN."""
+    return float(v) if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else float("nan")
+
+
 def _population(m: dict) -> str:
     return "all impressions" if m.get("population") == "all" else f"{m.get('population')} positives"
 
 
-def metrics_table(metrics: dict, baseline: dict | None = None) -> str:
+# Which way a delta is an improvement. Oracle figures belong to the data, not the model, and the
+# counts and rates describe the population: those deltas stay uncoloured.
+HIGHER_IS_BETTER = {"auc", "gauc", "r2"}
+LOWER_IS_BETTER = {"logloss", "ne", "rmse", "rmse_log1p"}
+CLOSER_TO_ONE = {"pcoc"}
+
+
+def delta_class(key: str, value, base) -> str:
+    """'better', 'worse' or '' for the delta of figure `key` from `base` to `value`."""
+    v, b = _num(value), _num(base)
+    if not (math.isfinite(v) and math.isfinite(b)) or v == b:
+        return ""
+    if key in HIGHER_IS_BETTER:
+        better = v > b
+    elif key in LOWER_IS_BETTER:
+        better = v < b
+    elif key in CLOSER_TO_ONE:
+        if abs(v - 1) == abs(b - 1):
+            return ""
+        better = abs(v - 1) < abs(b - 1)
+    else:
+        return ""
+    return "better" if better else "worse"
+
+
+def _cell(key: str, fmt: str, m: dict) -> str:
+    text = _fmt(fmt, m.get(key))
+    if key == "auc" and text != "–" and math.isfinite(_num(m.get("auc_lo"))) and math.isfinite(_num(m.get("auc_hi"))):
+        text += f" [{m['auc_lo']:.4f}, {m['auc_hi']:.4f}]"
+    return f"<td>{text}</td>"
+
+
+def metrics_table(metrics: dict, baseline: dict | None = None, baseline_label: str = "baseline") -> str:
     rows = []
     for kind, cols in (("binary", BINARY_COLS), ("regression", REGRESSION_COLS)):
         names = [n for n, m in metrics.items() if ("auc" in m) == (kind == "binary")]
         if not names:
             continue
+        cols = [c for c in cols if c[0] not in OPTIONAL_COLS or any(c[0] in metrics[n] for n in names)]
         head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in cols)
         rows.append(f"<h3>{'Binary tasks and entire-space products' if kind == 'binary' else 'Regression'}</h3>"
                     f"<table><tr><th>task</th><th>population</th>{head}</tr>")
         for n in names:
             m = metrics[n]
-            cells = "".join(f"<td>{_fmt(fmt, m.get(k))}</td>" for k, _, fmt in cols)
+            cells = "".join(_cell(k, fmt, m) for k, _, fmt in cols)
             rows.append(f"<tr><td><b>{html.escape(n)}</b></td><td>{_population(m)}</td>{cells}</tr>")
             if baseline and n in baseline:
                 b = baseline[n]
-                cells = "".join(f"<td>{_fmt(fmt, b.get(k))}</td>" for k, _, fmt in cols)
-                rows.append(f"<tr class=base><td>baseline</td><td></td>{cells}</tr>")
-                delta = "".join(
-                    f"<td>{_fmt('{:+.4f}', m[k] - b[k]) if isinstance(m.get(k), float) and isinstance(b.get(k), float) else ''}</td>"
-                    for k, _, _ in cols)
-                rows.append(f"<tr class=delta><td>Δ</td><td></td>{delta}</tr>")
+                cells = "".join(_cell(k, fmt, b) for k, _, fmt in cols)
+                rows.append(f"<tr class=base><td>{html.escape(baseline_label)}</td><td></td>{cells}</tr>")
+                delta = []
+                for k, _, _ in cols:
+                    if isinstance(m.get(k), float) and isinstance(b.get(k), float):
+                        c = delta_class(k, m[k], b[k])
+                        delta.append(f"<td{' class=' + c if c else ''}>{_fmt('{:+.4f}', m[k] - b[k])}</td>")
+                    else:
+                        delta.append("<td></td>")
+                rows.append(f"<tr class=delta><td>Δ</td><td></td>{''.join(delta)}</tr>")
         rows.append("</table>")
     return "\n".join(rows)
 
 
-def roc_figure(curves: dict) -> str:
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for name, c in curves.items():
-        if c["roc"]["fpr"]:
-            ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=name)
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (each on its population)")
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def reliability_figure(curves: dict) -> str:
-    n = len(curves)
-    cols = min(4, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-    for ax, (name, c) in zip(axes.flat, curves.items()):
-        cal = c["calibration"]
-        hi = max(cal["mean_pred"] + cal["observed"] + [1e-6])
-        ax.plot([0, hi], [0, hi], "k:", lw=0.8)
-        ax.plot(cal["mean_pred"], cal["observed"], "o-", ms=3)
-        ax.set(title=name, xlabel="mean prediction", ylabel="observed rate")
+def _grid(n: int, cols: int = 4, w: float = 3.2, h: float = 3.0):
+    """Small multiples: one panel per task, so no task's curve hides another's."""
+    cols = max(1, min(cols, n))
+    rows = max(1, (n + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
+    return fig, list(axes.flat)[:n]
+
+
+MODEL_STYLE = {"color": "C0", "lw": 1.4}
+BASE_STYLE = {"color": "C1", "lw": 1.2, "ls": "--"}
+
+
+def _auc_label(label: str, m: dict | None) -> str:
+    a = _num((m or {}).get("auc"))
+    return f"{label} (AUC {a:.4f})" if math.isfinite(a) else label
+
+
+def roc_figure(curves: dict, baseline_curves: dict | None = None, metrics: dict | None = None,
+               baseline_metrics: dict | None = None, labels: tuple[str, str] = ("model", "baseline")):
+    """ROC per task, the baseline's curve in the same panel; returns the figure (see `_png`)."""
+    fig, axes = _grid(len(curves))
+    for ax, (name, c) in zip(axes, curves.items()):
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        if c["roc"]["fpr"]:
+            ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=_auc_label(labels[0], (metrics or {}).get(name)),
+                    **MODEL_STYLE)
+        b = (baseline_curves or {}).get(name)
+        if b and b["roc"]["fpr"]:
+            ax.plot(b["roc"]["fpr"], b["roc"]["tpr"], label=_auc_label(labels[1], (baseline_metrics or {}).get(name)),
+                    **BASE_STYLE)
+        ax.set(title=name, xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("ROC (each on its population)")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(curves: dict, baseline_curves: dict | None = None,
+                       labels: tuple[str, str] = ("model", "baseline")):
+    """Reliability per task on equal-count bins, the baseline's beside the model's."""
+    fig, axes = _grid(len(curves))
+    for ax, (name, c) in zip(axes, curves.items()):
+        b = (baseline_curves or {}).get(name)
+        cals = [(c["calibration"], labels[0], MODEL_STYLE, "o")]
+        if b:
+            cals.append((b["calibration"], labels[1], BASE_STYLE, "s"))
+        hi = max([v for cal, *_ in cals for v in cal["mean_pred"] + cal["observed"] if v is not None] + [1e-6])
+        ax.plot([0, hi], [0, hi], "k:", lw=0.8)
+        for cal, label, style, marker in cals:
+            if cal["mean_pred"]:
+                ax.plot(cal["mean_pred"], cal["observed"], marker=marker, ms=3, label=label, **style)
+        ax.set(title=name, xlabel="mean prediction", ylabel="observed rate")
+        if b:
+            ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("Reliability (equal-count bins)")
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
-def histogram_figure(curves: dict) -> str:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, c in curves.items():
+def histogram_figure(curves: dict):
+    """Prediction histogram per task, positives against negatives, each as a share of its class
+    (positives are rare: raw counts would flatten them); separation is what AUC measures."""
+    fig, axes = _grid(len(curves))
+    for ax, (name, c) in zip(axes, curves.items()):
         h = c["histogram"]
-        centers = (np.array(h["edges"][:-1]) + np.array(h["edges"][1:])) / 2
-        ax.plot(centers, np.maximum(h["counts"], 0.5), label=name)
-    ax.set(yscale="log", xlabel="predicted probability", ylabel="rows", title="Prediction histograms")
-    ax.legend(fontsize=8)
-    return _png(fig)
+        edges = np.asarray(h["edges"], np.float64)
+        parts = ([("negatives", h["negatives"], "C0"), ("positives", h["positives"], "C3")]
+                 if "positives" in h else [("all rows", h["counts"], "C0")])
+        for label, counts, colour in parts:
+            counts = np.asarray(counts, np.float64)
+            total = counts.sum()
+            if total:
+                ax.stairs(counts / total, edges, label=f"{label} ({int(total):,})", color=colour, lw=1.2)
+        ax.set(title=name, xlabel="predicted probability", ylabel="share of the class's rows")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("Prediction histograms")
+    fig.tight_layout()
+    return fig
 
 
-def gates_figure(gates: dict[str, list[float]]) -> str | None:
+def _history_tasks(history: dict) -> list[str]:
+    """Task names in the order they first appear (they are data: any spec's names)."""
+    seen: dict[str, None] = {}
+    for part in ("train", "validation"):
+        for e in history.get(part) or []:
+            if isinstance(e, dict) and isinstance(e.get("loss"), dict):
+                seen.update(dict.fromkeys(e["loss"]))
+    return list(seen)
+
+
+def has_history(history: dict | None) -> bool:
+    """Whether there is a loss to draw (training may not have produced one: the section is left out)."""
+    return isinstance(history, dict) and any(
+        isinstance(e, dict) and isinstance(e.get("loss"), dict) and bool(e["loss"])
+        for part in ("train", "validation") for e in (history.get(part) or []))
+
+
+def _series(entries: list, task: str, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+    pts = [(_num(e.get("step", i)), _num((e.get(key) or {}).get(task)))
+           for i, e in enumerate(entries) if isinstance(e, dict)]
+    pts = [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y)]
+    a = np.asarray(pts, np.float64).reshape(-1, 2)
+    return a[:, 0], a[:, 1]
+
+
+def loss_figure(history: dict | None):
+    """Train loss (running mean) against step with the validation loss at its step, one panel
+    per task; None without a history."""
+    if not has_history(history):
+        return None
+    tasks = _history_tasks(history)
+    train, val = history.get("train") or [], history.get("validation") or []
+    fig, axes = _grid(len(tasks))
+    for ax, task in zip(axes, tasks):
+        x, y = _series(train, task)
+        if x.size:
+            ax.plot(x, y, label="train (running mean)", **MODEL_STYLE)
+        x, y = _series(val, task)
+        if x.size:
+            ax.plot(x, y, "D", color="C3", ms=5, label="validation")
+        ax.set(title=task, xlabel="step", ylabel="loss")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("Training and validation loss")
+    fig.tight_layout()
+    return fig
+
+
+def validation_table(history: dict | None) -> str:
+    """Validation loss / AUC per epoch and task ('' without validation entries)."""
+    val = [e for e in (history or {}).get("validation") or [] if isinstance(e, dict)]
+    if not val:
+        return ""
+    tasks = _history_tasks({"validation": val})
+    head = "".join(f"<th>{html.escape(t)} loss</th><th>{html.escape(t)} AUC</th>" for t in tasks)
+    rows = "".join(
+        f"<tr><td>{_fmt('{}', e.get('epoch'))}</td><td>{_fmt('{:,}', e.get('step'))}</td>"
+        + "".join(f"<td>{_fmt('{:.4f}', _num((e.get('loss') or {}).get(t)))}</td>"
+                  f"<td>{_fmt('{:.4f}', _num((e.get('auc') or {}).get(t)))}</td>" for t in tasks) + "</tr>"
+        for e in val)
+    return f"<table><tr><th>epoch</th><th>step</th>{head}</tr>{rows}</table>"
+
+
+def gates_figure(gates: dict[str, list[float]]):
     if not gates:
         return None
     tasks = list(gates)
@@ -151,31 +305,45 @@ def gates_figure(gates: dict[str, list[float]]) -> str | None:
                     color="w" if mat[i, j] < mat.max() / 2 else "k")
     ax.set_title("Mean gate weight per task and expert")
     fig.colorbar(im, ax=ax, fraction=0.04)
-    return _png(fig)
+    return fig
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}th{background:#f3f3f3}
-tr.base td{color:#666}tr.delta td{color:#036;font-style:italic}img{max-width:100%}code{background:#f3f3f3}"""
+tr.base td{color:#666}tr.delta td{color:#036;font-style:italic}tr.delta td.better{color:#1a7f37;font-weight:bold}
+tr.delta td.worse{color:#cf222e;font-weight:bold}img{max-width:100%}code{background:#f3f3f3}"""
 
 
 def render(title: str, meta: dict, metrics: dict, curves: dict, gates: dict | None,
-           baseline: dict | None = None) -> str:
+           baseline: dict | None = None, baseline_curves: dict | None = None, history: dict | None = None,
+           labels: tuple[str, str] = ("model", "baseline"), gate: dict | None = None) -> str:
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td style='text-align:left'>"
                                  f"<code>{html.escape(json.dumps(v, default=str))}</code></td></tr>"
                                  for k, v in meta.items()) + "</table>",
-             "<h2>Metrics</h2>", metrics_table(metrics, baseline),
-             "<p>AUC is exact over the whole evaluation set (ties averaged). GAUC: per-group AUC (groups: the "
+             "<h2>Metrics</h2>", metrics_table(metrics, baseline, labels[1]),
+             "<p>AUC is exact over the whole evaluation set (ties averaged), with its 95 % DeLong interval in "
+             "brackets. GAUC: per-group AUC (groups: the "
              "spec's group_key, see 'GAUC groups' above) weighted by impressions, groups with one class excluded. NE: logloss / entropy of the observed rate. "
-             "PCOC: mean prediction / observed rate. Oracle: the generator's true probabilities as the score.</p>",
-             "<h2>ROC</h2>", f"<img src='{roc_figure(curves)}'>",
-             "<h2>Calibration</h2>", f"<img src='{reliability_figure(curves)}'>",
-             "<h2>Predictions</h2>", f"<img src='{histogram_figure(curves)}'>"]
+             "PCOC: mean prediction / observed rate. Oracle: the generator's true probabilities as the score."
+             + (f" Δ: this model − {html.escape(labels[1])}, <span style='color:#1a7f37'>green</span> better, "
+                "<span style='color:#cf222e'>red</span> worse (PCOC: closer to 1 is better)." if baseline else "")
+             + "</p>"]
+    if curves:
+        base = baseline_curves if baseline_curves else None
+        parts += ["<h2>ROC</h2>", f"<img src='{_png(roc_figure(curves, base, metrics, baseline, labels))}'>",
+                  "<h2>Calibration</h2>", f"<img src='{_png(reliability_figure(curves, base, labels))}'>",
+                  "<h2>Predictions</h2>", f"<img src='{_png(histogram_figure(curves))}'>"]
+    loss = loss_figure(history)
+    if loss is not None:
+        parts += ["<h2 id=loss>Training and validation loss</h2>", f"<img src='{_png(loss)}'>",
+                  validation_table(history)]
     g = gates_figure(gates or {})
-    if g:
-        parts += ["<h2>Expert utilisation</h2>", f"<img src='{g}'>"]
+    if g is not None:
+        parts += ["<h2>Expert utilisation</h2>", f"<img src='{_png(g)}'>"]
+    if gate is not None:
+        parts.append(gate_section(gate))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -186,15 +354,40 @@ def gauc_note(group_key: str | None) -> str:
 
 
 def write_report(out_dir: str | Path, title: str, meta: dict, metrics: dict, curves: dict,
-                 gates: dict | None, baseline: dict | None = None) -> tuple[Path, Path]:
-    """report.html + metrics.json, written atomically together (never half a file under either name;
-    a failure such as a full disk leaves the previous pair, or nothing, and raises OutputError)."""
+                 gates: dict | None, baseline: dict | None = None, baseline_curves: dict | None = None,
+                 history: dict | None = None, labels: tuple[str, str] = ("model", "baseline"),
+                 gate: dict | None = None) -> tuple[Path, Path]:
+    """report.html + metrics.json (+ gate.json with `gate`), written atomically together (never half
+    a file under either name; a failure such as a full disk leaves the previous files, or nothing,
+    and raises OutputError). `history`: the trainer's loss history, drawn when it has entries;
+    `labels`: the model's and the baseline's names in the table and the plots."""
     out = make_dirs(out_dir)
-    page = render(title, meta, metrics, curves, gates, baseline)
-    payload = {"meta": meta, "tasks": metrics, "baseline": baseline, "gates": gates}
-    write_atomic_all({out / "report.html": page.encode(),   # both complete, then both renamed
-                      out / "metrics.json": strict_json(payload)})
+    page = render(title, meta, metrics, curves, gates, baseline, baseline_curves, history, labels, gate)
+    payload = {"title": title, "meta": meta, "tasks": metrics, "baseline": baseline,
+               "labels": list(labels), "gates": gates, "history": history if has_history(history) else None}
+    files = {out / "report.html": page.encode(),   # all complete, then all renamed
+             out / "metrics.json": strict_json(payload)}
+    if gate is not None:
+        files[out / "gate.json"] = strict_json(gate)
+    write_atomic_all(files)
     return out / "report.html", out / "metrics.json"
+
+
+def compare_report(report_dir: str | Path, metrics: dict, curves: dict, baseline: dict, baseline_curves: dict,
+                   labels: tuple[str, str], gate: dict, meta: dict | None = None) -> list[Path]:
+    """The report of a run re-rendered beside a baseline (the champion, scored on the same rows as
+    the model), with the gate's section: title, meta, expert gates and history come from the
+    report's metrics.json. A report without a readable metrics.json gets only the gate section
+    (`add_gate`). Returns the files written."""
+    report_dir = Path(report_dir)
+    try:
+        old = json.loads((report_dir / "metrics.json").read_text())
+        title = old["title"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return add_gate(report_dir, gate)
+    write_report(report_dir, title, {**(old.get("meta") or {}), **(meta or {})}, metrics, curves, old.get("gates"),
+                 baseline, baseline_curves, old.get("history"), labels, gate)
+    return [report_dir / "gate.json", report_dir / "report.html", report_dir / "metrics.json"]
 
 
 GATE_START, GATE_END = "<section id='gate'>", "</section><!-- gate -->"

@@ -4,6 +4,8 @@ The model is loaded from the registry (its own FeatureSpec and hash seed, so sco
 like training), candidates are validated and streamed through it, and the pure scoring stage
 (pipeline/scoring) fuses and applies the rules. The output is written under a temporary name and
 renamed, so a failed or interrupted job never leaves a half-written file under the final name.
+Candidates, exposures and the output may be object-store URIs (s3://...; features/storage.py): there
+the output and its summary are each one complete upload under the final key (atomic by itself).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mtrank.features import storage
 from mtrank.features.featurize import Featurizer
 from mtrank.features.rules import MISSING_COLUMN, BadInputError
 from mtrank.features.base import failpoint
@@ -27,7 +30,7 @@ from mtrank.jobs.report import strict_json
 from mtrank.jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
 from mtrank.pipeline.evaluate import predict_rows
 from mtrank.pipeline.candidates import CandidateReader, candidate_files
-from mtrank.pipeline.checkpoint import make_dirs, write_atomic
+from mtrank.pipeline.checkpoint import check_output, write_output
 from mtrank.pipeline.progress import Progress
 from mtrank.pipeline.scoring import ScoringConfig, score_candidates
 from mtrank.pipeline.scoring.fusion import resolve
@@ -37,7 +40,7 @@ log = logging.getLogger("mtrank.score")
 
 @dataclass
 class ScoreOutcome:
-    out: Path
+    out: Path | str   # a URI for an object-store output
     summary: dict
     table: pa.Table
     run_id: str | None = None
@@ -48,7 +51,7 @@ def _side_table(path: str | None, columns: dict[str, str], what: str) -> pa.Tabl
     if path is None:
         return None
     try:
-        table = pq.read_table(path)
+        table = storage.read_table(path)
     except (OSError, pa.ArrowException) as e:
         raise BadInputError(path, None, "unreadable_file", f"cannot read the {what} ({e})") from None
     for col, meaning in columns.items():
@@ -110,13 +113,13 @@ def read_campaign(path: str | None, item_column: str, day: dt.date) -> pa.Array 
     return t[item_column].filter(active).combine_chunks()
 
 
-def _write_parquet(table: pa.Table, out: Path) -> None:
-    make_dirs(out.parent)
+def _write_parquet(table: pa.Table, out: Path | str) -> None:
+    check_output(out)
     def write(f) -> None:
         pq.write_table(table, f, compression="zstd")
-        failpoint("score_write")   # the data is in the temporary file, not yet under its name
+        failpoint("score_write")   # the data is in the temporary file (or buffer), not yet under its name
 
-    write_atomic(out, write)
+    write_output(out, write)
 
 
 def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, out: str | Path, *,
@@ -124,7 +127,9 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
           progress: bool | None = None) -> ScoreOutcome:
     """Score one day's candidates with a model (registry URI or saved-model directory)."""
     sc = scoring or cfg.score
-    make_dirs(Path(out).parent)  # an unwritable output folder fails before any work, naming it
+    remote = storage.is_uri(out)
+    out = str(out).rstrip("/") if remote else Path(out)
+    check_output(out)  # an unwritable output folder (or a missing bucket) fails before any work, naming it
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     saved = open_model(model_ref, tracking_uri(cfg))
@@ -165,7 +170,6 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
                               exposures=read_exposures(exposures or sc.traffic_cap.exposures_file, sc.item_column, day)
                               if sc.traffic_cap.enabled else None)
     timings["rules_s"] = time.perf_counter() - t2
-    out = Path(out)
     t3 = time.perf_counter()
     _write_parquet(scored.table, out)
     timings["write_s"] = time.perf_counter() - t3
@@ -176,9 +180,18 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
                "rows_out": scored.table.num_rows, "output": str(out), "formula": plan.formula(),
                "seconds": timings,
                "balanced": acc.rows_read == scored.summary["rows_in"] + acc.rows_rejected}
-    summary_path = out.with_name(out.name + ".summary.json")
-    write_atomic(summary_path, strict_json(summary))
-    run_id = log_scoring(cfg, str(day), model_ref, summary, summary_path) if track else None
+    summary_path = f"{out}.summary.json" if remote else out.with_name(out.name + ".summary.json")
+    write_output(summary_path, strict_json(summary))
+    run_id = None
+    if track and remote:   # MLflow logs a local file: a copy under the same name, gone afterwards
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mtrank-score-") as tmp:
+            local = Path(tmp) / storage.name(summary_path)
+            local.write_bytes(strict_json(summary))
+            run_id = log_scoring(cfg, str(day), model_ref, summary, local)
+    elif track:
+        run_id = log_scoring(cfg, str(day), model_ref, summary, summary_path)
     return ScoreOutcome(out, summary, scored.table, run_id, saved.spec.request_id)
 
 

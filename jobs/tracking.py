@@ -1,4 +1,4 @@
-"""MLflow tracking and registry: the only module that imports mlflow (besides the pyfunc entry).
+"""MLflow tracking and registry: with `packaging` and the pyfunc entry, the only modules that import mlflow.
 
 A training outcome lives in its run directory first; this module logs it as one MLflow run and
 registers the model, so a tracking server that is down costs a re-log, never a retrain.
@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from mtrank.features.base import MtrankError, failpoint
 from mtrank.jobs.config import JobConfig
 from mtrank.jobs.model_io import load_model, read_spec
 from mtrank.jobs.paths import run_dir
+from mtrank.jobs.store import (StoreNotFound, _client, _experiment, ensure_store, git_commit,  # noqa: F401
+                               require_store, tracking_uri)
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -62,15 +63,6 @@ def _known(ref: str, uri: str | None) -> str:
 
 class TrackingUnavailable(MtrankError, RuntimeError):
     """The tracking server did not answer within the configured retries (job config `tracking:`)."""
-
-
-def _http_settings(cfg: JobConfig) -> None:
-    """The job's retry bound, applied to MLflow's own HTTP client (read per request from the env)."""
-    t = cfg.tracking
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(t.retries)
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(t.backoff_seconds)
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(t.timeout_seconds)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")  # an exact bound for a batch job
 
 
 def _unreachable(e: BaseException | None) -> bool:
@@ -157,77 +149,6 @@ def _find_hint(cfg: JobConfig, date: str) -> str:
     return _outcome_hint(out, date) if (out / "metrics.json").exists() else REGISTRY_HINT
 
 
-def tracking_uri(cfg: JobConfig) -> str:
-    """Config, else $MLFLOW_TRACKING_URI, else an embedded sqlite store in the work dir.
-    Also applies the job's `tracking:` retry bound to MLflow's HTTP client."""
-    _http_settings(cfg)
-    if cfg.tracking_uri:
-        return cfg.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(Path(cfg.work_dir) / 'mlflow.db').resolve()}"
-
-
-_READY: set[str] = set()
-
-
-def ensure_store(uri: str) -> None:
-    """Create an embedded sqlite store once, under a file lock: MLflow creates and migrates its
-    tables on first use, and two processes doing that at once on one new file collide
-    (`duplicate column name`). Other stores (a server, PostgreSQL) manage themselves."""
-    if uri in _READY or not uri.startswith("sqlite:///"):
-        return
-    import fcntl
-
-    import mlflow
-
-    db = Path(uri[len("sqlite:///"):])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".init.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        client = mlflow.MlflowClient(uri, uri)
-        client.search_experiments(max_results=1)        # tracking tables
-        client.search_registered_models(max_results=1)  # registry tables
-    _READY.add(uri)
-
-
-def _client(cfg: JobConfig):
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # job logs, not a terminal bar
-    uri = tracking_uri(cfg)
-    ensure_store(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow, mlflow.MlflowClient(uri, uri)
-
-
-def _experiment(mlflow, client, cfg: JobConfig) -> str:
-    exp = client.get_experiment_by_name(cfg.name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if tracking_uri(cfg).startswith("sqlite:"):  # embedded store: artifacts beside it, not in ./mlruns
-        location = (Path(cfg.work_dir) / "mlartifacts").resolve().as_uri()
-    try:
-        return client.create_experiment(cfg.name, artifact_location=location)
-    except Exception as e:  # noqa: BLE001 - another host created it between our lookup and our create
-        exp = client.get_experiment_by_name(cfg.name)
-        if exp is None or not ("RESOURCE_ALREADY_EXISTS" in str(e) or "already exists" in str(e).lower()
-                               or "UNIQUE constraint" in str(e) or "duplicate key" in str(e)):
-            raise
-        return exp.experiment_id
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def flatten(prefix: str, value, out: dict) -> dict:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -275,8 +196,48 @@ def date_winner(versions: list):
     return min((v for v in versions if _generation(v) == top), key=lambda v: int(v.version))
 
 
+def _log_curves(client, run_id: str, summary: dict) -> None:
+    """The training curves the live run did not get (all of them when tracking was down while it
+    trained): for each metric, the points after the last step the run already has."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from mtrank.jobs.live_run import epoch_metrics, step_metrics
+
+    history = summary.get("history") or {}
+    points = [(step_metrics(p), p["step"]) for p in history.get("train", [])]
+    points += [(epoch_metrics(e), e.get("step", e["epoch"] + 1)) for e in summary["epochs"]]
+    keys = {k for values, _ in points for k in values}
+    last = {k: max((h.step for h in client.get_metric_history(run_id, k)), default=-1) for k in keys}
+    ts = int(time.time() * 1000)
+    missing = [Metric(k, float(v), ts, step) for values, step in points for k, v in _finite(values).items()
+               if step > last[k]]
+    for i in range(0, len(missing), 900):   # MLflow takes at most 1,000 metrics a batch
+        client.log_batch(run_id, metrics=missing[i:i + 900])
+
+
+def _log_model(mlflow, model_dir: Path, spec):
+    """The pyfunc version: code bundled, requirements pinned, signature and input example (see
+    `jobs.packaging`)."""
+    import tempfile
+
+    from mtrank.features.inputs import serving_schema
+    from mtrank.jobs import packaging
+    from mtrank.jobs.model_io import read_input_example, read_input_schema
+
+    schema = serving_schema(spec, read_input_schema(model_dir))
+    example = read_input_example(model_dir)
+    with tempfile.TemporaryDirectory(prefix="mtrank-code-") as tmp:
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_CODE), artifacts={"model": str(model_dir)},
+            code_paths=[str(packaging.stage_code(Path(tmp)))], pip_requirements=packaging.requirements(),
+            signature=packaging.signature(spec, schema),
+            input_example=packaging.example_frame(example) if example is not None else None)
+
+
 @_guarded("logging the training outcome", _log_hint)
-def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False) -> Registered:
+def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False, command: str = "daily") -> Registered:
     """One MLflow run for the finished training outcome in `run_dir`; registers it and, if it is the
     date's winner (`date_winner`), makes it the `challenger`; a loser deletes its version again and
     returns the winner's, so one effective version exists per job and date across hosts.
@@ -287,6 +248,8 @@ def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False) ->
     """
     import torch
 
+    from mtrank.jobs.live_run import _exists, read_run_id, standard_tags
+
     outcome = json.loads((run_dir / "metrics.json").read_text())
     metrics = outcome.pop("tasks")
     summary = outcome
@@ -294,7 +257,9 @@ def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False) ->
     mlflow, client = _client(cfg)
     exp_id = _experiment(mlflow, client, cfg)
     date = summary["date"]
-    tags = {"mtrank.date": date, "mtrank.window": f"{summary['train_window']['start']}..{summary['train_window']['end']}",
+    live = read_run_id(run_dir, tracking_uri(cfg))
+    live = live if live is not None and _exists(client, live) else None
+    tags = {**standard_tags(cfg, dt.date.fromisoformat(date), command), "mtrank.date": date, "mtrank.window": f"{summary['train_window']['start']}..{summary['train_window']['end']}",
             "mtrank.git_commit": git_commit(), "mtrank.spec_hash": spec.fingerprint()}
     lin = summary.get("lineage") or {"mode": "full", "depth": 0}
     tags.update({"mtrank.train_mode": lin["mode"], "mtrank.depth": str(lin["depth"])})
@@ -306,7 +271,9 @@ def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False) ->
     generation = max((_generation(v) for v in before), default=-1) + 1 if new_generation else \
         max((_generation(v) for v in before), default=0)
     tags["mtrank.generation"] = str(generation)
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
+    tags["mlflow.runName"] = run_name
+    with mlflow.start_run(run_id=live, experiment_id=None if live else exp_id, run_name=None if live else run_name,
+                          tags=tags) as run:
         params = flatten("", cfg.model_dump(mode="json"), {})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
@@ -317,20 +284,16 @@ def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False) ->
                             "rows_rejected": rows["rejected"], "files_skipped": rows.get("files_skipped", 0),
                             "eval_rows": summary["eval_rows"],
                             "train_seconds": summary["train_seconds"]})
-        for ep in summary["epochs"]:
-            mlflow.log_metrics({**{f"train_loss.{t}": v for t, v in ep["loss"].items()},
-                                "samples_per_s": ep["samples_per_s"]}, step=ep["epoch"] + 1)
+        _log_curves(client, run.info.run_id, summary)
         flat = {}
         for task, m in metrics.items():
             flat.update({f"eval.{task}.{k}": v for k, v in m.items() if k != "population"})
-        mlflow.log_metrics(_finite(flat), step=len(summary["epochs"]))  # after the last epoch
+        mlflow.log_metrics(_finite(flat), step=int(summary.get("global_step") or 0))  # after the last step
         mlflow.log_dict({"python": platform.python_version(), "torch": torch.__version__,
                          "mlflow": mlflow.__version__, "git_commit": tags["mtrank.git_commit"]}, "environment.json")
         if (run_dir / "report").exists():
             mlflow.log_artifacts(str(run_dir / "report"), "report")
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
-                                       artifacts={"model": str(run_dir / "model")},
-                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        info = _log_model(mlflow, run_dir / "model", spec)
         run_id = run.info.run_id
     version = mlflow.register_model(info.model_uri, cfg.name, tags={
         **tags, **{f"auc.{t}": f"{m['auc']:.6f}" for t, m in metrics.items() if "auc" in m}})
@@ -434,13 +397,11 @@ def resolve_model(ref: str, dst: Path, uri: str | None = None) -> Path:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # job logs, not a terminal bar
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        ensure_store(uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-    with _reachable(uri or mlflow.get_tracking_uri(), f"downloading {ref}", DOWNLOAD_HINT), \
-            _registry_lookup(ref, uri or mlflow.get_tracking_uri()):
+    uri = require_store(uri or os.environ.get("MLFLOW_TRACKING_URI"), ref)
+    ensure_store(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with _reachable(uri, f"downloading {ref}", DOWNLOAD_HINT), _registry_lookup(ref, uri):
         local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst))
     return Path(local) / "artifacts" / "model"
 

@@ -17,6 +17,7 @@ from mtrank.features.featurize import Featurizer
 from mtrank.features.numeric import NumericStats
 from mtrank.features.spec import FeatureSpec, SpecError, load_spec
 from mtrank.jobs.config import JobConfig
+from mtrank.jobs.live_run import LiveRun
 from mtrank.jobs.model_io import SavedModel, save_model
 from mtrank.jobs.paths import quarantine_dir, run_dir
 from mtrank.models.warm_start import transfer_weights
@@ -25,7 +26,7 @@ from mtrank.pipeline.checkpoint import CheckpointStore, write_atomic
 from mtrank.pipeline.dataset import check_labels, open_window
 from mtrank.pipeline.distributed import SINGLE, Dist
 from mtrank.pipeline.evaluate import degenerate_outputs, merge_predictions, predict, task_curves, task_metrics
-from mtrank.pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, skipped_files
+from mtrank.pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, open_parquet, skipped_files
 from mtrank.pipeline.trainer import DivergedError, TrainResult, Trainer, build_model
 
 log = logging.getLogger("mtrank.train")
@@ -97,17 +98,47 @@ def check_warm_start(parent: Parent, spec: FeatureSpec, cfg: JobConfig) -> froze
     return frozenset(ch.tables)
 
 
+def validation_days(cfg: JobConfig, parent: Parent | None) -> int:
+    """Days held out at the end of the window; none for a warm start whose window is not longer."""
+    days = cfg.warm_start.days if parent is not None else cfg.window_days
+    if cfg.train.validation_days and cfg.train.validation_days >= days:
+        log.warning("train.validation_days %d leaves no training day in a %d-day window: no validation",
+                    cfg.train.validation_days, days)
+        return 0
+    return cfg.train.validation_days
+
+
 def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | None = None,
-          parent: Parent | None = None, dist: Dist = SINGLE) -> TrainOutcome:
+          parent: Parent | None = None, dist: Dist = SINGLE, track: bool = False,
+          command: str = "train") -> TrainOutcome:
     """Train for `date`: from scratch on `window_days`, or (with `parent`) continue the parent on the
     `warm_start.days` newest days. With `dist` every rank of a torchrun job calls this: each reads
-    its shard, and only rank 0 writes the run directory (the outcome it returns is the whole job's)."""
+    its shard, and only rank 0 writes the run directory (the outcome it returns is the whole job's).
+    `track`: rank 0 keeps an MLflow run open while training (`jobs.live_run`)."""
     spec = load_spec(cfg.spec)
     reinit = check_warm_start(parent, spec, cfg) if parent is not None else frozenset()
     first = date - dt.timedelta(days=cfg.warm_start.days if parent is not None else cfg.window_days)
-    window = open_window(cfg.data, spec, first, date - dt.timedelta(days=1), on_unreadable=cfg.on_unreadable_file)
+    held = validation_days(cfg, parent)
+    last = date - dt.timedelta(days=1 + held)
+    window = open_window(cfg.data, spec, first, last, on_unreadable=cfg.on_unreadable_file)
+    val_window = open_window(cfg.data, spec, last + dt.timedelta(days=1), date - dt.timedelta(days=1),
+                             on_unreadable=cfg.on_unreadable_file) if held else None
     eval_window = open_window(cfg.data, spec, date, date, on_unreadable=cfg.on_unreadable_file)
     out = run_dir(cfg, date)
+    live = LiveRun.start(cfg, date, out, command, [(window, "training")] + ([(val_window, "validation")] if held else [])
+                         + [(eval_window, "evaluation")]) if track and dist.is_main else LiveRun()
+    try:
+        return _train(cfg, date, spec, reinit, window, val_window, eval_window, out, resume, progress, parent, dist,
+                      live)
+    except BaseException as e:
+        live.end(e)
+        raise
+    finally:
+        live.stop_monitor()
+
+
+def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val_window, eval_window, out: Path,
+           resume: bool, progress: bool | None, parent: Parent | None, dist: Dist, live: LiveRun) -> TrainOutcome:
     check_labels(window, spec, cfg.train.min_rows)
     stats = _stats(cfg, spec, window, out, progress, parent, dist)
     featurizer = Featurizer(spec, stats)
@@ -131,11 +162,22 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     reader = ImpressionReader(window, spec, featurizer, batch_size=trainer.rank_batch_size, shuffle=tc.shuffle,
                               shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, rank=dist.rank,
                               world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), progress=False)
+    validate, validation_loss = None, trainer.validation_loss
+    if val_window is not None:
+        def validate() -> dict:  # noqa: F811
+            def held_out():
+                return ImpressionReader(val_window, spec, featurizer, batch_size=cfg.eval.batch_size,
+                                        quarantine_dir=quarantine_dir(cfg, "validation"), progress=False)
+            pred = predict(model, held_out(), cfg.eval.max_rows)
+            figures = task_metrics(pred, spec)
+            return {"loss": validation_loss(held_out()), "rows": pred.rows,
+                    "auc": {f: m["auc"] for f, m in figures.items() if "auc" in m}}
     t0 = time.perf_counter()
-    result = trainer.fit(reader, resume=resume, progress=progress)
+    result = trainer.fit(reader, resume=resume, progress=progress, events=live, validate=validate)
     train_s = time.perf_counter() - t0
     optimizer = trainer.optimizer_state()
     del trainer   # the DDP wrapper: released before the process group is left
+    calibration = _calibrate(cfg, spec, featurizer, model, val_window, dist)
     # Each rank predicts its shard of the day; rank 0 scores the gathered rows (max_rows split evenly).
     ev_reader = ImpressionReader(eval_window, spec, featurizer, batch_size=cfg.eval.batch_size, rank=dist.rank,
                                  world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), with_eval=True,
@@ -153,6 +195,8 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     ev_accounting = RowAccounting.total(acc for _, acc in parts)
     metrics = task_metrics(pred, spec)
     curves = task_curves(pred, spec)
+    if calibration:
+        _uncalibrated_figures(metrics, model, spec, featurizer, eval_window, cfg)
     summary = {"date": date.isoformat(), "train_window": window.describe(), "eval_window": eval_window.describe(),
                "rows": {"read": result.accounting.rows_read, "trained": result.rows_trained,
                         "rejected": result.accounting.rows_rejected,
@@ -160,19 +204,79 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
                         **_skipped(window, result.accounting, eval_window, ev_accounting)},
                "eval_rows": pred.rows, "epochs": result.epochs, "global_step": result.global_step,
                "resumed_from_step": result.resumed_from_step, "train_seconds": train_s, "lineage": lineage,
-               "ranks": dist.world_size}
-    save_model(out / "model", model, spec, stats, optimizer=optimizer)
+               "ranks": dist.world_size, "history": live.history(result.epochs),
+               **({"validation_window": val_window.describe()} if val_window is not None else {}),
+               **({"calibration": calibration} if calibration else {})}
+    save_model(out / "model", model, spec, stats, optimizer=optimizer, input_schema=window.schema,
+               input_example=input_example(window, spec))
     write_report(out / "report", f"{cfg.name}: trained on {window.start}..{window.end}, evaluated on {date}",
                  {"date": date.isoformat(), "train window": window.describe(), "rows": summary["rows"],
                   "evaluation rows": pred.rows, "GAUC groups": gauc_note(spec.group_key),
                   "model": cfg.model.model_dump(mode="json")},
-                 metrics, curves, {t: g.tolist() for t, g in pred.gate_means.items()})
+                 metrics, curves, {t: g.tolist() for t, g in pred.gate_means.items()}, history=summary.get("history"))
     undefined = undefined_figures(metrics)
     if undefined:
         log.warning("undefined on %s (one class only, or no rows, in the evaluation population): %s; "
                     "written as null", date, ", ".join(undefined))
     write_atomic(out / "metrics.json", strict_json({"tasks": metrics, **summary}))
     return TrainOutcome(out, result, metrics, summary)
+
+
+def _calibrate(cfg: JobConfig, spec: FeatureSpec, featurizer, model, val_window, dist: Dist) -> dict | None:
+    """Platt parameters fitted by rank 0 on the validation days and set on every rank's model."""
+    from mtrank.pipeline.calibration import fit_calibration
+
+    if cfg.train.calibration == "none" or val_window is None:
+        return None
+    fitted = None
+    if dist.is_main:
+        reader = ImpressionReader(val_window, spec, featurizer, batch_size=cfg.eval.batch_size,
+                                  quarantine_dir=quarantine_dir(cfg, "validation"), progress=False)
+        model.set_calibration({})
+        held = predict(model, reader, cfg.eval.max_rows)
+        fitted = fit_calibration(held.outputs, held.labels, held.masks, spec)
+        log.info("calibration (Platt, on %s validation rows): %s", f"{held.rows:,}", ", ".join(
+            f"{t} a={c['scale']:.3f} b={c['shift']:+.3f}" if c["fitted"] else f"{t} not fitted ({c['positives']} "
+            "positives)" for t, c in fitted.items()))
+    fitted = dist.broadcast(fitted)
+    model.set_calibration({t: (c["scale"], c["shift"]) for t, c in fitted.items() if c["fitted"]})
+    return fitted
+
+
+def _uncalibrated_figures(metrics: dict, model, spec: FeatureSpec, featurizer, eval_window, cfg: JobConfig) -> None:
+    """PCOC and logloss the uncalibrated model had on the evaluation day, beside the calibrated ones."""
+    saved = {t: v for t, v in model.calibration_params().items()}
+    model.set_calibration({})
+    try:
+        raw = task_metrics(predict(model, ImpressionReader(eval_window, spec, featurizer, batch_size=cfg.eval.batch_size,
+                                                           progress=False), cfg.eval.max_rows), spec)
+    finally:
+        model.set_calibration(saved)
+    for fig, m in metrics.items():
+        for k in ("pcoc", "logloss"):
+            if k in m and k in raw.get(fig, {}):
+                m[f"{k}_uncalibrated"] = raw[fig][k]
+
+
+def input_example(window, spec: FeatureSpec, rows: int = 3):
+    """The model's input example: the first rows of the window (feature columns, training types)
+    and one row with every feature null that may be (null ids map to row 0, numerics take their
+    fill; a numeric without a fill keeps the first row's value)."""
+    import pyarrow as pa
+
+    from mtrank.features.inputs import conform, serving_schema
+    from mtrank.features.spec import NumericFeature
+
+    if not window.row_groups:
+        return None
+    schema = serving_schema(spec, window.schema)
+    group = window.row_groups[0]
+    head = conform(open_parquet(group.file, spec).read_row_group(group.index, columns=schema.names).slice(0, rows),
+                   schema, group.file)
+    required = {f.name for f in spec.features if isinstance(f, NumericFeature) and f.fill is None}
+    nulls = pa.table({f.name: head.column(f.name).slice(0, 1) if f.name in required else pa.nulls(1, f.type)
+                      for f in schema})
+    return pa.concat_tables([head, nulls])
 
 
 def _skipped(*sources) -> dict:
@@ -182,14 +286,19 @@ def _skipped(*sources) -> dict:
 
 
 def format_metrics(metrics: dict) -> str:
-    lines = [f"{'task':<10} {'population':<10} {'rows':>9} {'AUC':>7} {'oracle':>7}  other"]
+    def num(v, fmt: str) -> str:
+        return "-" if v is None or v != v else fmt.format(v)
+
+    lines = [f"{'task':<10} {'population':<10} {'rows':>9} {'AUC':>7} {'95% CI':>17} {'oracle':>7}  other"]
     for name, m in metrics.items():
         if "auc" in m:
-            oracle = f"{m['oracle_auc']:.4f}" if "oracle_auc" in m else "-"
-            other = f"logloss {m['logloss']:.4f}  pred {m['mean_pred']:.4f} / obs {m['observed_rate']:.4f}"
-            lines.append(f"{name:<10} {m['population']:<10} {m['rows']:>9,} {m['auc']:>7.4f} {oracle:>7}  {other}")
+            ci = f"[{num(m.get('auc_lo'), '{:.4f}')}, {num(m.get('auc_hi'), '{:.4f}')}]" if "auc_lo" in m else "-"
+            other = (f"logloss {num(m['logloss'], '{:.4f}')}  pred {num(m['mean_pred'], '{:.4f}')} / "
+                     f"obs {num(m['observed_rate'], '{:.4f}')}")
+            lines.append(f"{name:<10} {m['population']:<10} {m['rows']:>9,} {num(m['auc'], '{:>7.4f}'):>7} {ci:>17} "
+                         f"{num(m.get('oracle_auc'), '{:.4f}'):>7}  {other}")
         else:
-            lines.append(f"{name:<10} {m['population']:<10} {m['rows']:>9,} {'':>7} {'':>7}  "
-                         f"RMSE {m['rmse']:.2f}s  R2 {m['r2']:.4f}")
+            lines.append(f"{name:<10} {m['population']:<10} {m['rows']:>9,} {'':>7} {'':>17} {'':>7}  "
+                         f"RMSE {num(m['rmse'], '{:.2f}')}  R2 {num(m['r2'], '{:.4f}')}")
     return "\n".join(lines)
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import polars as pl
 
+from mtrank.features import storage
 from mtrank.features.hashing import table_collisions
 from mtrank.features.spec import FeatureSpec
-from mtrank.pipeline.checkpoint import make_dirs, write_atomic
+from mtrank.pipeline.checkpoint import check_output, write_output
 from mtrank.pipeline.dataset import open_window
 from mtrank.pipeline.reader import ImpressionReader, skipped_files
 
@@ -31,11 +32,11 @@ def validate(data: str | Path, spec: FeatureSpec, start: dt.date | None = None, 
               "skipped_files": skipped, "spec_fingerprint": spec.fingerprint()}
     readable = [f for f in window.files if f not in {u["file"] for u in skipped}]
     if readable:   # exact copies of an earlier row (a logging retry, a double write): counted, kept
-        lf = pl.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
+        lf = storage.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
         report["duplicate_rows"] = int(lf.select(pl.len() - pl.struct(pl.all()).n_unique()).collect().item())
         report["duplicate_rows_policy"] = spec.duplicate_rows
     if collisions and readable:
-        lf = pl.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
+        lf = storage.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
         report["collisions"] = {k: v.as_dict() for k, v in table_collisions(lf, spec).items()}
     return report
 
@@ -67,5 +68,6 @@ def format_report(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    make_dirs(Path(path).parent)
-    write_atomic(Path(path), json.dumps(report, indent=2, sort_keys=True).encode())
+    """Atomically, to a local path or an object-store URI."""
+    check_output(path)
+    write_output(path, json.dumps(report, indent=2, sort_keys=True).encode())

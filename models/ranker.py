@@ -61,6 +61,25 @@ class MultiTaskRanker(nn.Module):
         # All towers in one batched MLP: tower t reads bottom features t.
         self.towers = BatchedMLP(len(self.tasks), self.bottom.out_dim, cfg.tower_mlp + (1,),
                                  cfg.dropout, last_activation=False)
+        # Post-hoc calibration of each binary task: p = sigmoid(scale * logit + shift), fitted after
+        # training on held-out rows (identity while training). A buffer, so it travels with the
+        # weights into every place the model predicts (evaluation, scoring, the registered pyfunc).
+        self.register_buffer("calibration", torch.tensor([[1.0, 0.0]] * len(self.tasks)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Weights saved before calibration existed load as uncalibrated (identity)."""
+        state_dict.setdefault(prefix + "calibration", torch.tensor([[1.0, 0.0]] * len(self.tasks)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def set_calibration(self, params: dict[str, tuple[float, float]]) -> None:
+        """(scale, shift) per binary task; tasks not named return to identity."""
+        self.calibration.copy_(torch.tensor([list(params.get(t, (1.0, 0.0))) for t in self.tasks]))
+
+    def calibration_params(self) -> dict[str, tuple[float, float]]:
+        """The non-identity calibrations, by task."""
+        return {t: (float(a), float(b)) for t, (a, b) in zip(self.tasks, self.calibration.tolist())
+                if (a, b) != (1.0, 0.0)}
 
     @torch.no_grad()
     def init_heads(self, targets: dict[str, float]) -> None:
@@ -105,10 +124,10 @@ class MultiTaskRanker(nn.Module):
         preds: dict[str, torch.Tensor] = {}
         log_products: dict[str, torch.Tensor] = {}
         own = {}
-        for t in self.task_specs:
+        for i, t in enumerate(self.task_specs):
             z = logits[t.name]
             if t.type == "binary":
-                own[t.name] = torch.sigmoid(z)
+                own[t.name] = torch.sigmoid(z * self.calibration[i, 0] + self.calibration[i, 1])
             elif t.loss == "mse_log1p":
                 own[t.name] = torch.expm1(z.clamp(min=0))
             else:

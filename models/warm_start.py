@@ -16,7 +16,8 @@ def transfer_weights(parent: MultiTaskRanker, child: MultiTaskRanker, reinit: fr
     if parent.cfg != child.cfg:
         raise ValueError("parent and child models have different architectures")
     pe, ce = parent.embeddings, child.embeddings
-    dense = {k: v for k, v in parent.state_dict().items() if not k.startswith("embeddings.weights.")}
+    dense = {k: v for k, v in parent.state_dict().items()   # calibration is refitted for the child's data
+             if not k.startswith("embeddings.weights.") and k != "calibration"}
     missing, unexpected = child.load_state_dict(dense, strict=False)
     if unexpected or any(not k.startswith("embeddings.weights.") for k in missing):
         raise ValueError(f"parent and child layers differ: missing {missing}, unexpected {unexpected}")

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mtrank.features import storage
 from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, BadInputError,
                             RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
 from mtrank.features.spec import FeatureSpec, SpecError
@@ -28,8 +29,31 @@ from mtrank.pipeline.scoring.config import ScoringConfig
 DUPLICATE = "duplicate_in_request"  # the same item twice in one request
 
 
+def _remote_candidate_files(uri: str, day: dt.date | None) -> list[str]:
+    """candidate_files for an object-store URI: the same choices, by listing instead of stat."""
+    uri = uri.rstrip("/")
+    try:
+        what = storage.kind(uri)
+        if what == "file":
+            return [uri]
+        if what != "dir":
+            raise BadInputError(uri, None, MISSING_PARTITION, "candidates path does not exist")
+        if day is not None and storage.kind(storage.join(uri, f"dt={day:%Y-%m-%d}")) == "dir":
+            uri = storage.join(uri, f"dt={day:%Y-%m-%d}")
+        files = [f for f, is_dir in storage.list_dir(uri, recursive=True) if not is_dir and f.endswith(".parquet")
+                 and not any(part.startswith(".") for part in f.split("/")[-3:])]
+    except OSError as e:
+        raise BadInputError(uri, None, UNREADABLE, f"cannot list the candidates ({storage.one_line(e)})") from None
+    if not files:
+        raise BadInputError(uri, None, MISSING_PARTITION, "no Parquet files of candidates here")
+    return files
+
+
 def candidate_files(path: str | Path, day: dt.date | None = None) -> list[str]:
-    """A Parquet file; or a folder's Parquet files (its `dt=DAY/` partition when there is one)."""
+    """A Parquet file; or a folder's Parquet files (its `dt=DAY/` partition when there is one).
+    `path` may be an object-store URI (s3://bucket/candidates)."""
+    if storage.is_uri(path):
+        return _remote_candidate_files(str(path), day)
     p = Path(path)
     if p.is_file():
         return [str(p)]

@@ -12,12 +12,15 @@ from mtrank.features.base import MtrankError
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
+
+from mtrank.features import storage
 
 MANIFEST = "latest.json"
 
@@ -94,6 +97,38 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None
         if isinstance(e, OSError) and not isinstance(e, OutputError):
             raise OutputError(path, e) from e
         raise
+
+
+def write_output(target: str | Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """An output at a local path (write_atomic) or an object-store URI (s3://bucket/key).
+
+    On an object store the complete object is PUT under its final key in one upload, with no
+    temporary key and no rename: an object only becomes visible once its upload completes, so a
+    reader sees the previous object or the whole new one (features/storage.put). A failure is an
+    OutputError naming the URI."""
+    if not storage.is_uri(target):
+        write_atomic(Path(target), data)
+        return
+    if callable(data):
+        buf = io.BytesIO()
+        data(buf)
+        data = buf.getvalue()
+    try:
+        storage.put(str(target), data)
+    except OSError as e:
+        raise OutputError(target, OSError(storage.one_line(e))) from None
+
+
+def check_output(target: str | Path) -> None:
+    """Fail before any work when an output cannot be written: its local folder is created (make_dirs),
+    an object store's bucket must exist."""
+    if not storage.is_uri(target):
+        make_dirs(Path(target).parent)
+        return
+    try:
+        storage.check_bucket(str(target))
+    except OSError as e:
+        raise OutputError(target, OSError(storage.one_line(e))) from None
 
 
 def write_atomic_all(files: dict[Path, bytes]) -> None:

@@ -3,6 +3,11 @@
 Layout: ROOT/dt=YYYY-MM-DD/*.parquet. Only directories that match that pattern exactly and resolve
 inside ROOT are read (a partition name or symlink cannot point the reader elsewhere). The unit of
 work is a row group: small enough to balance ranks, large enough to read efficiently.
+
+ROOT may be an object-store URI (`s3://bucket/logs`, see features/storage.py): the same listing,
+checks and messages, with files named by their URIs. A window is identified (training fingerprint,
+`describe()`) by its root as given, dates and file / row-group / row counts, for local and remote
+roots alike; no content hash of the files is taken on either.
 """
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from mtrank.features import storage
 from mtrank.features.rules import (EMPTY_PARTITION, MISSING_PARTITION, UNREADABLE, BadInputError,
                             check_schema)
 from mtrank.features.spec import FeatureSpec
@@ -72,7 +77,40 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def list_partitions(root: str | Path) -> dict[dt.date, Path]:
+def _remote_partitions(root: str) -> dict[dt.date, str]:
+    """The day partitions under an object-store prefix (URIs); a prefix without objects does not exist."""
+    try:
+        if storage.kind(root) != "dir":
+            raise BadInputError(root, None, MISSING_PARTITION, "data directory does not exist")
+        entries = storage.list_dir(root)
+    except OSError as e:
+        raise BadInputError(root, None, UNREADABLE, f"cannot list the data directory ({storage.one_line(e)})") from None
+    out: dict[dt.date, str] = {}
+    for uri, is_dir in entries:
+        m = _PARTITION.match(storage.name(uri))
+        if not m or not is_dir:
+            continue
+        try:
+            out[dt.date.fromisoformat(m.group(1))] = uri
+        except ValueError:
+            raise BadInputError(uri, None, UNREADABLE, "partition name is not a valid date") from None
+    return out
+
+
+def partition_files(part: str | Path) -> list[str]:
+    """The Parquet files of one partition, in name order (local: as `glob("*.parquet")` finds them)."""
+    if not storage.is_uri(part):
+        return [str(f) for f in sorted(Path(part).glob("*.parquet"))]
+    try:
+        return [uri for uri, is_dir in storage.list_dir(str(part)) if not is_dir and uri.endswith(".parquet")]
+    except OSError as e:
+        raise BadInputError(str(part), None, UNREADABLE, f"cannot list the partition ({storage.one_line(e)})") from None
+
+
+def list_partitions(root: str | Path) -> dict[dt.date, Path | str]:
+    """date -> partition folder (a Path, or a URI for an object-store root)."""
+    if storage.is_uri(root):
+        return _remote_partitions(str(root).rstrip("/"))
     root = Path(root)
     if not root.is_dir():
         raise BadInputError(str(root), None, MISSING_PARTITION, "data directory does not exist")
@@ -114,7 +152,10 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
     if not days and not empty:
         raise BadInputError(str(root), None, MISSING_PARTITION,
                             f"no dt=YYYY-MM-DD partitions between {start or '-inf'} and {end or '+inf'}")
-    base = Path(root).resolve()
+    remote = storage.is_uri(root)
+    if remote:
+        root = str(root).rstrip("/")
+    base = None if remote else Path(root).resolve()
     groups: list[RowGroup] = []
     files: list[str] = []
     schema: pa.Schema | None = None
@@ -122,11 +163,11 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
     for d in days:
         part = parts[d]
         part_rows, part_skipped = 0, 0
-        for f in sorted(part.glob("*.parquet")):
-            if not _inside(f, base):
+        for f in partition_files(part):
+            if base is not None and not _inside(Path(f), base):
                 raise BadInputError(str(f), None, UNREADABLE, "file resolves outside the data root")
             try:
-                meta = pq.ParquetFile(f).metadata
+                meta = storage.parquet_file(f).metadata
                 file_schema = meta.schema.to_arrow_schema()
             except (OSError, pa.ArrowException) as e:
                 if on_unreadable != "skip":
@@ -150,7 +191,7 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
                 why = f" readable ({part_skipped} unreadable file(s) skipped)" if part_skipped else ""
                 raise BadInputError(str(part), None, EMPTY_PARTITION,
                                     f"partition holds no{why} rows (set allow_empty_partitions: true to allow)")
-            empty.append(part.name)
+            empty.append(storage.name(part))
     return DataWindow(str(root), start, end, groups, files, sorted(empty), schema, on_unreadable, unreadable)
 
 
@@ -172,7 +213,7 @@ def check_labels(window: DataWindow, spec: FeatureSpec, min_rows: int) -> dict[s
     cols = list(dict.fromkeys([*labels, *(spec.space_label(t) for t in binary if t.space != "all")]))
 
     def scan(files: list[str]) -> dict:
-        return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore").select(cols) \
+        return storage.scan_parquet(files, missing_columns="insert", extra_columns="ignore").select(cols) \
             .select(exprs).collect().row(0, named=True)
 
     try:

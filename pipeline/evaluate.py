@@ -18,7 +18,8 @@ import torch
 from mtrank.features.spec import FeatureSpec
 from mtrank.features.outputs import OutputKind, joint_positive
 from mtrank.models import MultiTaskRanker
-from mtrank.pipeline.metrics import auc, calibration_bins, gauc, logloss, normalized_entropy, r2, rmse, roc_points
+from mtrank.pipeline.metrics import (auc, auc_ci, calibration_bins, gauc, logloss, normalized_entropy, r2, rmse,
+                                     roc_points)
 from mtrank.pipeline.reader import ImpressionReader
 
 
@@ -137,11 +138,12 @@ def merge_predictions(parts: list[Predictions]) -> Predictions:
 
 def _binary(score: np.ndarray, y: np.ndarray, oracle: np.ndarray | None, group: np.ndarray | None) -> dict:
     empty = score.size == 0
-    m = {"rows": int(y.size), "positives": int((y > 0).sum()), "auc": auc(score, y),
-         "logloss": float("nan") if empty else logloss(score, y),
-         "ne": float("nan") if empty else normalized_entropy(score, y),
-         "mean_pred": float("nan") if empty else float(score.mean()),
-         "observed_rate": float("nan") if empty else float((y > 0).mean())}
+    m = {"rows": int(y.size), "positives": int((y > 0).sum()), "auc": auc(score, y)}
+    m["auc_lo"], m["auc_hi"] = auc_ci(score, y)    # 95 % DeLong interval: is a change beyond the day's noise?
+    m |= {"logloss": float("nan") if empty else logloss(score, y),
+          "ne": float("nan") if empty else normalized_entropy(score, y),
+          "mean_pred": float("nan") if empty else float(score.mean()),
+          "observed_rate": float("nan") if empty else float((y > 0).mean())}
     m["pcoc"] = m["mean_pred"] / m["observed_rate"] if m["observed_rate"] else float("nan")
     if group is not None:
         m["gauc"], m["gauc_groups"] = gauc(score, y, group)
@@ -183,14 +185,32 @@ def binary_sets(pred: Predictions, spec: FeatureSpec) -> dict[str, BinarySet]:
     return out
 
 
+def score_histogram(score: np.ndarray, label: np.ndarray, bins: int = 50) -> dict[str, list]:
+    """Counts of all rows, positives and negatives on shared bins over [0, ~99.9th percentile]:
+    a rare task's scores sit far below 0.1, where bins over [0, 1] would all fall into the first.
+    The last bin also holds the few rows above the range, so every row is counted."""
+    s = np.asarray(score, np.float64)
+    s = s[np.isfinite(s)]
+    y = np.asarray(label)[np.isfinite(np.asarray(score, np.float64))] > 0
+    hi = 1.0
+    if s.size:
+        hi = float(min(1.0, max(np.quantile(s, 0.999) * 1.05, s.min() + 1e-6, 1e-4)))
+    edges = np.linspace(0.0, hi, bins + 1)
+    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, bins - 1)
+    pos = np.bincount(idx[y], minlength=bins)
+    neg = np.bincount(idx[~y], minlength=bins)
+    return {"counts": (pos + neg).tolist(), "positives": pos.tolist(), "negatives": neg.tolist(),
+            "edges": edges.tolist()}
+
+
 def task_curves(pred: Predictions, spec: FeatureSpec, points: int = 200) -> dict[str, dict]:
-    """ROC points, reliability bins and a prediction histogram per binary task/product (for plots)."""
+    """ROC points, reliability bins and a prediction histogram (positives / negatives) per binary
+    task/product (for plots)."""
     curves = {}
     for name, b in binary_sets(pred, spec).items():
-        hist, edges = np.histogram(b.score, bins=50, range=(0.0, 1.0))
         curves[name] = {"roc": roc_points(b.score, b.label, points),
                         "calibration": calibration_bins(b.score, b.label),
-                        "histogram": {"counts": hist.tolist(), "edges": edges.tolist()}}
+                        "histogram": score_histogram(b.score, b.label)}
     return curves
 
 

@@ -1,6 +1,7 @@
 """Exact offline metrics over whole evaluation sets (numpy, vectorised, ties handled)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -236,3 +237,35 @@ def paired_auc_test(score_a: np.ndarray, score_b: np.ndarray, label: np.ndarray,
     z1 = NormalDist().inv_cdf(confidence)
     return PairedAUC(auc_a, auc_b, delta, se, delta - z2 * se, delta + z2 * se, delta + z1 * se,
                      confidence, m, n, True)
+
+
+def auc_se(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(AUC, DeLong standard error) of one score: var = var(V10)/m + var(V01)/n over the structural
+    components (the single-AUC case of `paired_auc_test`, same midranks, three sorts). The AUC is
+    NaN when a class is empty; the error is NaN also when a class has a single row or a score is
+    not finite (a report shows "–" then rather than failing)."""
+    s = np.asarray(scores, np.float64).ravel()
+    pos = np.asarray(labels).ravel() > 0
+    m = int(pos.sum())
+    n = int(pos.size - m)
+    nan = float("nan")
+    if m == 0 or n == 0 or not np.isfinite(s).all():
+        return (nan if m == 0 or n == 0 else auc(s, pos)), nan
+    v10, v01 = _structural_components(s, pos)
+    if m < 2 or n < 2:
+        return float(v10.mean()), nan
+    var = float(v10.var(ddof=1) / m + v01.var(ddof=1) / n)
+    return float(v10.mean()), float(np.sqrt(max(var, 0.0)))
+
+
+def auc_ci(scores: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided `confidence` interval of the AUC, AUC ± z·se(DeLong), clipped to [0, 1]; how far
+    one day's AUC can be trusted, e.g. on a rare task's few hundred positives. (NaN, NaN) where
+    the standard error is undefined (see `auc_se`)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    a, se = auc_se(scores, labels)
+    if not (math.isfinite(a) and math.isfinite(se)):
+        return float("nan"), float("nan")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    return max(0.0, a - z * se), min(1.0, a + z * se)

@@ -1,7 +1,8 @@
 """Progress reporting for long jobs: a tqdm bar on a TTY, periodic log lines otherwise.
 
 Scheduled jobs run without a terminal; a bar there only fills log files with carriage returns,
-so off a TTY we log a line every `log_every` seconds instead (and always a final summary).
+so off a TTY we log a line every `log_every` seconds instead (and always a final summary). While a
+bar is shown, log lines are printed through it (tqdm's logging redirect), so neither is torn.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("mtrank")
 
@@ -26,6 +28,10 @@ class Progress:
         tty = sys.stderr.isatty() if enabled is None else enabled
         self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
                          leave=False, file=sys.stderr) if tty else None
+        self._redirect = None
+        if self._bar is not None:
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
+            self._redirect.__enter__()
         self._postfix: dict[str, Any] = {}
 
     def update(self, n: int = 1, **postfix: Any) -> None:
@@ -51,6 +57,10 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         log.info("%s", self._line(time.perf_counter()))
 
     def __enter__(self) -> "Progress":

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mtrank.features import storage
 from mtrank.features.featurize import FeatureArrays, Featurizer
 from mtrank.features.numeric import NumericStats
 from mtrank.features.rules import (MISSING_COLUMN, NULL, REASON, UNREADABLE, BadInputError, RowRule,
@@ -98,14 +99,14 @@ def open_parquet(path: str, spec: FeatureSpec) -> pq.ParquetFile:
 
     The footer is read once: the second handle reuses the first one's metadata. Page checksums (CRC32,
     written by `mtrank generate` and most writers when asked) are verified, so a corrupt page that
-    would still decode is an error instead of silently wrong values.
+    would still decode is an error instead of silently wrong values. `path` may be an object-store URI.
     """
-    meta = pq.read_metadata(path)
+    meta = storage.read_metadata(path)
     ids = {f.name for f in spec.features if isinstance(f, (CategoricalFeature, MultiHotFeature))}
     paths = [c.path for c in (meta.schema.column(i) for i in range(len(meta.schema)))
              if c.path.split(".", 1)[0] in ids and c.physical_type == "BYTE_ARRAY"]
-    return pq.ParquetFile(path, metadata=meta, read_dictionary=paths,
-                          page_checksum_verification=True)  # pages written with a CRC are checked
+    return storage.parquet_file(path, metadata=meta, read_dictionary=paths,
+                                page_checksum_verification=True)  # pages written with a CRC are checked
 
 
 DUPLICATE_ROW = "row:duplicate_row"
@@ -119,7 +120,7 @@ def duplicate_rows(window: DataWindow, spec: FeatureSpec) -> dict[str, np.ndarra
     cols = list(spec.required_columns)
     frames = []
     for i, f in enumerate(window.files):
-        frames.append(pl.scan_parquet(f).select(cols).select(
+        frames.append(storage.scan_parquet(f).select(cols).select(
             pl.struct(pl.all()).hash(DUPLICATE_SEED).alias("h"), pl.lit(i, pl.Int32).alias("f"),
             pl.int_range(pl.len(), dtype=pl.Int64).alias("r")))
     if not frames:
@@ -184,7 +185,7 @@ class RowValidator:
 
     def _fail(self, file: str, schema: pa.Schema) -> None:
         """Count every bad row of the whole file, then raise naming the most common problem."""
-        reasons = (pl.from_arrow(pq.read_table(file, columns=self._cols)).select(self._reason(schema))
+        reasons = (pl.from_arrow(storage.read_table(file, columns=self._cols)).select(self._reason(schema))
                    .to_series().drop_nulls().value_counts(sort=True))
         (top, n), others = reasons.row(0), reasons.height - 1
         column, rule = top.rsplit(":", 1)
@@ -249,7 +250,7 @@ class ImpressionReader:
         if rows is None:
             return None
         if group.file not in self._rg_start:
-            meta = pq.ParquetFile(group.file).metadata
+            meta = storage.parquet_file(group.file).metadata
             self._rg_start[group.file] = np.concatenate(
                 [[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
         start = int(self._rg_start[group.file][group.index]) + offset

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from mtrank.features.numeric import NumericStats
@@ -39,29 +39,52 @@ log = logging.getLogger("mtrank.train")
 class TrainConfig(StrictConfig):
     """Optimisation knobs; strict so that a misspelt key in a job config is an error."""
 
-    epochs: int = Field(default=1, gt=0)
-    batch_size: int = Field(default=4096, gt=0)
+    epochs: int = Field(default=1, gt=0, description="passes over the training window")
+    batch_size: int = Field(default=4096, gt=0, description="rows per step, over all ranks together (each of N "
+                            "ranks takes batch_size / N)")
     lr: float = Field(default=1e-3, gt=0, description="Adam, dense parameters")
-    weight_decay: float = Field(default=0.0, ge=0)
-    sparse_optimizer: Literal["rowwise_adagrad", "adam"] = "rowwise_adagrad"
+    weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay of the dense parameters")
+    sparse_optimizer: Literal["rowwise_adagrad", "adam"] = Field(
+        default="rowwise_adagrad", description="optimizer of the embedding tables: row-wise Adagrad (one "
+        "accumulator per row) or sparse Adam")
     sparse_lr: float = Field(default=0.05, gt=0, description="embedding tables")
     sparse_initial_accumulator: float = Field(default=0.0, ge=0, description="row-wise Adagrad's starting sum")
-    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    loss_weighting: Literal["fixed", "uncertainty"] = Field(
+        default="fixed", description="fixed: the task records' `weight`; uncertainty: a learned log σ² per task "
+        "(Kendall et al. 2018)")
     grad_clip: float | None = Field(default=10.0, gt=0, description="max L2 norm of dense gradients")
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16 autocasts the bottom on CPUs with avx512_bf16 / AMX; towers, losses and "
+        "evaluation stay fp32")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: each rank's GPU when CUDA is present, else the CPU")
-    shuffle: bool = True
-    shuffle_buffer: int = Field(default=65_536, gt=0)
-    seed: int = 0
+    shuffle: bool = Field(default=True, description="permute row groups per epoch and rows within the shuffle "
+                          "buffer")
+    shuffle_buffer: int = Field(default=65_536, gt=0, description="rows in the shuffle buffer (bounds memory)")
+    seed: int = Field(default=0, description="seeds initialisation and shuffling: the same seed gives "
+                      "bit-identical weights on CPU")
     checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0 = epoch ends only")
-    checkpoint_keep: int = Field(default=2, gt=0)
+    checkpoint_keep: int = Field(default=2, gt=0, description="checkpoints kept on disk (older ones are deleted)")
     min_rows: int = Field(default=100, gt=0, description="a training window with fewer rows is an error, "
                           "not a model")
+    log_every_steps: int = Field(default=50, gt=0, description="steps between two points of the training curves "
+                                 "(running-mean loss per task and samples/s, logged and sent to MLflow)")
+    validation_days: int = Field(default=0, ge=0, description="the newest N days of the training window are held "
+                                 "out and evaluated after every epoch (per-task loss and AUC); 0 = none")
+    calibration: Literal["none", "platt"] = Field(
+        default="none", description="platt: after training, fit p = sigmoid(a·logit + b) per binary task on the "
+        "validation days (needs validation_days > 0); saved in the weights, applied wherever the model predicts")
+
+    @model_validator(mode="after")
+    def _calibration_needs_validation(self) -> "TrainConfig":
+        if self.calibration != "none" and self.validation_days == 0:
+            raise ValueError("calibration: platt is fitted on held-out rows: set validation_days >= 1")
+        return self
 
     def fingerprint_fields(self) -> dict:
         """What must not change between a checkpoint and its resume (epochs may grow)."""
-        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device", "min_rows"})
+        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device", "min_rows",
+                                        "log_every_steps"})
 
 
 class NonFiniteLossError(MtrankError, RuntimeError):
@@ -140,6 +163,16 @@ class TrainResult:
     rows_trained: int
     accounting: RowAccounting
     resumed_from_step: int | None = None
+
+
+class TrainingEvents:
+    """Hooks the jobs layer attaches (live MLflow curves); called on rank 0 only, never fatal to training."""
+
+    def on_steps(self, point: dict) -> None:
+        """Every `log_every_steps`: {step, epoch, samples, samples_per_s, loss: {task: mean since last point}}."""
+
+    def on_epoch(self, record: dict) -> None:
+        """Every epoch end: the epoch's record (`EpochStats.as_dict`, plus `validation` when evaluated)."""
 
 
 class Trainer:
@@ -295,9 +328,26 @@ class Trainer:
         return None if path is None else self.checkpoints.load(path)
 
     # -- the loop -------------------------------------------------------------------------
-    def fit(self, reader: ImpressionReader, resume: bool = False, progress: bool | None = None) -> TrainResult:
+    @torch.inference_mode()
+    def validation_loss(self, reader: ImpressionReader) -> dict[str, float]:
+        """The training loss of every task on held-out rows (same terms, same populations), so the
+        validation curve is on the training curve's scale."""
+        was = self.model.training
+        self.model.eval()
+        sums = EpochStats(0)
+        for batch in reader.batches(0):
+            with self._autocast():
+                _, losses, counts = self.loss(self.model(batch.to(self.device)), batch.to(self.device))
+            sums.add(losses, counts, batch.size)
+        self.model.train(was)
+        return sums.losses()
+
+    def fit(self, reader: ImpressionReader, resume: bool = False, progress: bool | None = None,
+            events: TrainingEvents | None = None, validate=None) -> TrainResult:
         """Runs the remaining epochs; data-parallel, every rank calls it with its own shard and gets
-        the whole job's result (rows and accounting summed over ranks, epoch losses pooled)."""
+        the whole job's result (rows and accounting summed over ranks, epoch losses pooled).
+        `validate()` (rank 0, after each epoch) returns the held-out figures stored with the epoch."""
+        events = events if events is not None and self.dist.is_main else TrainingEvents()
         if reader.batch_size != self.rank_batch_size:
             raise ValueError(f"reader batch_size {reader.batch_size} != this rank's share of train.batch_size "
                              f"({self.cfg.batch_size} / {self.dist.world_size} ranks)")
@@ -321,7 +371,7 @@ class Trainer:
             t0 = time.perf_counter() - stats.seconds
             desc = f"train epoch {epoch + 1}/{self.cfg.epochs}" + (f" (rank 0 of {self.dist.world_size})"
                                                                    if self.dist.enabled else "")
-            bar = Progress(desc, total=reader.rows, enabled=progress if self.dist.is_main else False)
+            bar = Progress(desc, total=reader.rows, unit="samples", enabled=progress if self.dist.is_main else False)
             batches = reader.batches(epoch)
             for _ in range(skip):  # same seeded order as the interrupted run: skip what it trained
                 b = next(batches, None)
@@ -329,12 +379,20 @@ class Trainer:
                     break
                 bar.update(b.size)
             step_in_epoch = skip
+            window, t_window = EpochStats(epoch), time.perf_counter()   # since the last curve point
             for batch, active in lockstep(batches, self.dist):
                 losses, counts = self.step(batch, active)
                 if batch is not None:
                     stats.add(losses, counts, batch.size)
-                    bar.update(batch.size, **{t: f"{v:.4f}" for t, v in losses.items()})
+                    window.add(losses, counts, batch.size)
+                    bar.update(batch.size, **{t: f"{v:.4f}" for t, v in stats.losses().items()})  # epoch running means
                 step_in_epoch += 1
+                if self.global_step % self.cfg.log_every_steps == 0 and window.rows:
+                    now = time.perf_counter()
+                    events.on_steps({"step": self.global_step, "epoch": epoch, "samples": self.rows_trained,
+                                     "samples_per_s": window.rows / max(now - t_window, 1e-9),
+                                     "loss": window.losses()})
+                    window, t_window = EpochStats(epoch), now
                 if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                     stats.seconds = time.perf_counter() - t0
                     self._save(epoch, step_in_epoch, history_before, stats)
@@ -342,11 +400,19 @@ class Trainer:
             stats.seconds = time.perf_counter() - t0
             accounting = accounting.merge(reader.accounting)
             stats = _pooled(self.dist.all_gather(stats))
-            history = history_before + [stats.as_dict()]
+            record = {**stats.as_dict(), "step": self.global_step}
+            if validate is not None and self.dist.is_main:
+                record["validation"] = validate()
+            history = history_before + [record]
             if self.dist.is_main:
-                log.info("epoch %d: %s rows, %.0f samples/s, loss %s", epoch + 1, f"{stats.rows:,}",
+                val = record.get("validation") or {}
+                log.info("epoch %d: %s rows, %.0f samples/s, loss %s%s", epoch + 1, f"{stats.rows:,}",
                          stats.rows / max(stats.seconds, 1e-9),
-                         " ".join(f"{t}={v:.4f}" for t, v in stats.losses().items()))
+                         " ".join(f"{t}={v:.4f}" for t, v in stats.losses().items()),
+                         "; validation loss " + " ".join(f"{t}={v:.4f}" for t, v in val.get("loss", {}).items())
+                         if val else "")
+                _warn_if_overfitting(history)
+                events.on_epoch(record)
             skip, current = 0, None
             self._save(epoch + 1, 0, history, EpochStats(epoch + 1))
         if self.dist.enabled:
@@ -355,6 +421,20 @@ class Trainer:
         parts = self.dist.all_gather((accounting, self.rows_trained))
         return TrainResult(history, self.global_step, sum(r for _, r in parts),
                            RowAccounting.total(acc for acc, _ in parts), resumed)
+
+
+def _warn_if_overfitting(history: list[dict]) -> None:
+    """A task whose validation loss rose while its training loss fell since the previous epoch."""
+    if len(history) < 2 or "validation" not in history[-1] or "validation" not in history[-2]:
+        return
+    prev, last = history[-2], history[-1]
+    rising = [t for t, v in last["validation"].get("loss", {}).items()
+              if t in prev["validation"].get("loss", {}) and v > prev["validation"]["loss"][t]
+              and last["loss"].get(t, math.inf) < prev["loss"].get(t, -math.inf)]
+    if rising:
+        log.warning("epoch %d: validation loss rose while training loss fell for %s: the model is starting to "
+                    "memorise the training days (fewer epochs, or see train.validation_days)",
+                    last["epoch"] + 1, ", ".join(rising))
 
 
 def _pooled(parts: list[EpochStats]) -> EpochStats:

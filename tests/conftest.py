@@ -11,17 +11,24 @@ import yaml
 from mtrank.features.spec import load_spec
 
 
-@pytest.fixture(autouse=True)
-def _isolated_tracking_uri():
+_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def _without_tracking_env():
     """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, and a job falls back to that
     variable when its config names no store: without this, a test that opened one store in-process
-    would send every later test's subprocess jobs there."""
-    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    would send later tests' subprocess jobs there. One fixture per scope, because a module or
+    session fixture (a shared trained ranker) is set up before any function-scoped fixture runs."""
+    saved = {k: os.environ.pop(k) for k in _TRACKING_ENV if k in os.environ}
     yield
-    for k in keys:
+    for k in _TRACKING_ENV:
         os.environ.pop(k, None)
     os.environ.update(saved)
+
+
+_isolated_tracking_uri = pytest.fixture(autouse=True)(_without_tracking_env)
+_isolated_tracking_uri_module = pytest.fixture(autouse=True, scope="module")(_without_tracking_env)
+_isolated_tracking_uri_session = pytest.fixture(autouse=True, scope="session")(_without_tracking_env)
 
 
 @pytest.fixture(scope="session")

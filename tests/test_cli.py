@@ -89,3 +89,40 @@ def test_version_and_no_abbreviated_flags():
     assert r.returncode == 0 and r.stdout.startswith("mtrank ")
     r = subprocess.run([*MTRANK, "validate", "--dat", "x"], capture_output=True, text=True)   # not --data
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    import argparse
+
+    from mtrank.jobs.cli import build_parser
+
+    parser = build_parser()
+    (subs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in subs.choices.items():
+        helptext = sub.format_help()
+        for a in sub._actions:
+            if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:
+                continue
+            assert a.help, f"mtrank {name} {a.option_strings}: no help"
+            if a.default not in (None, False) and a.option_strings:
+                assert "default" in sub._get_formatter()._get_help_string(a).lower(), (name, a.option_strings)
+        assert "default" in helptext
+
+
+@pytest.mark.parametrize("args", [
+    ["evaluate", "--model", "models:/nobody@champion", "--data", "LOGS", "--date", "2026-11-02"],
+    ["score", "--model", "models:/nobody@champion", "--candidates", "LOGS", "--date", "2026-11-02", "--out", "o.parquet"],
+    ["score", "--model", "some/model/dir", "--candidates", "LOGS", "--date", "2026-11-02", "--out", "o.parquet"],
+    ["tune-fusion", "--model", "models:/nobody@champion", "--data", "LOGS", "--date", "2026-11-02"],
+    ["lineage"],
+    ["promote", "--date", "2026-11-02"],
+])
+def test_commands_that_read_a_store_never_create_one(args, logs, tmp_path):
+    """Run where no job has trained: one line naming where it looked and how to point it elsewhere,
+    exit 2, and nothing written in the working directory (no ./mlflow.db, no ./.mtrank)."""
+    r = mtrank(*[str(logs) if a == "LOGS" else a for a in args], check=False, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "MLflow store" in lines[0] and "--config" in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())

@@ -1,5 +1,6 @@
 """`mtrank daily` as a scheduler runs it, against a real sqlite MLflow store: promotion gate,
 idempotent reruns, and two overlapping runs of the same job."""
+import json
 import subprocess
 
 import pytest
@@ -44,6 +45,14 @@ def test_promotion_gate_and_idempotent_reruns(base):
     assert str(c.get_model_version_by_alias("ranker", "champion").version) == "1"
     assert str(c.get_model_version_by_alias("ranker", "challenger").version) == "2"
     assert c.get_model_version("ranker", "1").tags["promotion.decision"] == "promoted"
+    # the challenger's report is re-rendered beside the champion, scored on the gate's rows
+    report = base / "work" / "runs" / "ranker" / "2026-11-04" / "report"
+    page = (report / "report.html").read_text()
+    assert page.count("<section id='gate'>") == 1 and "Promotion gate: not promoted" in page
+    assert "<tr class=base><td>champion v1</td>" in page and "<td class=worse>" in page
+    saved = json.loads((report / "metrics.json").read_text())
+    assert saved["labels"] == ["challenger v2", "champion v1"]
+    assert saved["baseline"]["ctr"]["auc"] > saved["tasks"]["ctr"]["auc"]
 
 
 def test_two_overlapping_dailies_make_one_version(base):

@@ -196,3 +196,71 @@ def test_paired_auc_test_handles_a_large_day():
     a = rng.random(n).astype(np.float32)
     r = paired_auc_test(a, a + rng.normal(0, 0.01, n).astype(np.float32), y)
     assert r.defined and r.positives == int(y.sum()) and r.negatives == n - int(y.sum())
+
+
+# ------------------------------------------------------------------ single-AUC DeLong interval
+
+def _delong_single_bruteforce(s: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(AUC, var) by DeLong literally: the m x n kernel matrix and its row / column means."""
+    pos = y > 0
+    x, z = s[pos][:, None], s[~pos][None, :]
+    psi = (x > z) + 0.5 * (x == z)
+    m, n = psi.shape
+    return float(psi.mean()), float(psi.mean(axis=1).var(ddof=1) / m + psi.mean(axis=0).var(ddof=1) / n)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=2, max_size=150))
+def test_auc_ci_matches_the_bruteforce_delong(rows):
+    from statistics import NormalDist
+
+    from mtrank.pipeline.metrics import auc_ci, auc_se
+
+    s = np.array([r[0] for r in rows], float)     # few distinct scores: ties within and across classes
+    y = np.array([r[1] for r in rows])
+    m, n = int(y.sum()), int((~y).sum())
+    a, se = auc_se(s, y)
+    lo, hi = auc_ci(s, y)
+    if m < 2 or n < 2:                            # no AUC, or an AUC without variance: no interval
+        assert np.isnan(se) and np.isnan(lo) and np.isnan(hi)
+        assert np.isnan(a) if m == 0 or n == 0 else a == pytest.approx(auc(s, y), abs=1e-12)
+        return
+    ref_auc, ref_var = _delong_single_bruteforce(s, y)
+    assert a == pytest.approx(ref_auc, abs=1e-12) and a == pytest.approx(auc(s, y), abs=1e-12)
+    assert se ** 2 == pytest.approx(ref_var, rel=1e-9, abs=1e-15)
+    z = NormalDist().inv_cdf(0.975)
+    assert lo == pytest.approx(max(0.0, a - z * se), abs=1e-12) and hi == pytest.approx(min(1.0, a + z * se), abs=1e-12)
+    assert 0.0 <= lo <= a <= hi <= 1.0
+
+
+def test_auc_ci_covers_the_true_auc_at_its_confidence():
+    """Binormal scores with a known AUC Φ(d/√2): the 95 % interval covers it in ~95 % of the days."""
+    from statistics import NormalDist
+
+    from mtrank.pipeline.metrics import auc_ci
+
+    rng = np.random.default_rng(7)
+    d = 1.0
+    true_auc = NormalDist().cdf(d / np.sqrt(2))
+    covered, widths = [], []
+    for _ in range(600):
+        y = rng.random(3000) < 0.05               # ~150 positives: a rare task
+        s = y * d + rng.normal(0, 1, y.size)
+        lo, hi = auc_ci(s, y)
+        covered.append(lo <= true_auc <= hi)
+        widths.append(hi - lo)
+    assert 0.92 < np.mean(covered) < 0.98, np.mean(covered)   # binomial sd 0.009 over 600 days
+    assert 0.05 < np.mean(widths) < 0.15          # ~150 positives: an AUC known to a few points only
+
+
+def test_auc_ci_edge_cases():
+    from mtrank.pipeline.metrics import auc_ci
+
+    s = np.linspace(0, 1, 100)
+    assert auc_ci(s, s > 0.5) == (1.0, 1.0)       # perfectly separated: se 0, clipped to [0, 1]
+    assert all(np.isnan(auc_ci(s, np.zeros(100))))
+    bad = s.copy()
+    bad[3] = np.nan
+    assert all(np.isnan(auc_ci(bad, s > 0.5)))    # a report shows "–" rather than failing
+    with pytest.raises(ValueError, match="confidence"):
+        auc_ci(s, s > 0.5, confidence=0.0)

@@ -183,9 +183,14 @@ def test_undefined_metrics_are_null_in_strict_json(base, tmp_path):
     assert doc is not None
 
 
-def test_promote_without_a_challenger_is_one_line(tmp_path):
+def test_promote_without_a_challenger_is_one_line(tmp_path, ranker):
     write_job(tmp_path / "job.yaml", "nothing-yet", TRAIN, data=str(tmp_path / "logs"), work_dir=str(tmp_path / "w"))
-    one_line_error(run("promote", "--config", tmp_path / "job.yaml", "--date", DATE), "no 'challenger' version")
+    one_line_error(run("promote", "--config", tmp_path / "job.yaml", "--date", DATE), "no MLflow store")
+    assert not (tmp_path / "w").exists()   # nothing created where nothing was trained
+    # a store that exists but has no challenger of this name
+    uri = f"sqlite:///{ranker / 'work' / 'mlflow.db'}"
+    one_line_error(run("promote", "--config", tmp_path / "job.yaml", "--date", DATE, "--tracking-uri", uri),
+                   "no 'challenger' version")
 
 
 def test_quarantine_spec_without_a_directory_is_a_clear_error(base):

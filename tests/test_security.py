@@ -114,6 +114,15 @@ def test_a_model_file_carrying_code_is_refused_not_run(tmp_path, spec):
     with pytest.raises(CheckpointError, match="weights.pt: refused to load: it holds pickled Python objects"):
         load_model(tmp_path / "model")
     assert not marker.exists()
+    # the same through the CLI: one line, exit 2, no traceback
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mtrank.jobs.cli", "evaluate", "--model", str(tmp_path / "model"),
+                        "--data", str(tmp_path), "--date", "2026-11-01", "--out", str(tmp_path / "report")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "refused to load" in r.stderr and not marker.exists()
 
 
 def test_configs_are_data_never_code(tmp_path):

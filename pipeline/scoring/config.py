@@ -15,8 +15,8 @@ from mtrank.features.base import StrictConfig as _Strict
 class Range(_Strict):
     """A search interval for `mtrank tune-fusion`: offsets are drawn log-uniformly (lo > 0), exponents
     uniformly."""
-    lo: float = Field(ge=0)
-    hi: float = Field(ge=0)
+    lo: float = Field(ge=0, description="lower bound (> 0 for offsets)")
+    hi: float = Field(ge=0, description="upper bound, > lo")
 
     @model_validator(mode="after")
     def _order(self) -> "Range":
@@ -26,8 +26,8 @@ class Range(_Strict):
 
 
 class FactorSearch(_Strict):
-    offset: Range | None = None
-    exponent: Range | None = None
+    offset: Range | None = Field(default=None, description="search range of the offset; null: kept fixed")
+    exponent: Range | None = Field(default=None, description="search range of the exponent; null: kept fixed")
 
     @model_validator(mode="after")
     def _log(self) -> "FactorSearch":
@@ -47,8 +47,8 @@ class Factor(_Strict):
                                                        "or column name")
     output: str | None = Field(default=None, description="a model output (see the model's spec)")
     column: str | None = Field(default=None, description="a numeric candidate column")
-    offset: float = Field(default=0.0, ge=0)
-    exponent: float = Field(default=1.0, ge=0)
+    offset: float = Field(default=0.0, ge=0, description="added to the value before the exponent")
+    exponent: float = Field(default=1.0, ge=0, description="power of (offset + value); 0 switches the factor off")
     on_bad_value: Literal["zero", "filter", "error"] = Field(
         default="zero", description="column factors: a missing, NaN or <= 0 value counts as 0 (marked "
                                     "value_defaulted), filters the item out (marked), or fails naming the rows")
@@ -74,7 +74,8 @@ class FusionConfig(_Strict):
     spec's first binary task trained on all rows. The demo's job YAML spells out its formula (six
     factors: three probabilities, an offset probability, price with an offset, a dwell prediction).
     """
-    factors: tuple[Factor, ...] | None = None
+    factors: tuple[Factor, ...] | None = Field(default=None, description="the factors multiplied into the "
+                                               "score; null: rank by the probability of the spec's first binary task on all rows")
     negative_keep_rate: dict[str, float] = Field(
         default_factory=dict, description="task -> keep rate r of negatives in its training data; "
                                           "its probability is re-calibrated to p / (p + (1 - p) / r) before fusion")
@@ -121,10 +122,11 @@ class TuneConfig(_Strict):
 
 class WindowRule(_Strict):
     """Category N-pick-1: any N consecutive slots hold at most k items sharing `attribute`."""
-    enabled: bool = True
-    attribute: str = "category_id"
-    n: int = Field(default=4, ge=1)
-    k: int = Field(default=1, ge=1, le=127)
+    enabled: bool = Field(default=True, description="false: no N-pick-1 rule (the attribute column is not needed)")
+    attribute: str = Field(default="category_id", description="candidate column the rule spreads out (category, "
+                                                              "brand, shop, ...)")
+    n: int = Field(default=4, ge=1, description="window length in slots (1: no constraint)")
+    k: int = Field(default=1, ge=1, le=127, description="items sharing the attribute allowed in any n consecutive slots")
     fallback: Literal["end", "relax"] = Field(
         default="end", description="no remaining item fits: end the list there, or take the best "
                                    "remaining item anyway and mark it window_relaxed")
@@ -132,7 +134,7 @@ class WindowRule(_Strict):
 
 class TrafficCap(_Strict):
     """Per-item daily exposure cap over existing exposures plus what this run allocates."""
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="false: no exposure caps")
     default_cap: int | None = Field(default=2_000, ge=0, description="cap of items without their own; "
                                                                      "null = uncapped")
     caps_file: str | None = Field(default=None, description="Parquet (item_id, cap) overriding default_cap")
@@ -141,18 +143,18 @@ class TrafficCap(_Strict):
 
 
 class NewItemBoost(_Strict):
-    enabled: bool = True
-    column: str = "item_age_days"
+    enabled: bool = Field(default=True, description="false: no new-item boost (the column is not needed)")
+    column: str = Field(default="item_age_days", description="candidate column of the item's age in days")
     max_age_days: float = Field(default=14.0, gt=0, description="boost items with age < this many days")
-    multiplier: float = Field(default=1.2, gt=0)
+    multiplier: float = Field(default=1.2, gt=0, description="rule_weight factor of a new item")
 
 
 class CampaignBoost(_Strict):
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="false: no campaign boost")
     column: str | None = Field(default="in_campaign", description="boolean candidate column")
     items_file: str | None = Field(default=None, description="Parquet (item_id, start_dt, end_dt): items "
                                                              "active on the scored date are in the campaign")
-    multiplier: float = Field(default=1.3, gt=0)
+    multiplier: float = Field(default=1.3, gt=0, description="rule_weight factor of a campaign item")
 
     @model_validator(mode="after")
     def _source(self) -> "CampaignBoost":
@@ -162,24 +164,27 @@ class CampaignBoost(_Strict):
 
 
 class LowQuality(_Strict):
-    enabled: bool = True
-    column: str = "quality_score"
+    enabled: bool = Field(default=True, description="false: no low-quality rule (the column is not needed)")
+    column: str = Field(default="quality_score", description="numeric candidate column of the item's quality")
     threshold: float = Field(default=0.2, description="items with score < threshold are low quality")
-    action: Literal["demote", "filter"] = "demote"
-    multiplier: float = Field(default=0.5, gt=0, lt=1)
+    action: Literal["demote", "filter"] = Field(default="demote", description="demote: multiply rule_weight by "
+                                                "`multiplier`; filter: not shown")
+    multiplier: float = Field(default=0.5, gt=0, lt=1, description="rule_weight factor of a demoted item")
 
 
 class ScoringConfig(_Strict):
-    fusion: FusionConfig = FusionConfig()
-    tune: TuneConfig = TuneConfig()
-    window: WindowRule = WindowRule()
-    traffic_cap: TrafficCap = TrafficCap()
-    new_item: NewItemBoost = NewItemBoost()
-    campaign: CampaignBoost = CampaignBoost()
-    low_quality: LowQuality = LowQuality()
+    fusion: FusionConfig = Field(default=FusionConfig(), description="the fused score over model outputs and "
+                                                                     "candidate columns")
+    tune: TuneConfig = Field(default=TuneConfig(), description="the objectives of `mtrank tune-fusion`")
+    window: WindowRule = Field(default=WindowRule(), description="category N-pick-1")
+    traffic_cap: TrafficCap = Field(default=TrafficCap(), description="per-item daily exposure caps")
+    new_item: NewItemBoost = Field(default=NewItemBoost(), description="boost of recently listed items")
+    campaign: CampaignBoost = Field(default=CampaignBoost(), description="boost of campaign items")
+    low_quality: LowQuality = Field(default=LowQuality(), description="demotion or filter of low-quality items")
     list_size: int | None = Field(default=50, gt=0, description="slots per request; null = rank every "
                                                                "eligible candidate")
-    item_column: str = "item_id"
+    item_column: str = Field(default="item_id", description="candidate column of the item id (unique per "
+                                                           "request; traffic caps count per item)")
     on_bad_row: Literal["fail", "quarantine"] = Field(
         default="fail", description="null keys or a duplicate item in one request: fail naming file, "
                                     "column and count, or set the rows aside (counted)")

@@ -25,6 +25,7 @@ FILES = ("weights.pt", "feature_spec.yaml", "numeric_stats.json", "model_config.
 OPTIMIZER = "optimizer.pt"  # optional: optimizer and loss-weight state, for warm starts
 INPUT_SCHEMA = "input_schema.arrow"      # the feature columns' types in the training logs (serving casts to them)
 INPUT_EXAMPLE = "input_example.parquet"  # a few training rows and one all-null row, for the model signature
+TRAINING = "training.json"   # how the outputs were made: negative sampling, calibration (the buffer's provenance)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SavedModel:
     model: MultiTaskRanker
     optimizer: dict | None = None
     input_schema: pa.Schema | None = None   # None for models saved before it was kept
+    training: dict | None = None            # training.json: negative sampling and calibration
 
 
 def _write_parquet(table: pa.Table):
@@ -45,7 +47,7 @@ def _write_parquet(table: pa.Table):
 
 def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stats: NumericStats,
                optimizer: dict | None = None, input_schema: pa.Schema | None = None,
-               input_example: pa.Table | None = None) -> Path:
+               input_example: pa.Table | None = None, training: dict | None = None) -> Path:
     """`input_schema`: the training logs' schema (only the spec's feature columns are kept);
     `input_example`: raw rows with those columns."""
     path = Path(path)
@@ -62,6 +64,8 @@ def save_model(path: str | Path, model: MultiTaskRanker, spec: FeatureSpec, stat
         write_atomic(path / INPUT_SCHEMA, serving_schema(spec, input_schema).serialize().to_pybytes())
     if input_example is not None:
         write_atomic(path / INPUT_EXAMPLE, _write_parquet(input_example))
+    if training is not None:
+        write_atomic(path / TRAINING, json.dumps(training, indent=1).encode())
     return path
 
 
@@ -95,4 +99,11 @@ def load_model(path: str | Path, with_optimizer: bool = False) -> SavedModel:
     optimizer = None
     if with_optimizer and (path / OPTIMIZER).exists():
         optimizer = load_tensors(path / OPTIMIZER)
-    return SavedModel(spec, stats, config, model, optimizer, read_input_schema(path))
+    training = json.loads((path / TRAINING).read_text()) if (path / TRAINING).exists() else None
+    return SavedModel(spec, stats, config, model, optimizer, read_input_schema(path), training)
+
+
+def trained_keep_rate(saved: SavedModel) -> tuple[str, float] | None:
+    """(task, keep rate) when mtrank trained the model on down-sampled negatives (and corrected for it)."""
+    ns = (saved.training or {}).get("negative_sampling")
+    return (ns["task"], float(ns["keep_rate"])) if ns else None

@@ -27,6 +27,7 @@ from mtrank.features.base import failpoint
 from mtrank.jobs.config import JobConfig
 from mtrank.jobs.paths import quarantine_dir
 from mtrank.jobs.report import strict_json
+from mtrank.jobs.model_io import trained_keep_rate
 from mtrank.jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
 from mtrank.pipeline.evaluate import predict_rows
 from mtrank.pipeline.candidates import CandidateReader, candidate_files
@@ -134,7 +135,7 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
     t0 = time.perf_counter()
     saved = open_model(model_ref, tracking_uri(cfg))
     version = model_version_of(model_ref, tracking_uri(cfg))
-    plan = resolve(sc.fusion, saved.spec.outputs)  # a factor the model cannot feed fails before any row
+    plan = resolve(sc.fusion, saved.spec.outputs, trained_keep_rate(saved))  # a factor the model cannot feed fails before any row
     timings["load_model_s"] = time.perf_counter() - t0
     featurizer = Featurizer(saved.spec, saved.stats)
     reader = CandidateReader(candidate_files(candidates, day), saved.spec, sc,

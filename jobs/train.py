@@ -7,6 +7,7 @@ and configs (`model/`), the evaluation report (`report/report.html`) and `metric
 from __future__ import annotations
 
 import datetime as dt
+import math
 import logging
 import time
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ def _stats(cfg: JobConfig, spec: FeatureSpec, window, out: Path, progress: bool 
     else:
         mine = fit_numeric_stats(ImpressionReader(window, spec, rank=dist.rank, world_size=dist.world_size,
                                                   quarantine_dir=quarantine_dir(cfg, "train"),
-                                                  progress=progress if dist.is_main else False))
+                                                  progress=progress if dist.is_main else False,
+                                                  negatives=sampled_negatives(cfg, spec)))
         stats = NumericStats()
         for part in dist.all_gather(mine):
             stats = stats.merge(part)
@@ -96,6 +98,19 @@ def check_warm_start(parent: Parent, spec: FeatureSpec, cfg: JobConfig) -> froze
                         + ". Set warm_start.reinit_changed_tables: true to re-initialise them, or retrain "
                           "from scratch (mtrank daily --full).")
     return frozenset(ch.tables)
+
+
+def sampled_negatives(cfg: JobConfig, spec: FeatureSpec) -> tuple[str, float] | None:
+    """(label column, keep rate) of `train.negative_sampling`, checked against the spec's tasks."""
+    ns = cfg.train.negative_sampling
+    if ns is None or ns.keep_rate == 1:
+        return None
+    t = spec.task_by_name.get(ns.task)
+    if t is None or t.type != "binary" or t.space != "all":
+        roots = [x.name for x in spec.tasks if x.type == "binary" and x.space == "all"]
+        raise SpecError(f"train.negative_sampling.task: {ns.task!r} is not a binary task trained on all rows; "
+                        f"those of the spec are: {', '.join(roots) or 'none'}")
+    return t.label, ns.keep_rate
 
 
 def validation_days(cfg: JobConfig, parent: Parent | None) -> int:
@@ -161,7 +176,8 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                 "numeric_stats": cfg.warm_start.numeric_stats})
     reader = ImpressionReader(window, spec, featurizer, batch_size=trainer.rank_batch_size, shuffle=tc.shuffle,
                               shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, rank=dist.rank,
-                              world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), progress=False)
+                              world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), progress=False,
+                              negatives=sampled_negatives(cfg, spec))
     validate, validation_loss = None, trainer.validation_loss
     if val_window is not None:
         def validate() -> dict:  # noqa: F811
@@ -200,15 +216,21 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
     summary = {"date": date.isoformat(), "train_window": window.describe(), "eval_window": eval_window.describe(),
                "rows": {"read": result.accounting.rows_read, "trained": result.rows_trained,
                         "rejected": result.accounting.rows_rejected,
+                        "sampled_out": result.accounting.sampled_out,
                         "rejected_by_reason": dict(result.accounting.rejected),
                         **_skipped(window, result.accounting, eval_window, ev_accounting)},
                "eval_rows": pred.rows, "epochs": result.epochs, "global_step": result.global_step,
                "resumed_from_step": result.resumed_from_step, "train_seconds": train_s, "lineage": lineage,
+               **({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
+                  if result.best_epoch is not None else {}),
                "ranks": dist.world_size, "history": live.history(result.epochs),
                **({"validation_window": val_window.describe()} if val_window is not None else {}),
                **({"calibration": calibration} if calibration else {})}
+    ns = cfg.train.negative_sampling
     save_model(out / "model", model, spec, stats, optimizer=optimizer, input_schema=window.schema,
-               input_example=input_example(window, spec))
+               input_example=input_example(window, spec),
+               training={"negative_sampling": ns.model_dump() if ns is not None and ns.keep_rate < 1 else None,
+                         "calibration": calibration})
     write_report(out / "report", f"{cfg.name}: trained on {window.start}..{window.end}, evaluated on {date}",
                  {"date": date.isoformat(), "train window": window.describe(), "rows": summary["rows"],
                   "evaluation rows": pred.rows, "GAUC groups": gauc_note(spec.group_key),
@@ -226,8 +248,17 @@ def _calibrate(cfg: JobConfig, spec: FeatureSpec, featurizer, model, val_window,
     """Platt parameters fitted by rank 0 on the validation days and set on every rank's model."""
     from mtrank.pipeline.calibration import fit_calibration
 
+    ns = cfg.train.negative_sampling
     if cfg.train.calibration == "none" or val_window is None:
-        return None
+        if ns is None or ns.keep_rate == 1:
+            return None
+        # Negatives kept at rate r multiply the odds by 1/r: the true logit is the trained one + log r.
+        shift = {ns.task: {"scale": 1.0, "shift": math.log(ns.keep_rate), "fitted": True,
+                           "from": f"negative_sampling keep_rate {ns.keep_rate}"}}
+        model.set_calibration({ns.task: (1.0, shift[ns.task]["shift"])})
+        log.info("%s recalibrated for negative sampling: logit %+.4f (keep rate %g)", ns.task,
+                 shift[ns.task]["shift"], ns.keep_rate)
+        return shift
     fitted = None
     if dist.is_main:
         reader = ImpressionReader(val_window, spec, featurizer, batch_size=cfg.eval.batch_size,

@@ -23,6 +23,7 @@ from mtrank.features.spec import SpecError
 from mtrank.jobs.config import JobConfig
 from mtrank.jobs.paths import quarantine_dir
 from mtrank.jobs.report import strict_json
+from mtrank.jobs.model_io import trained_keep_rate
 from mtrank.jobs.tracking import log_tuning, model_version_of, open_model, tracking_uri
 from mtrank.jobs.model_io import SavedModel
 from mtrank.pipeline.evaluate import FORWARD_ROWS, predict_rows
@@ -137,7 +138,7 @@ def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, 
     t0 = time.perf_counter()
     saved = open_model(model_ref, tracking_uri(cfg))
     version = model_version_of(model_ref, tracking_uri(cfg))
-    plan = resolve(cfg.score.fusion, saved.spec.outputs)
+    plan = resolve(cfg.score.fusion, saved.spec.outputs, trained_keep_rate(saved))
     gains = tuning.check_tune(tc, saved.spec.outputs)
     if not plan.bounds():
         raise SpecError("score.fusion.factors: no factor has a `search` range (offset or exponent), so "

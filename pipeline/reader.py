@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import xxhash
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,6 +43,7 @@ class RowAccounting:
     row_groups: int = 0
     quarantine_files: list[str] = field(default_factory=list)
     unreadable: list[dict] = field(default_factory=list)  # skipped (on_unreadable="skip"): file, row group, rows
+    sampled_out: int = 0   # negatives left out by negative down-sampling (read, deliberately not trained)
 
     @property
     def rows_rejected(self) -> int:
@@ -49,12 +51,13 @@ class RowAccounting:
 
     @property
     def balanced(self) -> bool:
-        return self.rows_read == self.rows_accepted + self.rows_rejected
+        return self.rows_read == self.rows_accepted + self.rows_rejected + self.sampled_out
 
     def merge(self, other: "RowAccounting") -> "RowAccounting":
         return RowAccounting(self.rows_read + other.rows_read, self.rows_accepted + other.rows_accepted,
                              self.rejected + other.rejected, self.row_groups + other.row_groups,
-                             self.quarantine_files + other.quarantine_files, self.unreadable + other.unreadable)
+                             self.quarantine_files + other.quarantine_files, self.unreadable + other.unreadable,
+                             self.sampled_out + other.sampled_out)
 
     @staticmethod
     def total(parts: Iterable[RowAccounting]) -> RowAccounting:
@@ -68,8 +71,24 @@ class RowAccounting:
         return {"rows_read": self.rows_read, "rows_accepted": self.rows_accepted,
                 "rows_rejected": self.rows_rejected, "rejected_by_reason": dict(sorted(self.rejected.items())),
                 "row_groups": self.row_groups, "quarantine_files": len(self.quarantine_files),
+                "sampled_out": self.sampled_out,
                 "balanced": self.balanced, "unreadable_skipped": len(self.unreadable),
                 "rows_skipped": sum(u["rows"] for u in self.unreadable), "unreadable": list(self.unreadable)}
+
+
+def keep_mask(group: RowGroup, offset: int, n: int, rate: float) -> np.ndarray:
+    """Rows [offset, offset + n) of a row group kept at `rate`: a SplitMix64 hash of (the file's last
+    two path components, row group, row position), so the choice does not depend on shuffling,
+    ranks, epochs or where the data root is mounted."""
+    where = "/".join(str(group.file).replace("\\", "/").rsplit("/", 2)[-2:])
+    x = np.uint64(xxhash.xxh64_intdigest(f"{where}#{group.index}".encode())) + np.arange(offset, offset + n,
+                                                                                     dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < rate
 
 
 def skipped_files(*sources) -> list[dict]:
@@ -216,10 +235,12 @@ class ImpressionReader:
                  rank: int = 0, world_size: int = 1, shuffle: bool = False, shuffle_buffer: int = 65_536,
                  seed: int = 0, chunk_rows: int = 65_536, quarantine_dir: str | Path | None = None,
                  with_eval: bool = False, progress: bool | None = None, extra_columns: Sequence[str] = (),
-                 not_null: Sequence[str] = ()):
+                 not_null: Sequence[str] = (), negatives: tuple[str, float] | None = None):
         """`extra_columns`: more columns for `frames()` to keep (e.g. request_id, price); each must
         exist in every file (BadInputError naming the file and column otherwise). `not_null`: those of
-        them a row must have (a null one makes the row bad: failed or quarantined, counted)."""
+        them a row must have (a null one makes the row bad: failed or quarantined, counted).
+        `negatives`: (label column, keep rate): rows whose label is 0 are kept at that rate
+        (`keep_mask`), the others counted as sampled out."""
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if featurizer is not None and featurizer.spec is not spec:
@@ -233,6 +254,7 @@ class ImpressionReader:
         self.extra_columns = tuple(extra_columns)
         self.accounting = RowAccounting()
         self._dups: dict[str, np.ndarray] | None = None   # spec duplicate_rows: reject, computed once
+        self.negatives = negatives if negatives is not None and negatives[1] < 1 else None
 
     @property
     def rows(self) -> int:
@@ -298,10 +320,26 @@ class ImpressionReader:
                         break
                     if rb is None:
                         break
-                    good = self.validator.split(rb, schema, group, i, acc, self._duplicates(group, done, rb.num_rows))
-                    done, i = done + rb.num_rows, i + 1
+                    n = rb.num_rows
+                    if self.negatives is not None:   # before the rules: a sampled-out row is read, never trained
+                        label, rate = self.negatives
+                        drop = ~keep_mask(group, done, n, rate) & (pc.fill_null(
+                            pc.equal(rb.column(label).cast(pa.int64()), 0), False).to_numpy(zero_copy_only=False))
+                        if drop.any():
+                            acc.rows_read += int(drop.sum())
+                            acc.sampled_out += int(drop.sum())
+                            dups = self._duplicates(group, done, n)
+                            rb = rb.filter(pa.array(~drop))
+                            dups = None if dups is None else dups[~drop]
+                        else:
+                            dups = self._duplicates(group, done, n)
+                    else:
+                        dups = self._duplicates(group, done, n)
+                    good = self.validator.split(rb, schema, group, i, acc, dups)
+                    rb_rows = n
+                    done, i = done + rb_rows, i + 1
                     if bar is not None:
-                        bar.update(rb.num_rows)
+                        bar.update(rb_rows)
                     if good.num_rows:
                         yield good
         finally:

@@ -36,6 +36,22 @@ from mtrank.pipeline.reader import ImpressionReader, RowAccounting
 log = logging.getLogger("mtrank.train")
 
 
+class NegativeSampling(StrictConfig):
+    """Which rows are negatives and how many of them training keeps."""
+
+    task: str = Field(description="a binary task trained on all rows (space: all, e.g. the click task): a row whose label of it "
+                                  "is 0 is a negative")
+    keep_rate: float = Field(gt=0, le=1, description="share of the negatives kept, chosen by a hash of the row's "
+                             "file, row group and position: the same rows on every rerun, rank and epoch")
+
+
+class EarlyStopping(StrictConfig):
+    """Stop when the validation objective has not improved for `patience` epochs; keep the best epoch."""
+
+    patience: int = Field(default=2, ge=1, description="epochs without a lower validation objective (the "
+                          "task-weighted sum of validation losses) before training stops")
+
+
 class TrainConfig(StrictConfig):
     """Optimisation knobs; strict so that a misspelt key in a job config is an error."""
 
@@ -75,10 +91,21 @@ class TrainConfig(StrictConfig):
         default="none", description="platt: after training, fit p = sigmoid(a·logit + b) per binary task on the "
         "validation days (needs validation_days > 0); saved in the weights, applied wherever the model predicts")
 
+    negative_sampling: "NegativeSampling | None" = Field(
+        default=None, description="train on a deterministic share of one task's negatives (e.g. unclicked "
+        "impressions); the model's output for that task is recalibrated automatically (shift log keep_rate, or "
+        "the Platt fit on unsampled validation rows)")
+
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="stop when the validation objective stops improving and make the best epoch's "
+        "weights the model (needs validation_days > 0); null = train every epoch")
+
     @model_validator(mode="after")
     def _calibration_needs_validation(self) -> "TrainConfig":
         if self.calibration != "none" and self.validation_days == 0:
             raise ValueError("calibration: platt is fitted on held-out rows: set validation_days >= 1")
+        if self.early_stopping is not None and self.validation_days == 0:
+            raise ValueError("early_stopping watches the validation days: set validation_days >= 1")
         return self
 
     def fingerprint_fields(self) -> dict:
@@ -163,6 +190,11 @@ class TrainResult:
     rows_trained: int
     accounting: RowAccounting
     resumed_from_step: int | None = None
+    best_epoch: int | None = None       # early stopping: the epoch whose weights the model has
+    stopped_early: bool = False
+
+
+TrainConfig.model_rebuild()
 
 
 class TrainingEvents:
@@ -365,6 +397,9 @@ class Trainer:
                          self._where())
         accounting = RowAccounting()
         self.model.train()
+        es = self.cfg.early_stopping
+        if es is not None and history and _early_stop(history, self.spec, es.patience)[1]:
+            start_epoch = self.cfg.epochs   # it had stopped early before the interruption: nothing left to train
         for epoch in range(start_epoch, self.cfg.epochs):
             stats = current if current is not None and epoch == start_epoch else EpochStats(epoch)
             history_before = list(history)
@@ -414,13 +449,65 @@ class Trainer:
                 _warn_if_overfitting(history)
                 events.on_epoch(record)
             skip, current = 0, None
+            stop = False
+            if self.cfg.early_stopping is not None:
+                best, stop = self.dist.broadcast(_early_stop(history, self.spec, self.cfg.early_stopping.patience)
+                                                 if self.dist.is_main else None)
+                record["best_epoch"] = best
+                if best == epoch:
+                    self._keep_best()
             self._save(epoch + 1, 0, history, EpochStats(epoch + 1))
+            if stop:
+                if self.dist.is_main:
+                    log.info("early stopping after epoch %d: the validation objective has not improved since "
+                             "epoch %d", epoch + 1, best + 1)
+                break
+        best_epoch, stopped = None, False
+        if es is not None and history:
+            best_epoch, stopped = self.dist.broadcast(_early_stop(history, self.spec, es.patience)
+                                                      if self.dist.is_main else None)
+            stopped = stopped and len(history) < self.cfg.epochs
+            if best_epoch != history[-1]["epoch"]:
+                self._restore_best(best_epoch)
         if self.dist.enabled:
             log.info("%s: %d steps, the sparse table sync (%s) carried %.0f rows a step", self.dist,
                      self.sync.steps, self.sync.mode, self.sync.rows_sent / max(self.sync.steps, 1))
         parts = self.dist.all_gather((accounting, self.rows_trained))
         return TrainResult(history, self.global_step, sum(r for _, r in parts),
-                           RowAccounting.total(acc for acc, _ in parts), resumed)
+                           RowAccounting.total(acc for acc, _ in parts), resumed, best_epoch, stopped)
+
+    BEST = "best.pt"   # the best epoch's weights, beside the checkpoints (a resumed run restores them from here)
+
+    def _keep_best(self) -> None:
+        self._best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.dist.is_main and self.checkpoints is not None:
+            from mtrank.pipeline.checkpoint import write_atomic
+
+            self.checkpoints.dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.checkpoints.dir / self.BEST, lambda f: torch.save(self._best, f))
+
+    def _restore_best(self, epoch: int) -> None:
+        best = getattr(self, "_best", None)
+        if best is None and self.checkpoints is not None and (self.checkpoints.dir / self.BEST).exists():
+            best = self.checkpoints.load(self.checkpoints.dir / self.BEST)
+        if best is None:
+            raise ResumeMismatchError(f"early stopping chose epoch {epoch + 1}, whose weights are gone "
+                                      f"({self.BEST} missing); retrain without --resume")
+        self.model.load_state_dict(best)
+        if self.dist.is_main:
+            log.info("the model is epoch %d's weights (lowest validation objective)", epoch + 1)
+
+
+def _early_stop(history: list[dict], spec: FeatureSpec, patience: int) -> tuple[int, bool]:
+    """(best epoch, stop now): the lowest task-weighted sum of validation losses so far, and whether
+    `patience` epochs have passed without a lower one."""
+    weights = {t.name: t.weight for t in spec.tasks}
+    scored = [(sum(weights.get(t, 1.0) * v for t, v in e["validation"]["loss"].items()), e["epoch"])
+              for e in history if e.get("validation")]
+    if not scored:
+        return history[-1]["epoch"], False
+    best = min(scored)[1]
+    return best, scored[-1][1] - best >= patience
 
 
 def _warn_if_overfitting(history: list[dict]) -> None:

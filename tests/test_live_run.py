@@ -21,7 +21,8 @@ def trained(tmp_path_factory):
     cli_generate(base / "logs", days=4, rows=6000, seed=11, users=1500, items=600)
     small_spec(base / "spec.yaml")
     write_job(base / "job.yaml", "live", {"batch_size": 256, "epochs": 2, "log_every_steps": 5,
-                                          "validation_days": 1, "calibration": "platt"}, window_days=3)
+                                          "validation_days": 1, "calibration": "platt",
+                                          "early_stopping": {"patience": 1}}, window_days=3)
     r = subprocess.run([*MTRANK, "train", "--config", base / "job.yaml", "--date", DATE],
                        capture_output=True, text=True, cwd=base)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -51,6 +52,7 @@ def test_the_run_carries_step_curves_validation_datasets_and_standard_tags(train
     assert len(client.get_metric_history(run.info.run_id, "val_auc.ctr")) == 2
     assert summary["history"]["validation"][1]["loss"]["ctr"] == pytest.approx(val[-1].value)
     assert summary["validation_window"]["start"] == summary["validation_window"]["end"] == "2026-11-03"
+    assert summary["best_epoch"] in (0, 1) and summary["stopped_early"] is False   # 2 epochs, patience 1
     # datasets: training, validation and evaluation windows with their row counts
     inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"training", "validation", "evaluation"}

@@ -194,3 +194,48 @@ def test_bf16_trains_like_fp32(setup):
     _, _, r16 = train(setup, cfg.model_copy(update={"precision": "bf16"}))
     for t, v in r32.epochs[0]["loss"].items():
         assert r16.epochs[0]["loss"][t] == pytest.approx(v, rel=0.05), t
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch(setup, tmp_path):
+    """The held-out day (the window's fourth) is evaluated with the trainer's own validation loss;
+    a scripted rise after the second epoch stands in for a model that starts to memorise."""
+    from mtrank.pipeline.trainer import TrainingEvents
+
+    spec, _, _, fz = setup
+    held = ImpressionReader(open_window(setup[1].root, spec, START + dt.timedelta(days=3), START + dt.timedelta(days=3)),
+                            spec, fz, batch_size=8192, progress=False)
+    cfg = TrainConfig(epochs=6, batch_size=4096, seed=2, validation_days=1, early_stopping={"patience": 2})
+    model = build_model(spec, SMALL, cfg.seed, setup[2])
+    trainer = Trainer(model, spec, cfg, CheckpointStore(tmp_path / "ck"))
+    rises = iter([0.0, 0.0, 0.05, 0.06, 0.07, 0.08])   # epochs 3.. look worse than epoch 2
+
+    def validate():
+        loss = trainer.validation_loss(held)
+        bump = next(rises)
+        return {"loss": {t: v + bump for t, v in loss.items()}}
+
+    snapshots = {}
+
+    class Snap(TrainingEvents):
+        def on_epoch(self, record):
+            snapshots[record["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    result = trainer.fit(reader(setup, cfg), progress=False, events=Snap(), validate=validate)
+    assert result.stopped_early and len(result.epochs) == 4        # best at epoch index 1, then 2 worse epochs
+    assert result.best_epoch == 1 and result.epochs[-1]["best_epoch"] == 1
+    for k, v in model.state_dict().items():                       # the model is epoch 2's weights
+        torch.testing.assert_close(v, snapshots[1][k], rtol=0, atol=0, msg=k)
+    assert (tmp_path / "ck" / Trainer.BEST).exists()
+    # a resume of the stopped run trains nothing more and restores the same weights from disk
+    again = build_model(spec, SMALL, 99, setup[2])
+    resumed = Trainer(again, spec, cfg, CheckpointStore(tmp_path / "ck")).fit(reader(setup, cfg), resume=True,
+                                                                            progress=False, validate=validate)
+    assert len(resumed.epochs) == 4 and resumed.best_epoch == 1
+    for k, v in again.state_dict().items():
+        torch.testing.assert_close(v, snapshots[1][k], rtol=0, atol=0, msg=k)
+
+
+def test_early_stopping_needs_validation_days():
+    with pytest.raises(ValueError, match="validation_days"):
+        TrainConfig(early_stopping={"patience": 1})

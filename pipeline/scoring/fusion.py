@@ -140,14 +140,19 @@ def default_factors(schema: OutputSchema) -> tuple[ResolvedFactor, ...]:
     return (ResolvedFactor(first.name, first, None, 0.0, 1.0, "zero", None),)
 
 
-def resolve(cfg: FusionConfig, schema: OutputSchema) -> FusionPlan:
+def resolve(cfg: FusionConfig, schema: OutputSchema, trained_keep_rate: tuple[str, float] | None = None) -> FusionPlan:
     """Check every factor and keep rate against the model's outputs; errors name the key and list
-    the valid names."""
+    the valid names. `trained_keep_rate`: (task, rate) the model was trained with by mtrank, which
+    already corrected its output for it (recalibrating again would divide twice)."""
     tasks = {f.task for f in schema.fields if f.kind is OutputKind.PROBABILITY}
     for task in cfg.negative_keep_rate:
         if task not in tasks:
             raise ScoringError(f"fusion.negative_keep_rate.{task}: not a binary task of the model; its binary "
                                f"tasks are: {', '.join(sorted(tasks))}")
+        if trained_keep_rate is not None and trained_keep_rate[0] == task:
+            raise ScoringError(f"fusion.negative_keep_rate.{task}: the model was trained on {task} negatives kept "
+                               f"at {trained_keep_rate[1]:g} and its output is already recalibrated for it; remove "
+                               "this setting (it is for models trained on down-sampled data elsewhere)")
     if cfg.factors is None:
         return FusionPlan(default_factors(schema), dict(cfg.negative_keep_rate), schema)
     factors = []

@@ -146,12 +146,13 @@ def markdown(summary: dict, rates: list[float], info: dict) -> str:
           "PCOC ctr | PCOC ctr before recalibration | logloss ctr | Δlogloss vs 1 |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rate in rates:
-        s = summary[str(rate)]
+        s, ref = summary[str(rate)], rate == 1.0
         md.append(f"| {rate:g} | {statistics.median(s['rows_trained']):,.0f} | {statistics.median(s['rows_sampled_out']):,.0f} "
-                  f"| {med(s['train_seconds'], '.1f')} | {med(s['time_ratio'], '.2f')}× | {med(s['samples_per_s'], ',.0f')} "
-                  f"| {med(s['auc']['ctr'], '.4f')} | {med(s['auc_delta']['ctr'], '+.4f')} "
+                  f"| {med(s['train_seconds'], '.1f')} | {'1.00' if ref else med(s['time_ratio'], '.2f')}× "
+                  f"| {med(s['samples_per_s'], ',.0f')} "
+                  f"| {med(s['auc']['ctr'], '.4f')} | {'–' if ref else med(s['auc_delta']['ctr'], '+.4f')} "
                   f"| {med(s['pcoc_ctr'], '.3f')} | {med(s['pcoc_uncalibrated'], '.3f')} "
-                  f"| {med(s['logloss'], '.4f')} | {med(s['logloss_delta'], '+.4f')} |")
+                  f"| {med(s['logloss'], '.4f')} | {'–' if ref else med(s['logloss_delta'], '+.4f')} |")
     md += ["", "AUC of every task (on its population) and entire-space product, median over the repetitions; "
                "ΔAUC against keep rate 1 of the same seed as median (min–max):\n",
            "| figure | oracle | keep 1 (min–max over seeds) | "
@@ -162,7 +163,7 @@ def markdown(summary: dict, rates: list[float], info: dict) -> str:
         md.append(f"| {f} | {'-' if o is None else format(o, '.4f')} | {med(s1['auc'][f], '.4f')} | "
                   + " | ".join(med(summary[str(r)]["auc_delta"][f], "+.4f") for r in rates if r != 1.0) + " |")
     md += ["", "Job wall time (the whole CLI process: numeric statistics, training, evaluation, report) vs keep "
-               "rate 1: " + ", ".join(f"keep {r:g} {med(summary[str(r)]['job_time_ratio'], '.2f')}×" for r in rates)
+               "rate 1: " + ", ".join(f"keep {r:g} {med(summary[str(r)]['job_time_ratio'], '.2f')}×" for r in rates if r != 1.0)
            + "; PCOC of the ctcvr product: "
            + ", ".join(f"keep {r:g} {med([x for x in summary[str(r)]['pcoc_ctcvr'] if x is not None], '.3f')}"
                        for r in rates) + ".\n"]

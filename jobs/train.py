@@ -178,18 +178,21 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                               shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, rank=dist.rank,
                               world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), progress=False,
                               negatives=sampled_negatives(cfg, spec))
-    validate, validation_loss = None, trainer.validation_loss
-    if val_window is not None:
-        def validate() -> dict:  # noqa: F811
-            def held_out():
-                return ImpressionReader(val_window, spec, featurizer, batch_size=cfg.eval.batch_size,
-                                        quarantine_dir=quarantine_dir(cfg, "validation"), progress=False)
-            pred = predict(model, held_out(), cfg.eval.max_rows)
-            figures = task_metrics(pred, spec)
-            return {"loss": validation_loss(held_out()), "rows": pred.rows,
-                    "auc": {f: m["auc"] for f, m in figures.items() if "auc" in m}}
+    validation_loss = trainer.validation_loss
+
+    def validate() -> dict:
+        """The validation days' loss (the trainer's own terms) and AUC per figure."""
+        def held_out():
+            return ImpressionReader(val_window, spec, featurizer, batch_size=cfg.eval.batch_size,
+                                    quarantine_dir=quarantine_dir(cfg, "validation"), progress=False)
+        pred = predict(model, held_out(), cfg.eval.max_rows)
+        figures = task_metrics(pred, spec)
+        return {"loss": validation_loss(held_out()), "rows": pred.rows,
+                "auc": {f: m["auc"] for f, m in figures.items() if "auc" in m}}
+
     t0 = time.perf_counter()
-    result = trainer.fit(reader, resume=resume, progress=progress, events=live, validate=validate)
+    result = trainer.fit(reader, resume=resume, progress=progress, events=live,
+                         validate=validate if val_window is not None else None)
     train_s = time.perf_counter() - t0
     optimizer = trainer.optimizer_state()
     del trainer   # the DDP wrapper: released before the process group is left
@@ -276,7 +279,7 @@ def _calibrate(cfg: JobConfig, spec: FeatureSpec, featurizer, model, val_window,
 
 def _uncalibrated_figures(metrics: dict, model, spec: FeatureSpec, featurizer, eval_window, cfg: JobConfig) -> None:
     """PCOC and logloss the uncalibrated model had on the evaluation day, beside the calibrated ones."""
-    saved = {t: v for t, v in model.calibration_params().items()}
+    saved = model.calibration_params()
     model.set_calibration({})
     try:
         raw = task_metrics(predict(model, ImpressionReader(eval_window, spec, featurizer, batch_size=cfg.eval.batch_size,

@@ -321,6 +321,7 @@ class ImpressionReader:
                     if rb is None:
                         break
                     n = rb.num_rows
+                    dups = self._duplicates(group, done, n)
                     if self.negatives is not None:   # before the rules: a sampled-out row is read, never trained
                         label, rate = self.negatives
                         drop = ~keep_mask(group, done, n, rate) & (pc.fill_null(
@@ -328,18 +329,12 @@ class ImpressionReader:
                         if drop.any():
                             acc.rows_read += int(drop.sum())
                             acc.sampled_out += int(drop.sum())
-                            dups = self._duplicates(group, done, n)
                             rb = rb.filter(pa.array(~drop))
                             dups = None if dups is None else dups[~drop]
-                        else:
-                            dups = self._duplicates(group, done, n)
-                    else:
-                        dups = self._duplicates(group, done, n)
                     good = self.validator.split(rb, schema, group, i, acc, dups)
-                    rb_rows = n
-                    done, i = done + rb_rows, i + 1
+                    done, i = done + n, i + 1
                     if bar is not None:
-                        bar.update(rb_rows)
+                        bar.update(n)
                     if good.num_rows:
                         yield good
         finally:

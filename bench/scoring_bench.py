@@ -11,6 +11,7 @@ needed); the loop (bench/scoring_loop.py) must give identical ranks and rule fla
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -130,17 +131,22 @@ def main() -> None:
     # ---------------------------------------------------------------- end to end vs bare forward
     model_dir = ensure_model(job)
     out = CACHE / "score-out" / "ranked.parquet"
-    e2e, parts = [], []
+    # `mtrank score` with the background featurizing thread (the default) and without it (the serial
+    # path: read, featurize, forward one chunk after another), interleaved with the bare forward
+    e2e, parts, serial, serial_parts, loads = [], [], [], [], []
     fwd = []
     for _ in range(reps):
+        loads.append(round(os.getloadavg()[0], 2))
         rows, s = bare_forward(model_dir, cand_root)
         fwd.append(rows / s)
-        t0 = time.perf_counter()
-        r = score(job, str(model_dir), cand_root, EVAL_DAY, out, exposures=str(exposures_path), track=False,
-                  progress=False)
-        e2e.append(r.summary["rows_read"] / (time.perf_counter() - t0))
-        parts.append(r.summary["seconds"])
-    fwd_rate, e2e_rate = statistics.median(fwd), statistics.median(e2e)
+        for overlap, rates, phases in ((True, e2e, parts), (False, serial, serial_parts)):
+            sc = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"overlap": overlap})})
+            t0 = time.perf_counter()
+            r = score(job, str(model_dir), cand_root, EVAL_DAY, out, exposures=str(exposures_path), scoring=sc,
+                      track=False, progress=False)
+            rates.append(r.summary["rows_read"] / (time.perf_counter() - t0))
+            phases.append(r.summary["seconds"])
+    fwd_rate, e2e_rate, serial_rate = statistics.median(fwd), statistics.median(e2e), statistics.median(serial)
     loop_rate = n / loop_s
     payload = {
         "machine": machine(), "candidates": n, "requests": requests, "reps": reps,
@@ -148,7 +154,10 @@ def main() -> None:
         "rules": {"vectorised_per_s": vec.rates, "loop_per_s": loop_rate, "speedup": vec.median / loop_rate,
                   "identical_to_loop": identical, "summary": res.summary},
         "end_to_end": {"score_per_s": e2e, "bare_forward_per_s": fwd, "ratio": e2e_rate / fwd_rate,
-                       "phase_seconds": parts},
+                       "phase_seconds": parts, "serial_score_per_s": serial, "serial_ratio": serial_rate / fwd_rate,
+                       "serial_phase_seconds": serial_parts, "loadavg_1min_per_rep": loads,
+                       "ratio_per_rep": [e / f for e, f in zip(e2e, fwd)],
+                       "serial_ratio_per_rep": [e / f for e, f in zip(serial, fwd)]},
     }
     mid = parts[len(parts) // 2]
     md = [f"# Scoring: {n:,} candidates ({requests:,} requests), median of {reps}, {machine()['cores']} cores", "",
@@ -158,12 +167,19 @@ def main() -> None:
           f"| same rules, per-request Python loop (bench/scoring_loop.py) | {loop_rate:,.0f} | 1.0 |",
           f"| `mtrank score` end to end (read, validate, featurize, forward, rules, write) | {e2e_rate:,.0f} | "
           f"{e2e_rate / fwd_rate:.0%} of bare forward |",
+          f"| same, serial (`score.inference.overlap: false`) | {serial_rate:,.0f} | "
+          f"{serial_rate / fwd_rate:.0%} of bare forward |",
           f"| model forward pass only (batches prepared beforehand) | {fwd_rate:,.0f} | 100% |", "",
           f"Loop and vectorised results identical (rank and rule flags of every candidate): **{identical}**. "
           f"Caps resolved in {res.summary['cap_rounds']} round(s); rule counts: "
           + ", ".join(f"{k} {v:,}" for k, v in res.summary["rules"].items() if v) + ".", "",
           "End-to-end phases (s, middle run): " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in mid.items()),
-          ""]
+          "(with the overlap, read_validate and featurize run in the background thread; input_wait is the part "
+          "the forward waited for them)", "",
+          "Per repetition, score / bare forward (overlap, serial): "
+          + ", ".join(f"{a:.0%} / {b:.0%}" for a, b in zip(payload["end_to_end"]["ratio_per_rep"],
+                                                            payload["end_to_end"]["serial_ratio_per_rep"]))
+          + f"; 1-min load average {', '.join(map(str, loads))} on {machine()['cores']} cores.", ""]
     write_results("scoring" if not a.quick else "scoring-quick", payload, "\n".join(md))
 
 

@@ -7,8 +7,16 @@ travels with the version (`code/`), so no mtrank install is needed where it load
 
 `predict` takes a DataFrame of raw feature columns — the same columns as the impression logs, other
 columns ignored, nulls allowed — and returns one column per output of the spec.
+
+Requests of fewer than `serial_rows` rows (default 1,024; environment MTRANK_SERVING_SERIAL_ROWS at
+load, 0 = never) run the forward on one intra-op thread: at serving sizes the work per operator is
+tiny, and torch's thread team costs more in wake-ups and barriers than it saves (4-8x slower at
+1-1,000 rows on a busy 2-core machine, `bench/serving_bench.py`). Predictions are the same either way.
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import mlflow
 import pandas as pd
@@ -25,6 +33,8 @@ class RankerPyfunc(PythonModel):
         self.saved = load_model(context.artifacts["model"])
         self.featurizer = Featurizer(self.saved.spec, self.saved.stats)
         self.schema = serving_schema(self.saved.spec, self.saved.input_schema)
+        self.serial_rows = int(os.environ.get("MTRANK_SERVING_SERIAL_ROWS", "1024"))
+        self.saved.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         import torch
@@ -40,8 +50,24 @@ class RankerPyfunc(PythonModel):
             check_serving_nulls(table, self.saved.spec)
         except (MtrankError, pa.ArrowException) as e:   # the client's rows: HTTP 400, not 500
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        with torch.inference_mode():
+        with torch.inference_mode(), _intra_op_threads(1 if table.num_rows < self.serial_rows else None):
             return pd.DataFrame(predict_rows(self.saved.model, self.featurizer, table))
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """torch's intra-op threads set to `n` for the block (None: left as they are), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 mlflow.models.set_model(RankerPyfunc())

@@ -9,6 +9,7 @@ the output and its summary are each one complete upload under the final key (ato
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -29,7 +30,7 @@ from mtrank.jobs.paths import quarantine_dir
 from mtrank.jobs.report import strict_json
 from mtrank.jobs.model_io import trained_keep_rate
 from mtrank.jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
-from mtrank.pipeline.evaluate import predict_rows
+from mtrank.pipeline.evaluate import predict_frames, predict_rows
 from mtrank.pipeline.candidates import CandidateReader, candidate_files
 from mtrank.pipeline.checkpoint import check_output, write_output
 from mtrank.pipeline.progress import Progress
@@ -143,15 +144,27 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
                              / f"dt={day}")
     outputs: dict[str, list[np.ndarray]] = {}
     sides: list[pa.RecordBatch] = []
+    inf = sc.inference
     t1 = time.perf_counter()
     with Progress("score", total=None, unit="rows", enabled=progress) as bar:
-        for rb, side in reader.frames():
-            for k, v in predict_rows(saved.model, featurizer, rb, timings).items():
-                outputs.setdefault(k, []).append(v)
-            sides.append(rb.select(side))
-            bar.update(rb.num_rows)
-    timings["read_validate_s"] = time.perf_counter() - t1 - timings.get("forward_s", 0.0) - \
-        timings.get("featurize_s", 0.0)
+        if inf.overlap:   # reading, validating and featurizing chunk k+1 in the background during forward k
+            predicted = predict_frames(saved.model, featurizer, reader.frames(), lambda f: f[0], timings,
+                                       inf.forward_rows, inf.precision)
+        else:
+            predicted = (((rb, side), predict_rows(saved.model, featurizer, rb, timings, inf.forward_rows,
+                                                   inf.precision)) for rb, side in reader.frames())
+        with contextlib.closing(predicted):   # closed early on an error: the background thread stops
+            for (rb, side), preds in predicted:
+                for k, v in preds.items():
+                    outputs.setdefault(k, []).append(v)
+                sides.append(rb.select(side))
+                bar.update(rb.num_rows)
+    loop_s = time.perf_counter() - t1
+    if inf.overlap:   # read + validate ran in the background: its own time (overlapped with the forward)
+        timings["read_validate_s"] = timings.pop("source_s", 0.0)
+    else:
+        timings["read_validate_s"] = loop_s - timings.get("forward_s", 0.0) - timings.get("featurize_s", 0.0)
+    timings["predict_s"] = loop_s   # wall time of reading + featurizing + forward together
     acc = reader.accounting
     if not sides:
         raise BadInputError(str(candidates), None, "no_rows", "no candidate row passed validation", count=acc.rows_read)

@@ -42,26 +42,150 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
-def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None = None,
-                 chunk_rows: int = FORWARD_ROWS) -> dict[str, np.ndarray]:
-    """Predictions for raw feature rows (an Arrow table or record batch), featurized and run in
-    chunks; `timings` accumulates featurize_s and forward_s when given."""
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode (no dropout) for the block, its previous mode restored after."""
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train(True)
+
+
+def _autocast(device: torch.device, precision: str):
+    """bf16 autocast (the bottom in bf16, towers in fp32: see MultiTaskRanker.dense) or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def _featurize_chunks(featurizer, rows, chunk_rows: int):
+    """(batch, seconds) per `chunk_rows` slice of `rows`: the one place rows become model input, so
+    the serial and the overlapped paths cut and featurize identically."""
     from mtrank.pipeline.batch import batch_from_arrays
 
-    parts: dict[str, list[np.ndarray]] = {}
-    device = model_device(model)
     for start in range(0, rows.num_rows, chunk_rows):
         t0 = time.perf_counter()
         batch = batch_from_arrays(featurizer.transform(rows.slice(start, chunk_rows), with_labels=False))
-        t1 = time.perf_counter()
+        yield batch, time.perf_counter() - t0
+
+
+def _forward(model, batch, device: torch.device, precision: str) -> dict[str, np.ndarray]:
+    with _autocast(device, precision):
         out = model(batch.to(device)).predictions
-        if timings is not None:
-            timings["featurize_s"] = timings.get("featurize_s", 0.0) + t1 - t0
-            timings["forward_s"] = timings.get("forward_s", 0.0) + time.perf_counter() - t1
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v.float().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in parts.items()}
+    return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def _add(timings: dict | None, key: str, seconds: float) -> None:
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + seconds
+
+
+def _concat(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
+
+
+@torch.inference_mode()
+def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None = None,
+                 chunk_rows: int = FORWARD_ROWS, precision: str = "fp32") -> dict[str, np.ndarray]:
+    """Predictions for raw feature rows (an Arrow table or record batch), featurized and run in
+    chunks, in eval mode under inference mode; `timings` accumulates featurize_s and forward_s when
+    given. `precision: bf16` runs the bottom under bf16 autocast (as `train.precision` does)."""
+    parts: dict[str, list[np.ndarray]] = {}
+    device = model_device(model)
+    with eval_mode(model):
+        for batch, feat_s in _featurize_chunks(featurizer, rows, chunk_rows):
+            t1 = time.perf_counter()
+            for k, v in _forward(model, batch, device, precision).items():
+                parts.setdefault(k, []).append(v)
+            _add(timings, "featurize_s", feat_s)
+            _add(timings, "forward_s", time.perf_counter() - t1)
+    return _concat(parts)
+
+
+_DONE = object()
+
+
+def predict_frames(model: MultiTaskRanker, featurizer, frames, rows_of=lambda item: item,
+                   timings: dict | None = None, chunk_rows: int = FORWARD_ROWS, precision: str = "fp32",
+                   prefetch: int = 2):
+    """(item, predictions of its rows) for each item of the iterable `frames`, in order: the
+    streaming form of `predict_rows` (same chunks, so the same numbers bit for bit).
+
+    One background thread pulls the items (whatever producing them costs: reading, validation) and
+    featurizes their chunks, at most `prefetch` chunks ahead, while this thread runs the forward of
+    the chunk before: Arrow, polars and torch release the GIL, so reading + featurizing chunk k+1
+    overlaps the forward of chunk k. An exception in the background (a bad file, a bad row) is raised
+    here unchanged; closing the generator early stops the thread. `timings` accumulates source_s
+    (pulling items), featurize_s (both in the background), forward_s, and input_wait_s: the forward
+    waiting for input, i.e. the part of source + featurize the overlap did not hide."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+    shared: dict[str, float] = {}
+
+    def put(msg) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            it = iter(frames)
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                item = next(it, _DONE)
+                _add(shared, "source_s", time.perf_counter() - t0)
+                if item is _DONE:
+                    break
+                rows = rows_of(item)
+                chunks = list(range(0, rows.num_rows, chunk_rows))
+                if not chunks and not put((item, None, True)):
+                    return
+                for i, (batch, feat_s) in enumerate(_featurize_chunks(featurizer, rows, chunk_rows)):
+                    _add(shared, "featurize_s", feat_s)
+                    if not put((item, batch, i == len(chunks) - 1)):
+                        return
+            put((_DONE, None, True))
+        except BaseException as e:  # noqa: BLE001 -- handed to the consuming thread, raised there
+            put((_DONE, e, True))
+
+    worker = threading.Thread(target=produce, name="mtrank-featurize", daemon=True)
+    device = model_device(model)
+    worker.start()
+    try:
+        with eval_mode(model):   # inference mode only around each forward: it is thread state, not held across yields
+            parts: dict[str, list[np.ndarray]] = {}
+            while True:
+                t0 = time.perf_counter()
+                item, batch, last = q.get()
+                t1 = time.perf_counter()
+                _add(timings, "input_wait_s", t1 - t0)
+                if item is _DONE:
+                    if batch is not None:
+                        raise batch
+                    break
+                if batch is not None:
+                    with torch.inference_mode():
+                        out = _forward(model, batch, device, precision)
+                    for k, v in out.items():
+                        parts.setdefault(k, []).append(v)
+                    _add(timings, "forward_s", time.perf_counter() - t1)
+                if last:
+                    out, parts = _concat(parts), {}
+                    yield item, out
+    finally:
+        stop.set()
+        worker.join()
+        for k, v in shared.items():
+            _add(timings, k, v)
 
 
 def degenerate_outputs(pred: Predictions) -> dict[str, str]:

@@ -172,6 +172,21 @@ class LowQuality(_Strict):
     multiplier: float = Field(default=0.5, gt=0, lt=1, description="rule_weight factor of a demoted item")
 
 
+class InferenceConfig(_Strict):
+    """How `mtrank score` runs the model over the candidates. In fp32 the background thread changes
+    no prediction: each is bit for bit a plain forward of the same chunk of rows."""
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: the bottom under bf16 autocast, towers in fp32 (as train.precision; "
+                                    "CPUs with avx512_bf16 / AMX): faster, but predictions are no longer fp32's "
+                                    "bit for bit")
+    forward_rows: int = Field(default=16_384, ge=1, le=1_048_576,
+                              description="candidate rows per forward pass (peak memory grows with it; another "
+                                          "value may move a prediction by 1 ulp: the CPU's matrix kernels "
+                                          "round by batch size)")
+    overlap: bool = Field(default=True, description="read, validate and featurize the next chunk in a background "
+                                                    "thread while the model runs on the current one")
+
+
 class ScoringConfig(_Strict):
     fusion: FusionConfig = Field(default=FusionConfig(), description="the fused score over model outputs and "
                                                                      "candidate columns")
@@ -185,6 +200,8 @@ class ScoringConfig(_Strict):
                                                                "eligible candidate")
     item_column: str = Field(default="item_id", description="candidate column of the item id (unique per "
                                                            "request; traffic caps count per item)")
+    inference: InferenceConfig = Field(default=InferenceConfig(), description="how the model runs over the "
+                                       "candidates (precision, rows per forward, overlap)")
     on_bad_row: Literal["fail", "quarantine"] = Field(
         default="fail", description="null keys or a duplicate item in one request: fail naming file, "
                                     "column and count, or set the rows aside (counted)")

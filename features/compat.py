@@ -23,9 +23,11 @@ class SpecChanges:
 
 
 def _feature_shape(f) -> dict:
-    """A feature's definition minus the bucket count (a bucket change is a table change)."""
+    """A feature's definition minus its table's rows and id options (compared per table: a bucket or
+    rare-row change is a table change; l2 and dropout only change how training goes on)."""
     d = f.model_dump(mode="json")
-    d.pop("buckets", None)
+    for k in ("buckets", "min_count", "l2", "dropout"):
+        d.pop(k, None)
     return d
 
 
@@ -49,6 +51,9 @@ def compare_specs(old: FeatureSpec, new: FeatureSpec) -> SpecChanges:
             ch.blocking.append(f"table {name!r}: dim {a.dim} -> {b.dim}")
         elif a.buckets != b.buckets:
             ch.tables[name] = f"buckets {a.buckets:,} -> {b.buckets:,}"
+        elif a.rows != b.rows:
+            ch.tables[name] = (f"min_count {a.min_count} -> {b.min_count} ({'adds' if b.rows > a.rows else 'removes'} "
+                               "the shared rare row)")
         elif old.hash_seed != new.hash_seed:
             ch.tables[name] = f"hash_seed {old.hash_seed} -> {new.hash_seed} (every id maps to another row)"
     for name in sorted(new_t.keys() - old_t.keys()):

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtrank.features.hashing import NULL_ID, group_key_expr, hash_expr, table_seed
-from mtrank.features.numeric import NumericStats, bucket_expr, dense_expr
+from mtrank.features.numeric import NumericStats, bucket_expr, dense_exprs
 from mtrank.features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, NumericFeature
 
 
@@ -119,14 +119,25 @@ class Featurizer:
     def __init__(self, spec: FeatureSpec, stats: NumericStats | None = None):
         self.spec, self.stats = spec, stats or NumericStats()
         self._missing = self.stats.missing(spec)
+        # dense columns in order (a piecewise-linear feature has several): built once, edges fitted once
+        self._dense = [] if self._missing else [
+            e.alias(f"__dense/{f.name}/{i}") for f in spec.dense for i, e in enumerate(dense_exprs(f, self.stats))]
         self._hashing: dict[str, tuple[int, int]] = {  # field -> (table seed, buckets)
             f: (table_seed(t.name, spec.hash_seed), t.buckets) for t in spec.embedding_tables.values() for f in t.fields}
+
+    def fingerprint(self) -> str:
+        """Identifies the arrays `transform` produces: the spec and every fitted statistic. A cache of
+        featurized rows is valid exactly while this is unchanged (extend it with any new fitted state)."""
+        import hashlib
+
+        return hashlib.sha256((self.spec.fingerprint() + self.stats.to_json()).encode()).hexdigest()
 
     def transform(self, data: pa.Table | pa.RecordBatch | pl.DataFrame, with_labels: bool = True,
                   with_eval: bool = False) -> FeatureArrays:
         """Arrays for every row; `with_eval` adds the GAUC group key and ground-truth columns."""
         if self._missing:
-            raise ValueError(f"numeric statistics missing for standardized features: {self._missing}")
+            raise ValueError(f"numeric statistics missing for standardized or piecewise-linear features: "
+                             f"{self._missing}")
         if isinstance(data, pl.DataFrame):
             data = data.to_arrow()
         batches = [b for b in data.to_batches() if b.num_rows] if isinstance(data, pa.Table) else [data]
@@ -166,7 +177,7 @@ class Featurizer:
                 seed, buckets = self._hashing[f.name]
                 plain[f.name] = arr
                 exprs.append(hash_expr(pl.col(f.name), _pl_dtype(arr), seed, buckets).alias(f"__id/{f.name}"))
-        exprs += [dense_expr(f, self.stats).alias(f"__dense/{f.name}") for f in spec.dense]
+        exprs += self._dense
         if with_labels:
             for t in spec.tasks:
                 plain[t.label] = rb.column(t.label)
@@ -195,7 +206,7 @@ class Featurizer:
         for j, (field, _) in enumerate(spec.id_fields):
             id_matrix[:, j] = ids[field]
         bags = {table: self._bags(fields, n, ids, lengths) for table, fields in spec.bag_tables.items()}
-        dense = (np.ascontiguousarray(out.select([f"__dense/{f.name}" for f in spec.dense]).to_numpy(),
+        dense = (np.ascontiguousarray(out.select([e.meta.output_name() for e in self._dense]).to_numpy(),
                                       dtype=np.float32) if spec.dense else np.zeros((n, 0), np.float32))
         labels, masks = {}, {}
         if with_labels:

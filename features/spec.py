@@ -31,13 +31,33 @@ class SpecError(MtrankError, ValueError):
 _Strict = StrictConfig
 
 
-class TableSpec(_Strict):
+_MIN_COUNT = ("ids seen fewer times in the training window share one extra 'rare' row of the table (ids never "
+              "seen, at evaluation and scoring too); 1 = off: every id keeps its own row")
+_L2 = "L2 on the table's rows, applied by the sparse optimizer to the rows a step touches (0 = off)"
+_DROPOUT = ("training only: probability that an id is replaced by the table's rare row (its null row without "
+            "min_count); 0 = off")
+
+
+class _IdRegularisation(_Strict):
+    """Per-table options that make id embeddings generalise (docs/training.md, 'Id embeddings that generalise')."""
+
+    min_count: int = Field(default=1, ge=1, description=_MIN_COUNT)
+    l2: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, description=_L2)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description=_DROPOUT)
+
+
+_ID_OPTIONS = ("min_count", "l2", "dropout")
+
+
+class TableSpec(_IdRegularisation):
     buckets: int = Field(gt=1, description="rows of the table; id 0 is reserved for null")
     dim: int | None = Field(default=None, gt=0, description="embedding dim; null = the spec's embedding_dim")
 
 
-class _HashedFeature(_Strict):
-    """What every hashed feature has: its column and the embedding table its ids index."""
+class _HashedFeature(_IdRegularisation):
+    """What every hashed feature has: its column and the embedding table its ids index. The id options
+    (min_count, l2, dropout) of the feature's own table are set on the feature; those of a shared table
+    on its `tables:` entry."""
 
     name: str = Field(description="column name in the logs and candidates")
     table: str | None = Field(default=None, description="a shared table declared under `tables`; null = the "
@@ -46,6 +66,15 @@ class _HashedFeature(_Strict):
                                                                "without `table`); id 0 is reserved for null")
     dim: int | None = Field(default=None, gt=0, description="embedding dim of the own table; null = the spec's "
                                                            "embedding_dim")
+
+    @model_validator(mode="after")
+    def _shared_table_options(self) -> "_HashedFeature":
+        # a saved spec writes every default out, so only a value other than the default is an error
+        on_feature = [k for k in _ID_OPTIONS if getattr(self, k) != type(self).model_fields[k].default]
+        if self.table is not None and on_feature:
+            raise ValueError(f"{', '.join(on_feature)}: set on table {self.table!r} (under tables:), not on a "
+                             "feature that shares it")
+        return self
 
 
 class CategoricalFeature(_HashedFeature):
@@ -70,11 +99,30 @@ class NumericFeature(_Strict):
     boundaries: tuple[float, ...] | None = Field(
         default=None, description="bucketize into an embedding table instead of a dense input")
     dim: int | None = Field(default=None, gt=0, description="embedding dim when bucketized")
+    encoding: Literal["scalar", "piecewise_linear"] = Field(
+        default="scalar", description="dense input: scalar = one column (the transformed value); "
+        "piecewise_linear = `bins` columns, component t = clamp((x - b[t-1]) / (b[t] - b[t-1]), 0, 1) (first "
+        "bin open below, last open above) over quantile edges b fitted on the training window (saved with "
+        "the model)")
+    bins: int | None = Field(default=None, description="piecewise_linear: number of bins (>= 2), i.e. dense "
+                             "columns; fewer distinct training values than bins + 1 leave the extra columns 0")
+    keep_value: bool = Field(default=False, description="piecewise_linear: also feed the scalar value (after "
+                             "standardize, when set) as a column before the bins")
 
     @model_validator(mode="after")
     def _check(self) -> "NumericFeature":
         if self.clip is not None and not self.clip[0] <= self.clip[1]:
             raise ValueError(f"clip lower bound {self.clip[0]} > upper bound {self.clip[1]}")
+        if self.encoding == "piecewise_linear":
+            if self.boundaries is not None:
+                raise ValueError("encoding piecewise_linear and boundaries exclude each other")
+            if self.bins is None or self.bins < 2:
+                raise ValueError(f"encoding piecewise_linear needs bins >= 2, got {self.bins}")
+            if self.standardize and not self.keep_value:
+                raise ValueError("standardize applies to the scalar value: with encoding piecewise_linear it "
+                                 "needs keep_value: true")
+        elif self.bins is not None or self.keep_value:
+            raise ValueError("bins and keep_value are only meaningful with encoding: piecewise_linear")
         if self.boundaries is not None:
             if self.standardize:
                 raise ValueError("standardize and boundaries exclude each other")
@@ -88,6 +136,20 @@ class NumericFeature(_Strict):
     @property
     def bucketized(self) -> bool:
         return self.boundaries is not None
+
+    @property
+    def piecewise_linear(self) -> bool:
+        return self.encoding == "piecewise_linear"
+
+    @property
+    def dense_width(self) -> int:
+        """Dense input columns of this feature: 0 bucketized, `bins` (+ 1 with keep_value) piecewise
+        linear, else 1."""
+        if self.bucketized:
+            return 0
+        if self.piecewise_linear:
+            return self.bins + int(self.keep_value)
+        return 1
 
 
 Feature = Annotated[Union[CategoricalFeature, MultiHotFeature, NumericFeature], Field(discriminator="kind")]
@@ -255,16 +317,18 @@ class FeatureSpec(_Strict):
                 if not f.bucketized:
                     continue
                 name, buckets, dim = f.name, len(f.boundaries) + 2, f.dim  # 0 = null, 1.. = buckets
+                opts: tuple = (1, 0.0, 0.0)
             elif f.table is not None:
                 t = self.tables[f.table]
-                name, buckets, dim = f.table, t.buckets, t.dim
+                name, buckets, dim, opts = f.table, t.buckets, t.dim, (t.min_count, t.l2, t.dropout)
             else:
-                name, buckets, dim = f.name, f.buckets, f.dim
+                name, buckets, dim, opts = f.name, f.buckets, f.dim, (f.min_count, f.l2, f.dropout)
             tab = out.get(name)
             if tab is None:
-                out[name] = EmbeddingTable(name, buckets, dim or self.embedding_dim, (f.name,))
+                out[name] = EmbeddingTable(name, buckets, dim or self.embedding_dim, (f.name,), *opts)
             else:
-                out[name] = EmbeddingTable(name, tab.buckets, tab.dim, tab.fields + (f.name,))
+                out[name] = EmbeddingTable(name, tab.buckets, tab.dim, tab.fields + (f.name,), tab.min_count, tab.l2,
+                                           tab.dropout)
         return out
 
     @cached_property
@@ -334,15 +398,32 @@ class FeatureSpec(_Strict):
 
 
 class EmbeddingTable:
-    """An embedding table and the fields that share it (looked up in one call)."""
+    """An embedding table and the fields that share it (looked up in one call), with its id options.
 
-    __slots__ = ("name", "buckets", "dim", "fields")
+    With `min_count` > 1 the table has one row more than its buckets: row `buckets` is the shared
+    'rare' row of the ids not admitted (seen fewer than min_count times in the training window)."""
 
-    def __init__(self, name: str, buckets: int, dim: int, fields: tuple[str, ...]):
+    __slots__ = ("name", "buckets", "dim", "fields", "min_count", "l2", "dropout")
+
+    def __init__(self, name: str, buckets: int, dim: int, fields: tuple[str, ...], min_count: int = 1,
+                 l2: float = 0.0, dropout: float = 0.0):
         self.name, self.buckets, self.dim, self.fields = name, buckets, dim, fields
+        self.min_count, self.l2, self.dropout = min_count, l2, dropout
+
+    @property
+    def rare_id(self) -> int | None:
+        """The rare row's id within the table, None without admission (min_count 1)."""
+        return self.buckets if self.min_count > 1 else None
+
+    @property
+    def rows(self) -> int:
+        """Rows of the table's embedding: the buckets, plus the rare row with admission."""
+        return self.buckets + (self.min_count > 1)
 
     def __repr__(self) -> str:
-        return f"EmbeddingTable({self.name!r}, buckets={self.buckets}, dim={self.dim}, fields={self.fields})"
+        opts = "".join(f", {k}={getattr(self, k)}" for k, d in (("min_count", 1), ("l2", 0.0), ("dropout", 0.0))
+                       if getattr(self, k) != d)
+        return f"EmbeddingTable({self.name!r}, buckets={self.buckets}, dim={self.dim}, fields={self.fields}{opts})"
 
 
 def _format_error(source: str, err: ValidationError, raw: dict) -> str:

@@ -148,6 +148,12 @@ def read_table(location: str, **kw) -> pa.Table:
     return pq.read_table(path, filesystem=fs, **kw)
 
 
+def file_info(location: str) -> pafs.FileInfo:
+    """Size and modification time of one file, local or on S3."""
+    fs, path = resolve(location)
+    return fs.get_file_info(path)
+
+
 # -- listing ----------------------------------------------------------------------------------------
 def kind(location: str) -> str:
     """"file", "dir" or "missing" (an S3 prefix with objects under it is a "dir"; a missing bucket is

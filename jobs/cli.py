@@ -100,7 +100,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     track = None if a.no_track else _track(cfg, out)
     rows = out.summary["rows"]
     last = out.summary["epochs"][-1]
-    print(f"trained {rows['trained']:,} rows (read {rows['read']:,}, rejected {rows['rejected']:,}) "
+    aside = "".join(f", {k.replace('_', ' ')} {rows[k]:,}" for k in ("sampled_out", "held_out") if rows.get(k))
+    print(f"trained {rows['trained']:,} rows (read {rows['read']:,}, rejected {rows['rejected']:,}{aside}) "
           f"in {out.summary['train_seconds']:.0f}s, {last['samples_per_s']:,.0f} samples/s in the last epoch"
           + (f", resumed from step {out.result.resumed_from_step}" if out.result.resumed_from_step else ""))
     for u in rows.get("unreadable", []):

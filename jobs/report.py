@@ -155,6 +155,7 @@ def _grid(n: int, cols: int = 4, w: float = 3.2, h: float = 3.0):
 
 MODEL_STYLE = {"color": "C0", "lw": 1.4}
 BASE_STYLE = {"color": "C1", "lw": 1.2, "ls": "--"}
+RAW_STYLE = {"color": "0.55", "lw": 1.0, "ls": ":"}
 
 
 def _auc_label(label: str, m: dict | None) -> str:
@@ -190,6 +191,8 @@ def reliability_figure(curves: dict, baseline_curves: dict | None = None,
     for ax, (name, c) in zip(axes, curves.items()):
         b = (baseline_curves or {}).get(name)
         cals = [(c["calibration"], labels[0], MODEL_STYLE, "o")]
+        if c.get("calibration_uncalibrated"):   # a calibrated model: its curve before the Platt layer
+            cals.append((c["calibration_uncalibrated"], f"{labels[0]} before calibration", RAW_STYLE, "^"))
         if b:
             cals.append((b["calibration"], labels[1], BASE_STYLE, "s"))
         hi = max([v for cal, *_ in cals for v in cal["mean_pred"] + cal["observed"] if v is not None] + [1e-6])
@@ -198,7 +201,7 @@ def reliability_figure(curves: dict, baseline_curves: dict | None = None,
             if cal["mean_pred"]:
                 ax.plot(cal["mean_pred"], cal["observed"], marker=marker, ms=3, label=label, **style)
         ax.set(title=name, xlabel="mean prediction", ylabel="observed rate")
-        if b:
+        if len(cals) > 1:
             ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("Reliability (equal-count bins)")
     fig.tight_layout()

@@ -282,6 +282,7 @@ def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False, co
         rows = summary["rows"]
         mlflow.log_metrics({"rows_read": rows["read"], "rows_trained": rows["trained"],
                             "rows_rejected": rows["rejected"], "files_skipped": rows.get("files_skipped", 0),
+                            "rows_sampled_out": rows.get("sampled_out", 0), "rows_held_out": rows.get("held_out", 0),
                             "eval_rows": summary["eval_rows"],
                             "train_seconds": summary["train_seconds"]})
         _log_curves(client, run.info.run_id, summary)

@@ -26,6 +26,7 @@ from mtrank.jobs.report import gauc_note, strict_json, undefined_figures, write_
 from mtrank.pipeline.checkpoint import CheckpointStore, write_atomic
 from mtrank.pipeline.dataset import check_labels, open_window
 from mtrank.pipeline.distributed import SINGLE, Dist
+from mtrank.pipeline.feature_cache import FeatureCache
 from mtrank.pipeline.evaluate import degenerate_outputs, merge_predictions, predict, task_curves, task_metrics
 from mtrank.pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, open_parquet, skipped_files
 from mtrank.pipeline.trainer import DivergedError, TrainResult, Trainer, build_model
@@ -68,7 +69,8 @@ def _stats(cfg: JobConfig, spec: FeatureSpec, window, out: Path, progress: bool 
         mine = fit_numeric_stats(ImpressionReader(window, spec, rank=dist.rank, world_size=dist.world_size,
                                                   quarantine_dir=quarantine_dir(cfg, "train"),
                                                   progress=progress if dist.is_main else False,
-                                                  negatives=sampled_negatives(cfg, spec)))
+                                                  negatives=sampled_negatives(cfg, spec),
+                                                  workers=cfg.train.data_workers, holdout=split(cfg, spec, False)))
         stats = NumericStats()
         for part in dist.all_gather(mine):
             stats = stats.merge(part)
@@ -78,6 +80,42 @@ def _stats(cfg: JobConfig, spec: FeatureSpec, window, out: Path, progress: bool 
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(path, stats.to_json().encode())
     return stats
+
+
+def _admission(cfg: JobConfig, spec: FeatureSpec, featurizer: Featurizer, window, model, parent: Parent | None,
+               dist: Dist = SINGLE) -> dict | None:
+    """Frequency admission of the tables with min_count > 1 (`features.admission`): lookups per id
+    over the training window (each rank its shard, summed); ids under min_count share the table's
+    rare row. The admitted set is a model buffer, saved with the weights, so evaluation, scoring and
+    the pyfunc apply it as training did. A warm start keeps the ids its parent admitted."""
+    import numpy as np
+
+    from mtrank.features.admission import IdCounts, admission_tables, format_summary
+
+    tables = admission_tables(spec)
+    if not tables:
+        return None
+    reader = ImpressionReader(window, spec, featurizer, rank=dist.rank, world_size=dist.world_size,
+                              quarantine_dir=quarantine_dir(cfg, "train"), progress=False,
+                              negatives=sampled_negatives(cfg, spec), holdout=split(cfg, spec, False))
+    mine = IdCounts({t: np.zeros(spec.embedding_tables[t].buckets, np.int64) for t in tables})
+    for arrays in reader.featurized(0):
+        mine = mine.merge(IdCounts.of_arrays(arrays, spec, tables))
+    counts = IdCounts()
+    for part in dist.all_gather(mine):
+        counts = counts.merge(part)
+    admitted = counts.admitted(spec)
+    if parent is not None:
+        for t, ok in admitted.items():
+            before = parent.saved.model.embeddings.admitted(t)
+            if before is not None and before.numel() == ok.size:
+                ok |= before.cpu().numpy()
+    model.embeddings.set_admission(admitted)
+    summary = counts.summary(spec)
+    if dist.is_main:
+        log.info("id admission on the training window (ids under min_count share the rare row):\n%s",
+                 "\n".join(format_summary(summary)))
+    return summary
 
 
 def check_warm_start(parent: Parent, spec: FeatureSpec, cfg: JobConfig) -> frozenset[str]:
@@ -113,6 +151,13 @@ def sampled_negatives(cfg: JobConfig, spec: FeatureSpec) -> tuple[str, float] | 
     return t.label, ns.keep_rate
 
 
+def split(cfg: JobConfig, spec: FeatureSpec, validation: bool) -> tuple[str, float, bool] | None:
+    """The reader's side of `train.validation_fraction` (None without one): the training readers keep
+    the requests outside the hashed fraction, the validation readers those inside."""
+    f = cfg.train.validation_fraction
+    return (spec.request_column("train.validation_fraction"), f, validation) if f else None
+
+
 def validation_days(cfg: JobConfig, parent: Parent | None) -> int:
     """Days held out at the end of the window; none for a warm start whose window is not longer."""
     days = cfg.warm_start.days if parent is not None else cfg.window_days
@@ -138,6 +183,8 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     window = open_window(cfg.data, spec, first, last, on_unreadable=cfg.on_unreadable_file)
     val_window = open_window(cfg.data, spec, last + dt.timedelta(days=1), date - dt.timedelta(days=1),
                              on_unreadable=cfg.on_unreadable_file) if held else None
+    if split(cfg, spec, True) is not None:     # hashed requests of the training days themselves
+        held, val_window = 1, open_window(cfg.data, spec, first, last, on_unreadable=cfg.on_unreadable_file)
     eval_window = open_window(cfg.data, spec, date, date, on_unreadable=cfg.on_unreadable_file)
     out = run_dir(cfg, date)
     live = LiveRun.start(cfg, date, out, command, [(window, "training")] + ([(val_window, "validation")] if held else [])
@@ -163,6 +210,7 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
     else:  # the parent's weights (heads included): no base-rate re-initialisation
         model = build_model(spec, cfg.model, tc.seed)
         transfer_weights(parent.saved.model, model, reinit)
+    admission = _admission(cfg, spec, featurizer, window, model, parent, dist)
     store = CheckpointStore(out / "checkpoints", keep=tc.checkpoint_keep)
     trainer = Trainer(model, spec, tc, store, fingerprint={
         "window": window.describe(), "stats": stats.to_json(), "parent": parent.version if parent else None},
@@ -177,14 +225,18 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
     reader = ImpressionReader(window, spec, featurizer, batch_size=trainer.rank_batch_size, shuffle=tc.shuffle,
                               shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, rank=dist.rank,
                               world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), progress=False,
-                              negatives=sampled_negatives(cfg, spec))
+                              negatives=sampled_negatives(cfg, spec), workers=tc.data_workers,
+                              holdout=split(cfg, spec, False), cache=FeatureCache(tc.feature_cache, tc.feature_cache_mb << 20,
+                                                 Path(cfg.work_dir) / "feature-cache" / f"{cfg.name}-rank{dist.rank}"))
     validation_loss = trainer.validation_loss
+    val_cache = FeatureCache("off" if tc.feature_cache == "off" else "memory", tc.feature_cache_mb << 20)
 
     def validate() -> dict:
         """The validation days' loss (the trainer's own terms) and AUC per figure."""
         def held_out():
             return ImpressionReader(val_window, spec, featurizer, batch_size=cfg.eval.batch_size,
-                                    quarantine_dir=quarantine_dir(cfg, "validation"), progress=False)
+                                    quarantine_dir=quarantine_dir(cfg, "validation"), progress=False,
+                                    cache=val_cache, holdout=split(cfg, spec, True))
         pred = predict(model, held_out(), cfg.eval.max_rows)
         figures = task_metrics(pred, spec)
         return {"loss": validation_loss(held_out()), "rows": pred.rows,
@@ -215,11 +267,12 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
     metrics = task_metrics(pred, spec)
     curves = task_curves(pred, spec)
     if calibration:
-        _uncalibrated_figures(metrics, model, spec, featurizer, eval_window, cfg)
+        _uncalibrated_figures(metrics, curves, model, spec, featurizer, eval_window, cfg)
     summary = {"date": date.isoformat(), "train_window": window.describe(), "eval_window": eval_window.describe(),
                "rows": {"read": result.accounting.rows_read, "trained": result.rows_trained,
                         "rejected": result.accounting.rows_rejected,
                         "sampled_out": result.accounting.sampled_out,
+                        "held_out": result.accounting.held_out,
                         "rejected_by_reason": dict(result.accounting.rejected),
                         **_skipped(window, result.accounting, eval_window, ev_accounting)},
                "eval_rows": pred.rows, "epochs": result.epochs, "global_step": result.global_step,
@@ -228,6 +281,7 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                   if result.best_epoch is not None else {}),
                "ranks": dist.world_size, "history": live.history(result.epochs),
                **({"validation_window": val_window.describe()} if val_window is not None else {}),
+               **({"id_admission": admission} if admission else {}),
                **({"calibration": calibration} if calibration else {})}
     ns = cfg.train.negative_sampling
     save_model(out / "model", model, spec, stats, optimizer=optimizer, input_schema=window.schema,
@@ -265,7 +319,8 @@ def _calibrate(cfg: JobConfig, spec: FeatureSpec, featurizer, model, val_window,
     fitted = None
     if dist.is_main:
         reader = ImpressionReader(val_window, spec, featurizer, batch_size=cfg.eval.batch_size,
-                                  quarantine_dir=quarantine_dir(cfg, "validation"), progress=False)
+                                  quarantine_dir=quarantine_dir(cfg, "validation"), progress=False,
+                                  holdout=split(cfg, spec, True))
         model.set_calibration({})
         held = predict(model, reader, cfg.eval.max_rows)
         fitted = fit_calibration(held.outputs, held.labels, held.masks, spec)
@@ -277,15 +332,21 @@ def _calibrate(cfg: JobConfig, spec: FeatureSpec, featurizer, model, val_window,
     return fitted
 
 
-def _uncalibrated_figures(metrics: dict, model, spec: FeatureSpec, featurizer, eval_window, cfg: JobConfig) -> None:
-    """PCOC and logloss the uncalibrated model had on the evaluation day, beside the calibrated ones."""
+def _uncalibrated_figures(metrics: dict, curves: dict, model, spec: FeatureSpec, featurizer, eval_window,
+                          cfg: JobConfig) -> None:
+    """PCOC, logloss and the reliability curve the uncalibrated model had on the evaluation day,
+    beside the calibrated ones (the report draws both)."""
     saved = model.calibration_params()
     model.set_calibration({})
     try:
-        raw = task_metrics(predict(model, ImpressionReader(eval_window, spec, featurizer, batch_size=cfg.eval.batch_size,
-                                                           progress=False), cfg.eval.max_rows), spec)
+        pred = predict(model, ImpressionReader(eval_window, spec, featurizer, batch_size=cfg.eval.batch_size,
+                                               progress=False), cfg.eval.max_rows)
+        raw, raw_curves = task_metrics(pred, spec), task_curves(pred, spec)
     finally:
         model.set_calibration(saved)
+    for fig, c in curves.items():
+        if fig in raw_curves and c.get("calibration") != raw_curves[fig].get("calibration"):
+            c["calibration_uncalibrated"] = raw_curves[fig]["calibration"]
     for fig, m in metrics.items():
         for k in ("pcoc", "logloss"):
             if k in m and k in raw.get(fig, {}):

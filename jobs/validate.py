@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 
 from mtrank.features import storage
+from mtrank.features.admission import IdCounts, format_summary
 from mtrank.features.hashing import table_collisions
 from mtrank.features.spec import FeatureSpec
 from mtrank.pipeline.checkpoint import check_output, write_output
@@ -38,6 +39,9 @@ def validate(data: str | Path, spec: FeatureSpec, start: dt.date | None = None, 
     if collisions and readable:
         lf = storage.scan_parquet(readable, missing_columns="insert", extra_columns="ignore")
         report["collisions"] = {k: v.as_dict() for k, v in table_collisions(lf, spec).items()}
+        # lookups per hashed id: how many ids (rows of the table) and lookups fall under each table's
+        # min_count (frequency admission: they would share the rare row); every row read, as collisions
+        report["id_counts"] = IdCounts.of_frame(lf, spec).summary(spec)
     return report
 
 
@@ -64,6 +68,9 @@ def format_report(report: dict) -> str:
         for c in report["collisions"].values():
             lines.append(f"{c['table']:<24}{c['buckets']:>10,}{c['distinct_values']:>10,}"
                          f"{c['distinct_ids']:>10,}{c['collision_rate']:>8.2%}")
+    if report.get("id_counts"):
+        lines.append("ids per table under min_count (they share the table's rare row; min_count 1 = off):")
+        lines += format_summary(report["id_counts"])
     return "\n".join(lines)
 
 

@@ -3,9 +3,47 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
 from mtrank.features.base import StrictConfig
+
+
+class EsmmConfig(StrictConfig):
+    """ESMM that keeps its towers: children with a parent are trained on the entire-space product
+    (as with `esmm: true`) plus a term on their own logit from the rows where their label is
+    observed (their space: the parent's positives). `clicked`: + tower_weight x BCE of the child's
+    logit averaged over its space; `ips`: + tower_weight x the ESCM² counterfactual regulariser,
+    the child's BCE on its space's rows weighted by 1 / p_parent (detached, floored at ips_floor)
+    and averaged over the parent's population. `none`: classic ESMM, the same as `esmm: true`.
+    The term is folded into the task's reported loss."""
+
+    tower_loss: Literal["none", "clicked", "ips"] = Field(
+        default="ips", description="extra term on the child's own logit: none | clicked (BCE over its space) | "
+        "ips (BCE over its space weighted by 1/p_parent, averaged over the parent's population)")
+    tower_weight: float = Field(default=1.0, gt=0.0, le=100.0, description="weight of the extra term, "
+                                "relative to the task's entire-space term (only with tower_loss clicked | ips)")
+    ips_floor: float = Field(default=0.01, gt=0.0, lt=1.0, description="ips: p_parent is clipped below at "
+                             "this value, so no row weighs more than 1/ips_floor (only with tower_loss: ips)")
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        given = self.model_fields_set
+        if self.tower_loss == "none" and "tower_weight" in given:
+            raise ValueError("tower_weight needs tower_loss: clicked or ips (with none there is no tower term; "
+                             "`esmm: true` is classic ESMM)")
+        if self.tower_loss != "ips" and "ips_floor" in given:
+            raise ValueError(f"ips_floor applies to tower_loss: ips only, not {self.tower_loss!r}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_what_applies(self, handler):
+        """A dump holds only the fields that apply, so it reads back (model_config.json, job YAML)."""
+        out = handler(self)
+        if self.tower_loss == "none":
+            out.pop("tower_weight", None)
+        if self.tower_loss != "ips":
+            out.pop("ips_floor", None)
+        return out
 
 
 class ModelConfig(StrictConfig):
@@ -20,6 +58,34 @@ class ModelConfig(StrictConfig):
                                        "one-unit head")
     ple_levels: int = Field(default=2, gt=0, description="PLE: extraction levels")
     ple_task_experts: int = Field(default=1, gt=0, description="PLE: task-specific experts per task and level")
-    esmm: bool = Field(default=True, description="train children with a parent on the entire-space "
-                       "product (ESMM) instead of on clicked rows only")
+    esmm: bool | EsmmConfig = Field(
+        default=True, description="false: children with a parent train on their own logit over clicked rows "
+        "only; true: on the entire-space product only (classic ESMM); a mapping: ESMM plus a term that also "
+        "trains the child's tower on the rows where its label is observed (see EsmmConfig)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout rate in experts and towers")
+
+    @field_validator("esmm", mode="before")
+    @classmethod
+    def _esmm(cls, v):
+        """One clear message instead of the union's two branches (`bool` and `EsmmConfig`)."""
+        if isinstance(v, (bool, EsmmConfig)):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"expected true, false or a mapping {{tower_loss: none | clicked | ips, tower_weight, "
+                             f"ips_floor}}, got {v!r}")
+        try:
+            return EsmmConfig.model_validate(v)
+        except ValidationError as e:
+            raise ValueError("; ".join(_message(err) for err in e.errors())) from None
+
+
+def _message(err) -> str:
+    """`key: what is wrong` of one pydantic error, without pydantic's 'Value error, ' prefix."""
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "value_error" and "error" in err.get("ctx", {}):
+        msg = str(err["ctx"]["error"])
+    else:
+        msg = err["msg"]
+    loc = ".".join(map(str, err["loc"]))
+    return f"{loc}: {msg}" if loc else msg

@@ -5,6 +5,13 @@ column of that dim is looked up in one `F.embedding` and every bag table in one 
 A table used by both an id column and a bag (e.g. `category`) is one row range of one weight, so
 both read and update the same rows. Lookups are `sparse=True`: the tables are huge and a step
 touches few rows, so a trainer should give `sparse_parameters()` to SparseAdam.
+
+Id options (per table, from the FeatureSpec): with `min_count` > 1 a table has an extra 'rare' row
+and a persistent bool buffer per weight says which rows are admitted (`set_admission`, fitted on the
+training window and saved in the state dict); a lookup of a row not admitted reads the rare row.
+`dropout` replaces ids (not nulls) by the rare row (the null row without admission) with
+probability p while training, drawn from the torch RNG. `row_l2()` gives the sparse optimizer each
+weight's per-row L2 coefficients (table row ranges).
 """
 from __future__ import annotations
 
@@ -28,9 +35,21 @@ class FusedEmbeddings(nn.Module):
         rows = {d: 0 for d in dims}
         for t in tables.values():
             base[t.name] = rows[t.dim]
-            rows[t.dim] += t.buckets
+            rows[t.dim] += t.rows
         self.table_dim = {name: t.dim for name, t in tables.items()}
         self.table_base = dict(base)
+        self.table_buckets = {name: t.buckets for name, t in tables.items()}
+        self.table_l2 = {name: t.l2 for name, t in tables.items()}
+        # Where a not-admitted (rare) or dropped id goes, as a row of the stacked weight.
+        self.rare_row = {name: base[name] + t.rare_id for name, t in tables.items() if t.rare_id is not None}
+        self.drop_row = {name: self.rare_row.get(name, base[name]) for name in tables}
+        self.table_dropout = {name: t.dropout for name, t in tables.items() if t.dropout > 0}
+        self._any_dropout = bool(self.table_dropout)
+        self._admit: dict[int, str] = {}   # dim index -> bool buffer over the weight's rows (True = own row)
+        for gi, d in enumerate(dims):
+            if any(tables[n].dim == d for n in self.rare_row):
+                self.register_buffer(f"admit{gi}", torch.ones(rows[d], dtype=torch.bool))
+                self._admit[gi] = f"admit{gi}"
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(rows[d], d).normal_(0.0, init_std)) for d in dims)  # in place: no 2nd copy
         # Id columns grouped by dim: which columns of Batch.ids, and the row base to add to each.
@@ -43,8 +62,15 @@ class FusedEmbeddings(nn.Module):
             self.register_buffer(f"_base{gi}", torch.tensor([base[spec.id_fields[c][1]] for c in cols],
                                                             dtype=torch.long), persistent=False)
             self._id_groups.append((gi, f"_cols{gi}", f"_base{gi}"))
+            tabs = [spec.id_fields[c][1] for c in cols]
+            self.register_buffer(f"_rare{gi}", torch.tensor([self.rare_row.get(t, 0) for t in tabs], dtype=torch.long),
+                                 persistent=False)
+            self.register_buffer(f"_drop{gi}", torch.tensor([self.drop_row[t] for t in tabs], dtype=torch.long),
+                                 persistent=False)
+            self.register_buffer(f"_dropp{gi}", torch.tensor([self.table_dropout.get(t, 0.0) for t in tabs]),
+                                 persistent=False)
         self.bag_tables = {name: len(fields) for name, fields in spec.bag_tables.items()}
-        self.n_dense = len(spec.dense)
+        self.n_dense = sum(f.dense_width for f in spec.dense)   # piecewise-linear features are several columns
         # Where each field lands in the output row (same order as forward concatenates).
         self.field_slices: dict[str, slice] = {}
         pos = 0
@@ -61,6 +87,49 @@ class FusedEmbeddings(nn.Module):
         """The table weights: they get sparse gradients (SparseAdam); nothing else does."""
         return list(self.weights)
 
+    def row_l2(self) -> dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor]]:
+        """weight -> (first row of each table, its L2 coefficient), sorted by row, for the weights
+        where some table has l2 > 0: a row's coefficient is `coef[searchsorted(starts, row, right) - 1]`."""
+        out = {}
+        for gi, d in enumerate(self.dims):
+            tabs = sorted((self.table_base[n], self.table_l2[n]) for n in self.table_base if self.table_dim[n] == d)
+            if any(c > 0 for _, c in tabs):
+                out[self.weights[gi]] = (torch.tensor([b for b, _ in tabs], dtype=torch.long),
+                                         torch.tensor([c for _, c in tabs], dtype=torch.float32))
+        return out
+
+    @torch.no_grad()
+    def set_admission(self, admitted: dict[str, object]) -> None:
+        """table -> bool [buckets] (True = the id keeps its own row); tables with a rare row only."""
+        for name, ok in admitted.items():
+            if name not in self.rare_row:
+                raise ValueError(f"table {name!r} has no frequency admission (min_count 1)")
+            ok = torch.as_tensor(ok, dtype=torch.bool)   # a numpy bool array or a tensor
+            if ok.shape != (self.table_buckets[name],):
+                raise ValueError(f"table {name!r}: admission of shape {tuple(ok.shape)}, expected "
+                                 f"({self.table_buckets[name]},)")
+            buf = getattr(self, self._admit[self.dims.index(self.table_dim[name])])
+            base = self.table_base[name]
+            buf[base:base + ok.numel()] = ok.to(buf.device)
+            buf[self.rare_row[name]] = True
+
+    def admitted(self, name: str) -> torch.Tensor | None:
+        """bool [buckets] of the table's admitted ids, None without admission."""
+        if name not in self.rare_row:
+            return None
+        buf = getattr(self, self._admit[self.dims.index(self.table_dim[name])])
+        return buf[self.table_base[name]:self.table_base[name] + self.table_buckets[name]]
+
+    def _remap(self, gi: int, rows: torch.Tensor, raw: torch.Tensor, rare: torch.Tensor, drop: torch.Tensor,
+               p: torch.Tensor | float) -> torch.Tensor:
+        """Rows after admission (not admitted -> rare) and, training only, dropout (non-null -> drop row)."""
+        if gi in self._admit:
+            rows = torch.where(getattr(self, self._admit[gi])[rows], rows, rare)
+        if self.training and self._any_dropout:
+            hit = (torch.rand(rows.shape, device=rows.device) < p) & (raw != 0)
+            rows = torch.where(hit, drop, rows)
+        return rows
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """One `embedding_bag` per weight: id columns are bags of one (weight 1), multi-hot bags
         keep their pooling weights. One call per weight means one sparse gradient per weight,
@@ -74,7 +143,9 @@ class FusedEmbeddings(nn.Module):
             n = 0
             if gi in groups:
                 cols, base = groups[gi]
-                ids = (batch.ids.index_select(1, cols) + base).reshape(-1)    # [B * S_g]
+                raw = batch.ids.index_select(1, cols)
+                ids = self._remap(gi, raw + base, raw, getattr(self, f"_rare{gi}"), getattr(self, f"_drop{gi}"),
+                                  getattr(self, f"_dropp{gi}")).reshape(-1)    # [B * S_g]
                 values.append(ids)
                 offsets.append(torch.arange(ids.numel(), dtype=torch.long, device=ids.device))
                 weights.append(torch.ones(ids.numel(), device=ids.device))
@@ -83,7 +154,10 @@ class FusedEmbeddings(nn.Module):
             bag_names = [name for name in self.bag_tables if self.table_dim[name] == d]
             for name in bag_names:
                 x = batch.bags[name]
-                values.append(x.values + self.table_base[name])
+                values.append(self._remap(gi, x.values + self.table_base[name], x.values,
+                                          torch.tensor(self.rare_row.get(name, 0), device=x.values.device),
+                                          torch.tensor(self.drop_row[name], device=x.values.device),
+                                          self.table_dropout.get(name, 0.0)))
                 offsets.append(x.offsets + n)
                 weights.append(x.weights if x.weights is not None else torch.ones(x.values.numel(), device=x.values.device))
                 sizes.append(x.offsets.numel())

@@ -6,6 +6,13 @@ average over and which target to compare against. ESMM is not a special case her
 log p_task against parent ∧ task over the parent's population); without it, on its own logit
 over its own population (its space task's positives). Such terms average over their own population,
 so a batch with 3 positives of the space task weighs the term as 3 rows' mean, not 4096 rows'.
+
+`esmm` may also be an `EsmmConfig` (ESMM that keeps its towers): the entire-space term plus, on the
+same task's term, `tower_weight` x a loss on the child's own logit from the rows where its label is
+observed — `clicked`: BCE averaged over its space; `ips`: the ESCM² counterfactual regulariser, BCE
+on its space's rows weighted by 1 / p_parent (detached, floored) and averaged over the parent's
+population. The extra term is folded into the task's loss, so per-task keys, validation losses and
+early stopping see one figure per task: the task's whole training objective.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from torch import nn
 from mtrank.features.spec import FeatureSpec
 from mtrank.features.outputs import joint_positive
 from mtrank.models.batch import Batch, ModelOutput
+from mtrank.models.config import EsmmConfig
 
 LOG_HALF = -math.log(2.0)
 
@@ -34,16 +42,26 @@ class LossTerm:
     targets: tuple[str, ...]         # labels that must all be positive (binary) / the label (regression)
     weight: float
     binary: bool
+    # ESMM that keeps its towers: + tower_weight x a loss on the task's own logit over its space
+    # (`clicked`), or over its space's rows weighted by 1 / max(p_parent, ips_floor) (`ips`)
+    tower: Literal["none", "clicked", "ips"] = "none"
+    tower_weight: float = 0.0
+    ips_floor: float = 0.0
 
 
-def loss_terms(spec: FeatureSpec, esmm: bool) -> tuple[LossTerm, ...]:
+def loss_terms(spec: FeatureSpec, esmm: bool | EsmmConfig) -> tuple[LossTerm, ...]:
+    tower = esmm if isinstance(esmm, EsmmConfig) else EsmmConfig(tower_loss="none")
     terms = []
     for t in spec.tasks:
         if t.type == "regression":
             terms.append(LossTerm(t.name, t.loss, t.name, (t.name,), t.weight, False))
-        elif esmm and t.parent is not None:
+        elif esmm is not False and t.parent is not None:
+            extra = {}
+            if tower.tower_loss != "none":
+                extra = {"tower": tower.tower_loss, "tower_weight": tower.tower_weight,
+                         "ips_floor": tower.ips_floor if tower.tower_loss == "ips" else 0.0}
             terms.append(LossTerm(t.name, "logprob_bce", t.parent, spec.outputs.product(t.name).targets,
-                                  t.weight, True))
+                                  t.weight, True, **extra))
         else:
             terms.append(LossTerm(t.name, "logit_bce", t.name, (t.name,), t.weight, True))
     return tuple(terms)
@@ -68,6 +86,23 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return values[mask].mean(), n
 
 
+def tower_loss(t: LossTerm, out: ModelOutput, batch: Batch) -> torch.Tensor:
+    """The child's own-logit term of ESMM that keeps its towers (unweighted).
+
+    `clicked`: BCE of the task's logit averaged over its space (the parent's positives).
+    `ips`: sum over the space's rows of BCE / max(p_parent, ips_floor), divided by the rows of the
+    parent's population: an inverse-propensity estimate of the task's BCE over the whole parent
+    population (ESCM², Wang et al. 2022). p_parent is detached: the term trains the child only.
+    """
+    observed = batch.masks[t.task]
+    rows = F.binary_cross_entropy_with_logits(out.logits[t.task].float(), batch.labels[t.task], reduction="none")
+    if t.tower == "clicked":
+        return masked_mean(rows, observed)[0]
+    propensity = torch.sigmoid(out.logits[t.population].float()).detach().clamp(min=t.ips_floor)
+    return masked_mean(torch.where(observed, rows / propensity, torch.zeros_like(rows)),
+                       batch.masks[t.population])[0]
+
+
 class UncertaintyWeights(nn.Module):
     """Kendall, Gal & Cipolla (CVPR 2018): learn s_t = log σ_t² per task.
 
@@ -88,7 +123,7 @@ class UncertaintyWeights(nn.Module):
 class MultiTaskLoss(nn.Module):
     """out, batch -> (total loss, {task: detached loss}, {task: rows in population})."""
 
-    def __init__(self, spec: FeatureSpec, esmm: bool, weighting: Literal["fixed", "uncertainty"] = "fixed"):
+    def __init__(self, spec: FeatureSpec, esmm: bool | EsmmConfig, weighting: Literal["fixed", "uncertainty"] = "fixed"):
         super().__init__()
         self.terms = loss_terms(spec, esmm)
         self.register_buffer("weights", torch.tensor([t.weight for t in self.terms]), persistent=False)
@@ -104,6 +139,11 @@ class MultiTaskLoss(nn.Module):
             elif t.kind == "logprob_bce":
                 y = joint_positive(batch.labels, t.targets)
                 rows = bce_from_log_prob(out.log_products[t.task].float(), y.float())
+                if t.tower != "none":
+                    loss, n = masked_mean(rows, mask)
+                    losses.append(loss + t.tower_weight * tower_loss(t, out, batch))
+                    counts.append(n)
+                    continue
             else:
                 target = batch.labels[t.task]
                 if t.kind == "mse_log1p":

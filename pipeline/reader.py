@@ -7,12 +7,16 @@ rows read = rows accepted (yielded) + rows rejected.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -23,6 +27,7 @@ import pyarrow.parquet as pq
 
 from mtrank.features import storage
 from mtrank.features.featurize import FeatureArrays, Featurizer
+from mtrank.features.hashing import hash_expr
 from mtrank.features.numeric import NumericStats
 from mtrank.features.rules import (MISSING_COLUMN, NULL, REASON, UNREADABLE, BadInputError, RowRule,
                             float_columns, reject_reason_expr, row_rules)
@@ -31,6 +36,9 @@ from mtrank.models.batch import Batch
 from mtrank.pipeline.batch import batch_from_arrays
 from mtrank.pipeline.dataset import SKIP_HINT, DataWindow, RowGroup
 from mtrank.pipeline.progress import Progress
+
+if TYPE_CHECKING:
+    from mtrank.pipeline.feature_cache import FeatureCache
 
 log = logging.getLogger("mtrank.reader")
 
@@ -44,6 +52,7 @@ class RowAccounting:
     quarantine_files: list[str] = field(default_factory=list)
     unreadable: list[dict] = field(default_factory=list)  # skipped (on_unreadable="skip"): file, row group, rows
     sampled_out: int = 0   # negatives left out by negative down-sampling (read, deliberately not trained)
+    held_out: int = 0      # rows of the other side of a hashed validation split (train.validation_fraction)
 
     @property
     def rows_rejected(self) -> int:
@@ -51,13 +60,17 @@ class RowAccounting:
 
     @property
     def balanced(self) -> bool:
-        return self.rows_read == self.rows_accepted + self.rows_rejected + self.sampled_out
+        return self.rows_read == self.rows_accepted + self.rows_rejected + self.sampled_out + self.held_out
+
+    def add(self, other: "RowAccounting") -> None:
+        """In place: `other`'s rows counted into this pass."""
+        self.__dict__.update(self.merge(other).__dict__)
 
     def merge(self, other: "RowAccounting") -> "RowAccounting":
         return RowAccounting(self.rows_read + other.rows_read, self.rows_accepted + other.rows_accepted,
                              self.rejected + other.rejected, self.row_groups + other.row_groups,
                              self.quarantine_files + other.quarantine_files, self.unreadable + other.unreadable,
-                             self.sampled_out + other.sampled_out)
+                             self.sampled_out + other.sampled_out, self.held_out + other.held_out)
 
     @staticmethod
     def total(parts: Iterable[RowAccounting]) -> RowAccounting:
@@ -71,9 +84,22 @@ class RowAccounting:
         return {"rows_read": self.rows_read, "rows_accepted": self.rows_accepted,
                 "rows_rejected": self.rows_rejected, "rejected_by_reason": dict(sorted(self.rejected.items())),
                 "row_groups": self.row_groups, "quarantine_files": len(self.quarantine_files),
-                "sampled_out": self.sampled_out,
+                "sampled_out": self.sampled_out, "held_out": self.held_out,
                 "balanced": self.balanced, "unreadable_skipped": len(self.unreadable),
                 "rows_skipped": sum(u["rows"] for u in self.unreadable), "unreadable": list(self.unreadable)}
+
+
+HOLDOUT_SEED = 0x5EED_F00D
+_HOLDOUT_BUCKETS = 1 << 31
+
+
+def validation_requests(requests: pa.Array | pa.ChunkedArray, fraction: float) -> np.ndarray:
+    """Rows whose request id is on the validation side of a `fraction` split: a stable hash of the id
+    (the hashing of features, its own seed), so every row of a request lands on the same side, on
+    every rerun, rank and epoch. A null request id is always training."""
+    ids = pl.select(hash_expr(pl.lit(pl.from_arrow(requests)), pl.from_arrow(requests).dtype, HOLDOUT_SEED,
+                              _HOLDOUT_BUCKETS)).to_series().to_numpy()
+    return (ids > 0) & (ids <= fraction * (_HOLDOUT_BUCKETS - 1))
 
 
 def keep_mask(group: RowGroup, offset: int, n: int, rate: float) -> np.ndarray:
@@ -235,12 +261,19 @@ class ImpressionReader:
                  rank: int = 0, world_size: int = 1, shuffle: bool = False, shuffle_buffer: int = 65_536,
                  seed: int = 0, chunk_rows: int = 65_536, quarantine_dir: str | Path | None = None,
                  with_eval: bool = False, progress: bool | None = None, extra_columns: Sequence[str] = (),
-                 not_null: Sequence[str] = (), negatives: tuple[str, float] | None = None):
+                 not_null: Sequence[str] = (), negatives: tuple[str, float] | None = None,
+                 cache: "FeatureCache | None" = None, workers: int = 1,
+                 holdout: tuple[str, float, bool] | None = None):
         """`extra_columns`: more columns for `frames()` to keep (e.g. request_id, price); each must
         exist in every file (BadInputError naming the file and column otherwise). `not_null`: those of
         them a row must have (a null one makes the row bad: failed or quarantined, counted).
         `negatives`: (label column, keep rate): rows whose label is 0 are kept at that rate
-        (`keep_mask`), the others counted as sampled out."""
+        (`keep_mask`), the others counted as sampled out. `cache`: featurize once and reuse the arrays
+        (`pipeline.feature_cache`; the same object for every epoch's `batches`). `workers`: threads
+        reading, validating and featurizing row groups ahead of the consumer (same rows, same order).
+        `holdout`: (request id column, fraction, side): a stable hash of the request id puts that share of
+        the requests on the validation side; the reader keeps one side (True: validation) and counts the
+        other as held out."""
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if featurizer is not None and featurizer.spec is not spec:
@@ -255,91 +288,164 @@ class ImpressionReader:
         self.accounting = RowAccounting()
         self._dups: dict[str, np.ndarray] | None = None   # spec duplicate_rows: reject, computed once
         self.negatives = negatives if negatives is not None and negatives[1] < 1 else None
+        self.cache = cache
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.workers = workers
+        self.holdout = holdout
 
     @property
     def rows(self) -> int:
         """Rows this rank will read per pass (before validation)."""
         return sum(g.rows for g in self.groups)
 
+    def _duplicates_ready(self) -> None:
+        """Compute the duplicate masks before worker threads ask for them."""
+        if self.spec.duplicate_rows == "reject" and self._dups is None:
+            self._dups = duplicate_rows(self.window, self.spec)
+            self._rg_start = {}
+            for f in self._dups:
+                meta = storage.parquet_file(f).metadata
+                self._rg_start[f] = np.concatenate(
+                    [[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
+
     def _duplicates(self, group: RowGroup, offset: int, n: int) -> np.ndarray | None:
         """Mask of the rows [offset, offset + n) of a row group that copy an earlier row (or None)."""
         if self.spec.duplicate_rows != "reject":
             return None
-        if self._dups is None:
-            self._dups = duplicate_rows(self.window, self.spec)
-            self._rg_start = {}
+        self._duplicates_ready()
         rows = self._dups.get(group.file)
         if rows is None:
             return None
-        if group.file not in self._rg_start:
-            meta = storage.parquet_file(group.file).metadata
-            self._rg_start[group.file] = np.concatenate(
-                [[0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])])
         start = int(self._rg_start[group.file][group.index]) + offset
         lo, hi = np.searchsorted(rows, [start, start + n])
         mask = np.zeros(n, bool)
         mask[rows[lo:hi] - start] = True
         return mask
 
-    def _order(self, epoch: int) -> list[RowGroup]:
-        if not self.shuffle:
+    def _order(self, epoch: int | None) -> list[RowGroup]:
+        if not self.shuffle or epoch is None:
             return list(self.groups)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 0]))
         return [self.groups[i] for i in rng.permutation(len(self.groups))]
 
-    def frames(self, epoch: int = 0) -> Iterator[pa.RecordBatch]:
-        """Accepted raw rows, one chunk at a time; resets `accounting` for this pass."""
+    def frames(self, epoch: int | None = 0) -> Iterator[pa.RecordBatch]:
+        """Accepted raw rows, one chunk at a time; resets `accounting` for this pass. Epoch None: the
+        shard's own row-group order, whatever the shuffling."""
+        for _, rb in self.keyed_frames(epoch):
+            yield rb
+
+    def keyed_frames(self, epoch: int | None = 0) -> Iterator[tuple[tuple[int, int], pa.RecordBatch]]:
+        """`frames` with where each chunk comes from: (position of its row group in the shard, chunk)."""
+        yield from self._keyed(epoch, featurize=False)
+
+    def _keyed(self, epoch: int | None, featurize: bool) -> Iterator[tuple[tuple[int, int], object]]:
+        """One pass in `epoch`'s row-group order. With `workers` > 1 the row groups are read, validated
+        (and featurized) by a thread pool a few groups ahead, and consumed in order: the chunks, their
+        keys and the accounting are those of the one-thread pass, only sooner (Arrow and polars
+        release the GIL, and training overlaps with the next groups' reading)."""
         acc = self.accounting = RowAccounting()
-        open_file: tuple[str, pq.ParquetFile, pa.Schema, list[str]] | None = None
         bar = Progress("read", total=self.rows, enabled=self.progress) if self.progress is not False else None
+        position = {id(g): k for k, g in enumerate(self.groups)}
+        order = self._order(epoch)
+        pool = None
         try:
-            for group in self._order(epoch):
-                if open_file is None or open_file[0] != group.file:
-                    try:
-                        pf = open_parquet(group.file, self.spec)
-                    except (OSError, pa.ArrowException) as e:
-                        self._unreadable(acc, group, group.rows, f"cannot open ({e})")
-                        open_file = None
-                        continue
-                    schema = pf.schema_arrow
-                    for col in self.extra_columns:
-                        if col not in schema.names:
-                            raise BadInputError(group.file, col, MISSING_COLUMN, "column is required by this job")
-                    cols = list(dict.fromkeys([*read_columns(self.spec, schema, self.with_eval), *self.extra_columns]))
-                    open_file = (group.file, pf, schema, cols)
-                _, pf, schema, cols = open_file
-                acc.row_groups += 1
-                done, i = 0, 0
-                chunks = pf.iter_batches(batch_size=self.chunk_rows, row_groups=[group.index], columns=cols)
-                while True:
-                    try:  # only the read itself: a failure to quarantine is not an unreadable file
-                        rb = next(chunks, None)
-                    except (OSError, pa.ArrowException) as e:
-                        self._unreadable(acc, group, group.rows - done, f"row group {group.index} cannot be read "
-                                         f"({e})" + (f" after {done:,} of its {group.rows:,} rows" if done else ""))
-                        break
-                    if rb is None:
-                        break
-                    n = rb.num_rows
-                    dups = self._duplicates(group, done, n)
-                    if self.negatives is not None:   # before the rules: a sampled-out row is read, never trained
-                        label, rate = self.negatives
-                        drop = ~keep_mask(group, done, n, rate) & (pc.fill_null(
-                            pc.equal(rb.column(label).cast(pa.int64()), 0), False).to_numpy(zero_copy_only=False))
-                        if drop.any():
-                            acc.rows_read += int(drop.sum())
-                            acc.sampled_out += int(drop.sum())
-                            rb = rb.filter(pa.array(~drop))
-                            dups = None if dups is None else dups[~drop]
-                    good = self.validator.split(rb, schema, group, i, acc, dups)
-                    done, i = done + n, i + 1
+            if self.workers <= 1 or len(order) <= 1:
+                opened: dict = {}
+                for group in order:
+                    for read, key, item in self._group(group, position[id(group)], acc, opened, featurize):
+                        if bar is not None:
+                            bar.update(read)
+                        if item is not None:
+                            yield key, item
+                return
+            self._duplicates_ready()
+            local = threading.local()
+
+            def job(group: RowGroup):
+                part = RowAccounting()
+                opened = local.__dict__.setdefault("opened", {})
+                return list(self._group(group, position[id(group)], part, opened, featurize)), part
+
+            pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mtrank-read")
+            ahead = iter(order)
+            pending = deque(pool.submit(job, g) for g in itertools.islice(ahead, 2 * self.workers))
+            while pending:
+                items, part = pending.popleft().result()
+                nxt = next(ahead, None)
+                if nxt is not None:
+                    pending.append(pool.submit(job, nxt))
+                acc.add(part)
+                for read, key, item in items:
                     if bar is not None:
-                        bar.update(n)
-                    if good.num_rows:
-                        yield good
+                        bar.update(read)
+                    if item is not None:
+                        yield key, item
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
+
+    def _group(self, group: RowGroup, pos: int, acc: RowAccounting, opened: dict, featurize: bool):
+        """(rows consumed, key, accepted chunk or None) for each chunk of one row group; counts into `acc`.
+        `opened`: file -> (ParquetFile, schema, columns) or None (unreadable), reused across groups."""
+        if group.file not in opened:
+            try:
+                pf = open_parquet(group.file, self.spec)
+            except (OSError, pa.ArrowException) as e:
+                self._unreadable(acc, group, group.rows, f"cannot open ({e})")
+                return
+            schema = pf.schema_arrow
+            for col in self.extra_columns:
+                if col not in schema.names:
+                    raise BadInputError(group.file, col, MISSING_COLUMN, "column is required by this job")
+            cols = list(dict.fromkeys([*read_columns(self.spec, schema, self.with_eval), *self.extra_columns]))
+            if self.holdout is not None:
+                if self.holdout[0] not in schema.names:
+                    raise BadInputError(group.file, self.holdout[0], MISSING_COLUMN,
+                                        "the request id column is required by train.validation_fraction")
+                cols = list(dict.fromkeys([*cols, self.holdout[0]]))
+            opened.clear()          # one open file at a time (row groups of a file come together)
+            opened[group.file] = (pf, schema, cols)
+        pf, schema, cols = opened[group.file]
+        acc.row_groups += 1
+        done, i = 0, 0
+        chunks = pf.iter_batches(batch_size=self.chunk_rows, row_groups=[group.index], columns=cols)
+        while True:
+            try:  # only the read itself: a failure to quarantine is not an unreadable file
+                rb = next(chunks, None)
+            except (OSError, pa.ArrowException) as e:
+                self._unreadable(acc, group, group.rows - done, f"row group {group.index} cannot be read "
+                                 f"({e})" + (f" after {done:,} of its {group.rows:,} rows" if done else ""))
+                break
+            if rb is None:
+                break
+            n = rb.num_rows
+            dups = self._duplicates(group, done, n)
+            if self.holdout is not None:      # the other side of the validation split: read, counted, not used
+                column, fraction, validation_side = self.holdout
+                drop = validation_requests(rb.column(column), fraction) != validation_side
+                if drop.any():
+                    acc.rows_read += int(drop.sum())
+                    acc.held_out += int(drop.sum())
+                    rb = rb.filter(pa.array(~drop))
+                    dups = None if dups is None else dups[~drop]
+            if self.negatives is not None:   # before the rules: a sampled-out row is read, never trained
+                label, rate = self.negatives
+                drop = ~keep_mask(group, done, n, rate) & (pc.fill_null(
+                    pc.equal(rb.column(label).cast(pa.int64()), 0), False).to_numpy(zero_copy_only=False))
+                if drop.any():
+                    acc.rows_read += int(drop.sum())
+                    acc.sampled_out += int(drop.sum())
+                    rb = rb.filter(pa.array(~drop))
+                    dups = None if dups is None else dups[~drop]
+            good = self.validator.split(rb, schema, group, i, acc, dups)
+            item = None
+            if good.num_rows:
+                item = self.featurizer.transform(good, with_eval=self.with_eval) if featurize else good
+            yield n, (pos, i), item
+            done, i = done + n, i + 1
 
     def _unreadable(self, acc: RowAccounting, group: RowGroup, rows: int, detail: str) -> None:
         """A corrupt file: fail naming it, or (window opened with on_unreadable="skip") skip the rest of
@@ -353,17 +459,51 @@ class ImpressionReader:
         """Batches of `batch_size` rows (the last may be smaller); every accepted row exactly once."""
         if self.featurizer is None:
             raise ValueError("batches() needs a Featurizer (spec + fitted numeric statistics)")
+        if self.cache is not None:
+            yield from self.cache.batches(self, epoch)
+        else:
+            yield from self.streamed_batches(epoch)
+
+    def streamed_batches(self, epoch: int) -> Iterator[Batch]:
+        """Read, featurize and shuffle through the buffer: what every epoch does without a cache."""
+        yield from self.buffered_batches(self.featurized(epoch), epoch)
+
+    def featurized(self, epoch: int | None) -> Iterator[FeatureArrays]:
+        """The accepted rows of one pass, featurized a chunk at a time (read order of `epoch`)."""
+        for _, part in self.keyed_featurized(epoch):
+            yield part
+
+    def keyed_featurized(self, epoch: int | None) -> Iterator[tuple[tuple[int, int], FeatureArrays]]:
+        yield from self._keyed(epoch, featurize=True)
+
+    def buffered_batches(self, chunks: Iterable[FeatureArrays], epoch: int) -> Iterator[Batch]:
+        """Batches from featurized chunks, shuffled a `shuffle_buffer` of rows at a time."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 1]))
         pending: list[FeatureArrays] = []
         pending_rows = 0
-        for rb in self.frames(epoch):
-            pending.append(self.featurizer.transform(rb, with_eval=self.with_eval))
-            pending_rows += rb.num_rows
+        for part in chunks:
+            pending.append(part)
+            pending_rows += part.rows
             if pending_rows >= self.buffer_rows:
                 rest = yield from self._emit(FeatureArrays.concat(pending), rng, final=False)
                 pending, pending_rows = ([rest], rest.rows) if rest.rows else ([], 0)
         if pending_rows:
             yield from self._emit(FeatureArrays.concat(pending), rng, final=True)
+
+    def permuted_batches(self, arrays: FeatureArrays, epoch: int) -> Iterator[Batch]:
+        """Batches from a whole featurized shard: one seeded permutation of all its rows per epoch
+        (in read order without shuffling)."""
+        n = arrays.rows
+        order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 2])).permutation(n) \
+            if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            yield batch_from_arrays(arrays.slice(start, stop) if order is None else arrays.take(order[start:stop]))
+
+    def cache_settings(self) -> dict:
+        """What besides the featurizer and files decides the rows a cache holds."""
+        return {"with_eval": self.with_eval, "negatives": self.negatives, "holdout": self.holdout,
+                "extra": self.extra_columns, "chunk_rows": self.chunk_rows, "on_unreadable": self.window.on_unreadable}
 
     def _emit(self, arrays: FeatureArrays, rng: np.random.Generator, final: bool):
         """Yield full batches from a buffer (shuffled first); return the rows left over."""
@@ -376,11 +516,12 @@ class ImpressionReader:
 
 
 def fit_numeric_stats(reader: ImpressionReader) -> NumericStats:
-    """One pass over accepted rows: standardisation moments of the training window, and the
-    moments of each task's target (used to start its head at the base rate / target mean)."""
+    """One pass over accepted rows: standardisation moments of the training window, the quantile
+    sketches of piecewise-linear features (their bin edges), and the moments of each task's target
+    (used to start its head at the base rate / target mean)."""
     stats = NumericStats()
     spec = reader.spec
-    cols = [f.name for f in spec.dense if f.standardize]
+    cols = [f.name for f in spec.dense if f.standardize or f.piecewise_linear]
     for t in spec.tasks:
         cols += [t.label] + ([spec.space_label(t)] if spec.space_label(t) else [])
     cols = list(dict.fromkeys(cols))

@@ -77,6 +77,16 @@ class TrainConfig(StrictConfig):
     shuffle: bool = Field(default=True, description="permute row groups per epoch and rows within the shuffle "
                           "buffer")
     shuffle_buffer: int = Field(default=65_536, gt=0, description="rows in the shuffle buffer (bounds memory)")
+    feature_cache: Literal["auto", "memory", "disk", "off"] = Field(
+        default="auto", description="featurize once: memory keeps the window's hashed rows (when they fit "
+        "feature_cache_mb) and shuffles all of them every epoch; disk writes them under work_dir/feature-cache "
+        "during the first epoch for the next ones (and reruns on the same files); auto = memory, else disk; "
+        "off = every epoch reads and hashes again")
+    data_workers: int = Field(default=1, ge=1, description="threads reading, validating and hashing row groups "
+                              "ahead of training (same rows in the same order for any number; see bench/README.md "
+                              "for the scaling)")
+    feature_cache_mb: int = Field(default=2048, gt=0, description="memory for the featurized window per rank; "
+                                  "a larger window goes to the disk cache")
     seed: int = Field(default=0, description="seeds initialisation and shuffling: the same seed gives "
                       "bit-identical weights on CPU")
     checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0 = epoch ends only")
@@ -87,6 +97,9 @@ class TrainConfig(StrictConfig):
                                  "(running-mean loss per task and samples/s, logged and sent to MLflow)")
     validation_days: int = Field(default=0, ge=0, description="the newest N days of the training window are held "
                                  "out and evaluated after every epoch (per-task loss and AUC); 0 = none")
+    validation_fraction: float = Field(default=0.0, ge=0.0, lt=0.5, description="instead of whole days: this "
+                                       "share of the window's requests (a stable hash of the spec's request_id) is "
+                                       "held out for validation; for windows of few days")
     calibration: Literal["none", "platt"] = Field(
         default="none", description="platt: after training, fit p = sigmoid(a·logit + b) per binary task on the "
         "validation days (needs validation_days > 0); saved in the weights, applied wherever the model predicts")
@@ -102,16 +115,22 @@ class TrainConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _calibration_needs_validation(self) -> "TrainConfig":
-        if self.calibration != "none" and self.validation_days == 0:
-            raise ValueError("calibration: platt is fitted on held-out rows: set validation_days >= 1")
-        if self.early_stopping is not None and self.validation_days == 0:
-            raise ValueError("early_stopping watches the validation days: set validation_days >= 1")
+        if self.validation_days and self.validation_fraction:
+            raise ValueError("validation_days and validation_fraction are two ways to hold out validation rows: "
+                             "set one")
+        held = self.validation_days > 0 or self.validation_fraction > 0
+        if self.calibration != "none" and not held:
+            raise ValueError("calibration: platt is fitted on held-out rows: set validation_days >= 1 (or "
+                             "validation_fraction)")
+        if self.early_stopping is not None and not held:
+            raise ValueError("early_stopping watches the validation rows: set validation_days >= 1 (or "
+                             "validation_fraction)")
         return self
 
     def fingerprint_fields(self) -> dict:
         """What must not change between a checkpoint and its resume (epochs may grow)."""
         return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device", "min_rows",
-                                        "log_every_steps"})
+                                        "log_every_steps", "data_workers"})
 
 
 class NonFiniteLossError(MtrankError, RuntimeError):
@@ -229,7 +248,7 @@ class Trainer:
         self.model, self.spec, self.cfg, self.dist = model.to(self.device), spec, cfg, dist
         self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting).to(self.device)
         self.sparse_opt = sparse_optimizer(model.sparse_parameters(), cfg.sparse_optimizer, cfg.sparse_lr,
-                                           cfg.sparse_initial_accumulator)
+                                           cfg.sparse_initial_accumulator, row_l2=model.embeddings.row_l2())
         self.dense_params = model.dense_parameters() + list(self.loss.parameters())
         self.dense_opt = dense_optimizer(self.dense_params, cfg.lr, cfg.weight_decay)
         self.checkpoints = checkpoints   # every rank reads it on resume; rank 0 alone writes

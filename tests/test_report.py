@@ -160,6 +160,15 @@ def test_baseline_is_drawn_in_every_roc_and_reliability_panel(pair):
             assert list(ax.lines[2].get_xdata()) == bc[name]["calibration"]["mean_pred"]
     finally:
         plt.close(fig)
+    # a calibrated model also shows its curve before the Platt layer
+    calibrated = {name: {**v, "calibration_uncalibrated": bc[name]["calibration"]} for name, v in c.items()}
+    fig = reliability_figure(calibrated)
+    try:
+        for ax, name in zip(_panels(fig), c):
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model", "model before calibration"]
+            assert list(ax.lines[2].get_xdata()) == bc[name]["calibration"]["mean_pred"]
+    finally:
+        plt.close(fig)
     fig = roc_figure(c)                                                 # no baseline: the model alone
     try:
         assert all(len(ax.lines) == 2 and len(ax.get_legend().get_texts()) == 1 for ax in _panels(fig))

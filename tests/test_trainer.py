@@ -44,11 +44,11 @@ def reader(setup, cfg, **kw):
                             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, progress=False, **kw)
 
 
-def train(setup, cfg, model_cfg=SMALL, store=None, resume=False):
+def train(setup, cfg, model_cfg=SMALL, store=None, resume=False, cache=None):
     spec, _, stats, _ = setup
     model = build_model(spec, model_cfg, cfg.seed, stats)
     trainer = Trainer(model, spec, cfg, store)
-    result = trainer.fit(reader(setup, cfg), resume=resume, progress=False)
+    result = trainer.fit(reader(setup, cfg, cache=cache() if cache else None), resume=resume, progress=False)
     return model, trainer, result
 
 
@@ -96,10 +96,17 @@ class Interrupt(Exception):
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache_mode", [None, "memory", "disk"])
+def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, cache_mode):
+    """Bit-exact, also when the epochs come from the feature cache: the resumed run refills it (memory)
+    or finds the interrupted run's chunks (disk) and draws the same batches."""
+    from mtrank.pipeline.feature_cache import FeatureCache
+
+    cache = None if cache_mode is None else (
+        lambda: FeatureCache(cache_mode, 1 if cache_mode == "disk" else 1 << 30, tmp_path / "fc"))
     cfg = TrainConfig(epochs=2, batch_size=2048, shuffle_buffer=8192, checkpoint_every=7,
                       loss_weighting="uncertainty", seed=11)
-    full, _, full_result = train(setup, cfg)
+    full, _, full_result = train(setup, cfg, cache=cache)
     steps = full_result.global_step
 
     store = CheckpointStore(tmp_path / "ck")
@@ -114,9 +121,9 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "step", crashing_step)
     with pytest.raises(Interrupt):
-        train(setup, cfg, store=store)
+        train(setup, cfg, store=store, cache=cache)
     monkeypatch.setattr(Trainer, "step", real_step)
-    resumed, trainer, result = train(setup, cfg, store=store, resume=True)
+    resumed, trainer, result = train(setup, cfg, store=store, resume=True, cache=cache)
     assert result.resumed_from_step is not None and 0 < result.resumed_from_step < steps - 10
     assert result.global_step == steps and result.rows_trained == full_result.rows_trained
     for (k, x), (_, y) in zip(full.state_dict().items(), resumed.state_dict().items()):

@@ -47,6 +47,16 @@ def test_compare_specs_names_what_changed(spec):
     assert ch.blocking and "removed" in ch.blocking[0]
     ch = compare_specs(spec, _edit(spec, d=lambda r: r["tables"]["category"].update(dim=8)))
     assert any("category" in b and "dim" in b for b in ch.blocking)
+    # admission adds a rare row (a table change, shared table or own); l2 and dropout change nothing
+    ch = compare_specs(spec, _edit(spec, m=lambda r: r["tables"]["category"].update(min_count=3)))
+    assert list(ch.tables) == ["category"] and "rare row" in ch.tables["category"] and not ch.blocking
+    ch = compare_specs(spec, _edit(spec, m=lambda r: _option(r, "item_id", min_count=5)))
+    assert list(ch.tables) == ["item_id"] and not ch.blocking
+    assert compare_specs(spec, _edit(spec, o=lambda r: _option(r, "item_id", l2=1e-5, dropout=0.1))).compatible
+
+
+def _option(raw, feature, **kw):
+    next(f for f in raw["features"] if f["name"] == feature).update(kw)
 
 
 def test_transfer_copies_tables_and_layers_and_reinitialises_changed_tables(spec):

@@ -62,7 +62,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="one seed")
     a = ap.parse_args()
+    if a.quick:
+        a.seeds = 1
     ensure_logs()
     runs: dict[str, list[dict]] = {"none": [], "platt, last day": [], "platt, 10% of requests": []}
     loads = []

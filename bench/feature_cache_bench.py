@@ -30,7 +30,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--modes", nargs="*", default=list(MODES))
+    ap.add_argument("--quick", action="store_true", help="200k rows, 2 epochs, 2 repetitions")
     a = ap.parse_args()
+    if a.quick:
+        a.rows, a.epochs, a.reps = 200_000, 2, 2
     ensure_data()
     ref, runs, loads = [], {m: [] for m in a.modes}, []
     for rep in range(a.reps):

@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--settings", default=DEFAULT, help=f"comma list of {', '.join(SETTINGS)} (default {DEFAULT})")
     ap.add_argument("--no-gbdt", action="store_true", help="skip the GBDT reference")
     ap.add_argument("--resume", action="store_true", help=f"keep the runs already in {PARTIAL}")
+    ap.add_argument("--quick", action="store_true", help="one seed")
     ap.add_argument("--report-only", action="store_true", help=f"no training: report the runs in {PARTIAL}")
     a = ap.parse_args()
     settings = [s.strip() for s in a.settings.split(",") if s.strip()]
@@ -143,7 +144,7 @@ def main() -> None:
     if bad:
         ap.error(f"unknown setting(s) {sorted(bad)}")
     names = [n.strip() for n in a.datasets.split(",") if n.strip()]
-    seeds = list(range(a.seeds))
+    seeds = list(range(1 if a.quick else a.seeds))
     sets = {n: DATASETS[n]() for n in names}
     specs = {} if a.report_only else {n: {"ids": make_spec(ds, ids=True), "noid": make_spec(ds, ids=False)}
                                       for n, ds in sets.items()}

@@ -496,9 +496,12 @@ class ImpressionReader:
         n = arrays.rows
         order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 2])).permutation(n) \
             if self.shuffle else None
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
-            yield batch_from_arrays(arrays.slice(start, stop) if order is None else arrays.take(order[start:stop]))
+        block = self.batch_size * max(1, self.buffer_rows // self.batch_size)
+        for lo in range(0, n, block):   # one gather per buffer of rows, then contiguous batch slices
+            hi = min(lo + block, n)
+            part = arrays.slice(lo, hi) if order is None else arrays.take(order[lo:hi])
+            for start in range(0, hi - lo, self.batch_size):
+                yield batch_from_arrays(part.slice(start, min(start + self.batch_size, hi - lo)))
 
     def cache_settings(self) -> dict:
         """What besides the featurizer and files decides the rows a cache holds."""

@@ -55,8 +55,9 @@ def eval_mode(model: torch.nn.Module):
             model.train(True)
 
 
-def _autocast(device: torch.device, precision: str):
-    """bf16 autocast (the bottom in bf16, towers in fp32: see MultiTaskRanker.dense) or nothing."""
+def precision_autocast(device: torch.device, precision: str):
+    """bf16 autocast (the bottom in bf16, towers in fp32: see MultiTaskRanker.dense) or nothing; the one
+    place training, evaluation and scoring turn `precision` into a context."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
@@ -72,7 +73,7 @@ def _featurize_chunks(featurizer, rows, chunk_rows: int):
 
 
 def _forward(model, batch, device: torch.device, precision: str) -> dict[str, np.ndarray]:
-    with _autocast(device, precision):
+    with precision_autocast(device, precision):
         out = model(batch.to(device)).predictions
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
@@ -220,7 +221,7 @@ def predict(model: MultiTaskRanker, reader: ImpressionReader, max_rows: int | No
     gate_sums: dict[str, torch.Tensor] = {}
     rows = 0
     device = model_device(model)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    ctx = precision_autocast(device, precision)
     for batch in reader.batches(0):
         if max_rows is not None and rows >= max_rows:
             break

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from mtrank.features.base import MtrankError, StrictConfig, failpoint
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from mtrank.features.numeric import NumericStats
 from mtrank.features.spec import FeatureSpec
 from mtrank.models import DenseStage, ModelConfig, ModelOutput, MultiTaskRanker
 from mtrank.pipeline.checkpoint import CheckpointStore
+from mtrank.pipeline.evaluate import precision_autocast
 from mtrank.pipeline.distributed import SINGLE, Dist, GradientSync, lockstep, resolve_device
 from mtrank.pipeline.losses import MultiTaskLoss
 from mtrank.pipeline.optim import dense_optimizer, sparse_optimizer
@@ -278,9 +278,7 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
     def _autocast(self):
-        if self.cfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision_autocast(self.device, self.cfg.precision)
 
     def _forward(self, batch) -> "ModelOutput":
         if self.ddp is None:

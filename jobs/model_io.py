@@ -92,7 +92,7 @@ def load_model(path: str | Path, with_optimizer: bool = False) -> SavedModel:
     spec = read_spec(path)
     stats = NumericStats.from_json((path / "numeric_stats.json").read_text())
     config = ModelConfig.model_validate(json.loads((path / "model_config.json").read_text()))
-    model = MultiTaskRanker(spec, config)
+    model = MultiTaskRanker(spec, config, initialise=False)   # every table is overwritten next (strict)
     state = load_tensors(path / "weights.pt")
     model.load_state_dict(state)
     model.eval()

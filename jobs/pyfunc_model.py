@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import mlflow
 import pandas as pd
@@ -50,24 +51,40 @@ class RankerPyfunc(PythonModel):
             check_serving_nulls(table, self.saved.spec)
         except (MtrankError, pa.ArrowException) as e:   # the client's rows: HTTP 400, not 500
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        with torch.inference_mode(), _intra_op_threads(1 if table.num_rows < self.serial_rows else None):
+        with torch.inference_mode(), _serial_forward(table.num_rows < self.serial_rows):
             return pd.DataFrame(predict_rows(self.saved.model, self.featurizer, table))
 
 
+_serial_lock = threading.Lock()
+_serial_requests = 0       # small requests in flight (the server may run several at once)
+_threads_before = 0        # torch's thread count when the first of them started
+
+
 @contextlib.contextmanager
-def _intra_op_threads(n: int | None):
-    """torch's intra-op threads set to `n` for the block (None: left as they are), restored after."""
+def _serial_forward(serial: bool):
+    """One intra-op thread while any small request runs, torch's own count back when the last ends.
+
+    torch's thread count is process-wide, so concurrent requests share one counter: saving and
+    restoring per request would let an overlap leave the server at one thread for good. A large
+    request that overlaps a small one runs on one thread too (slower, same numbers)."""
+    global _serial_requests, _threads_before
     import torch
 
-    before = torch.get_num_threads()
-    if n is None or n == before:
+    if not serial:
         yield
         return
-    torch.set_num_threads(n)
+    with _serial_lock:
+        if _serial_requests == 0:
+            _threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _serial_requests += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _serial_lock:
+            _serial_requests -= 1
+            if _serial_requests == 0:
+                torch.set_num_threads(_threads_before)
 
 
 mlflow.models.set_model(RankerPyfunc())

@@ -6,7 +6,8 @@ where the data carries the generator's true probabilities, and each AUC with its
 With a baseline (`mtrank evaluate --baseline`, or the champion once the promotion gate has scored
 both on the same rows) the two models are shown side by side: deltas coloured by which way is
 better, the baseline's ROC and reliability curves in each task's panel. Plots are small multiples,
-one panel per task; with the trainer's history, train / validation loss per task too.
+one panel per task; with the trainer's history, train / validation loss per task too (validation
+at the epoch ends, and every N steps with train.validate_every_steps).
 """
 from __future__ import annotations
 
@@ -230,10 +231,14 @@ def histogram_figure(curves: dict):
     return fig
 
 
+# train points every log_every_steps; validation at the epoch ends; validation every validate_every_steps
+HISTORY_PARTS = ("train", "validation", "validation_steps")
+
+
 def _history_tasks(history: dict) -> list[str]:
     """Task names in the order they first appear (they are data: any spec's names)."""
     seen: dict[str, None] = {}
-    for part in ("train", "validation"):
+    for part in HISTORY_PARTS:
         for e in history.get(part) or []:
             if isinstance(e, dict) and isinstance(e.get("loss"), dict):
                 seen.update(dict.fromkeys(e["loss"]))
@@ -244,7 +249,7 @@ def has_history(history: dict | None) -> bool:
     """Whether there is a loss to draw (training may not have produced one: the section is left out)."""
     return isinstance(history, dict) and any(
         isinstance(e, dict) and isinstance(e.get("loss"), dict) and bool(e["loss"])
-        for part in ("train", "validation") for e in (history.get(part) or []))
+        for part in HISTORY_PARTS for e in (history.get(part) or []))
 
 
 def _series(entries: list, task: str, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
@@ -255,21 +260,33 @@ def _series(entries: list, task: str, key: str = "loss") -> tuple[np.ndarray, np
     return a[:, 0], a[:, 1]
 
 
+def _in_step_order(*parts: list) -> list[dict]:
+    """The entries of several parts of a history merged by step (entries without one last)."""
+    entries = [e for part in parts for e in part or [] if isinstance(e, dict)]
+    return sorted(entries, key=lambda e: _num(e.get("step")) if math.isfinite(_num(e.get("step"))) else math.inf)
+
+
 def loss_figure(history: dict | None):
     """Train loss (running mean) against step with the validation loss at its step, one panel
-    per task; None without a history."""
+    per task; None without a history. With validation points inside the epochs
+    (train.validate_every_steps) the validation curve is a line through all of them, the epoch
+    ends marked on it."""
     if not has_history(history):
         return None
     tasks = _history_tasks(history)
     train, val = history.get("train") or [], history.get("validation") or []
+    steps = history.get("validation_steps") or []
     fig, axes = _grid(len(tasks))
     for ax, task in zip(axes, tasks):
         x, y = _series(train, task)
         if x.size:
             ax.plot(x, y, label="train (running mean)", **MODEL_STYLE)
+        x, y = _series(_in_step_order(val, steps), task)
+        if steps and x.size:
+            ax.plot(x, y, ".-", color="C3", lw=1.0, ms=3, label="validation")
         x, y = _series(val, task)
         if x.size:
-            ax.plot(x, y, "D", color="C3", ms=5, label="validation")
+            ax.plot(x, y, "D", color="C3", ms=5, label="validation, epoch end" if steps else "validation")
         ax.set(title=task, xlabel="step", ylabel="loss")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -279,18 +296,25 @@ def loss_figure(history: dict | None):
 
 
 def validation_table(history: dict | None) -> str:
-    """Validation loss / AUC per epoch and task ('' without validation entries)."""
-    val = [e for e in (history or {}).get("validation") or [] if isinstance(e, dict)]
-    if not val:
+    """Validation loss / AUC per epoch and task ('' without validation entries); with points inside
+    the epochs (train.validate_every_steps) all of them in step order, an `at` column telling the
+    epoch ends from the steps."""
+    history = history if isinstance(history, dict) else {}
+    val = [e for e in history.get("validation") or [] if isinstance(e, dict)]
+    steps = [e for e in history.get("validation_steps") or [] if isinstance(e, dict)]
+    if not val and not steps:
         return ""
-    tasks = _history_tasks({"validation": val})
+    tasks = _history_tasks({"validation": val, "validation_steps": steps})
     head = "".join(f"<th>{html.escape(t)} loss</th><th>{html.escape(t)} AUC</th>" for t in tasks)
+    at = {id(e): "step" for e in steps}
     rows = "".join(
         f"<tr><td>{_fmt('{}', e.get('epoch'))}</td><td>{_fmt('{:,}', e.get('step'))}</td>"
+        + (f"<td>{at.get(id(e), 'epoch end')}</td>" if steps else "")
         + "".join(f"<td>{_fmt('{:.4f}', _num((e.get('loss') or {}).get(t)))}</td>"
                   f"<td>{_fmt('{:.4f}', _num((e.get('auc') or {}).get(t)))}</td>" for t in tasks) + "</tr>"
-        for e in val)
-    return f"<table><tr><th>epoch</th><th>step</th>{head}</tr>{rows}</table>"
+        for e in (_in_step_order(val, steps) if steps else val))
+    return (f"<table><tr><th>epoch</th><th>step</th>{'<th>at</th>' if steps else ''}{head}</tr>{rows}"
+            "</table>")
 
 
 def gates_figure(gates: dict[str, list[float]]):

@@ -208,6 +208,9 @@ def _log_curves(client, run_id: str, summary: dict) -> None:
     history = summary.get("history") or {}
     points = [(step_metrics(p), p["step"]) for p in history.get("train", [])]
     points += [(epoch_metrics(e), e.get("step", e["epoch"] + 1)) for e in summary["epochs"]]
+    # train.validate_every_steps: the points inside the epochs, under the epoch ends' names
+    points += [(epoch_metrics({"loss": {}, "validation": p}), p["step"])
+               for p in history.get("validation_steps") or []]
     keys = {k for values, _ in points for k in values}
     last = {k: max((h.step for h in client.get_metric_history(run_id, k)), default=-1) for k in keys}
     ts = int(time.time() * 1000)

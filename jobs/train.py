@@ -29,7 +29,7 @@ from mtrank.pipeline.distributed import SINGLE, Dist
 from mtrank.pipeline.feature_cache import FeatureCache
 from mtrank.pipeline.evaluate import degenerate_outputs, merge_predictions, predict, task_curves, task_metrics
 from mtrank.pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, open_parquet, skipped_files
-from mtrank.pipeline.trainer import DivergedError, TrainResult, Trainer, build_model
+from mtrank.pipeline.trainer import DivergedError, TrainingEvents, TrainResult, Trainer, build_model
 
 log = logging.getLogger("mtrank.train")
 
@@ -243,7 +243,8 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                 "auc": {f: m["auc"] for f, m in figures.items() if "auc" in m}}
 
     t0 = time.perf_counter()
-    result = trainer.fit(reader, resume=resume, progress=progress, events=live,
+    result = trainer.fit(reader, resume=resume, progress=progress,
+                         events=_StepValidationEvents(live) if tc.validate_every_steps else live,
                          validate=validate if val_window is not None else None)
     train_s = time.perf_counter() - t0
     optimizer = trainer.optimizer_state()
@@ -279,7 +280,7 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                "resumed_from_step": result.resumed_from_step, "train_seconds": train_s, "lineage": lineage,
                **({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
                   if result.best_epoch is not None else {}),
-               "ranks": dist.world_size, "history": live.history(result.epochs),
+               "ranks": dist.world_size, "history": _history(live, result),
                **({"validation_window": val_window.describe()} if val_window is not None else {}),
                **({"id_admission": admission} if admission else {}),
                **({"calibration": calibration} if calibration else {})}
@@ -299,6 +300,33 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                     "written as null", date, ", ".join(undefined))
     write_atomic(out / "metrics.json", strict_json({"tasks": metrics, **summary}))
     return TrainOutcome(out, result, metrics, summary)
+
+
+class _StepValidationEvents(TrainingEvents):
+    """The live run's events, plus the points of `train.validate_every_steps` logged as the epoch
+    ends' validation figures are (val_loss.* / val_auc.* at their step: one curve per figure)."""
+
+    def __init__(self, live: LiveRun):
+        self.live = live
+
+    def on_steps(self, point: dict) -> None:
+        self.live.on_steps(point)
+
+    def on_epoch(self, record: dict) -> None:
+        self.live.on_epoch(record)
+
+    def on_validation(self, point: dict) -> None:
+        self.live.on_epoch({"loss": {}, "step": point["step"], "validation": point["validation"]})
+
+
+def _history(live: LiveRun, result: TrainResult) -> dict:
+    """The report's curves (`LiveRun.history`), and with `train.validate_every_steps` the points
+    inside the epochs as `validation_steps`, in the form of the epoch ends' entries plus samples."""
+    history = live.history(result.epochs)
+    if result.validation_steps:
+        history["validation_steps"] = [{"epoch": p["epoch"], "step": p["step"], "samples": p["samples"],
+                                        **(p["validation"] or {})} for p in result.validation_steps]
+    return history
 
 
 def _calibrate(cfg: JobConfig, spec: FeatureSpec, featurizer, model, val_window, dist: Dist) -> dict | None:
@@ -323,12 +351,15 @@ def _calibrate(cfg: JobConfig, spec: FeatureSpec, featurizer, model, val_window,
                                   holdout=split(cfg, spec, True))
         model.set_calibration({})
         held = predict(model, reader, cfg.eval.max_rows)
-        fitted = fit_calibration(held.outputs, held.labels, held.masks, spec)
+        prior_shifts = {ns.task: math.log(ns.keep_rate)} if ns is not None and ns.keep_rate < 1 else {}
+        fitted = fit_calibration(held.outputs, held.labels, held.masks, spec, cfg.train.calibration_prior_sd,
+                                 prior_shifts)
         log.info("calibration (Platt, on %s validation rows): %s", f"{held.rows:,}", ", ".join(
             f"{t} a={c['scale']:.3f} b={c['shift']:+.3f}" if c["fitted"] else f"{t} not fitted ({c['positives']} "
             "positives)" for t, c in fitted.items()))
     fitted = dist.broadcast(fitted)
-    model.set_calibration({t: (c["scale"], c["shift"]) for t, c in fitted.items() if c["fitted"]})
+    model.set_calibration({t: (c["scale"], c["shift"]) for t, c in fitted.items()
+                           if c["fitted"] or c["shift"] != 0.0})
     return fitted
 
 

@@ -26,7 +26,9 @@ from mtrank.models.batch import Batch
 class FusedEmbeddings(nn.Module):
     """Batch -> [B, output_dim]: all id-field embeddings, pooled bags (flattened), then dense."""
 
-    def __init__(self, spec: FeatureSpec, init_std: float = 0.01):
+    def __init__(self, spec: FeatureSpec, init_std: float = 0.01, initialise: bool = True):
+        """`initialise=False` leaves the tables' memory as allocated: for a model whose weights are
+        loaded next (drawing ~10^8 normals costs seconds at every scoring start)."""
         super().__init__()
         tables = spec.embedding_tables
         dims = sorted({t.dim for t in tables.values()})
@@ -51,7 +53,8 @@ class FusedEmbeddings(nn.Module):
                 self.register_buffer(f"admit{gi}", torch.ones(rows[d], dtype=torch.bool))
                 self._admit[gi] = f"admit{gi}"
         self.weights = nn.ParameterList(
-            nn.Parameter(torch.empty(rows[d], d).normal_(0.0, init_std)) for d in dims)  # in place: no 2nd copy
+            nn.Parameter(torch.empty(rows[d], d).normal_(0.0, init_std) if initialise else torch.empty(rows[d], d))
+            for d in dims)  # in place: no 2nd copy
         # Id columns grouped by dim: which columns of Batch.ids, and the row base to add to each.
         self._id_groups: list[tuple[int, str, str]] = []  # (dim index, cols buffer, base buffer)
         for gi, d in enumerate(dims):

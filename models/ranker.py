@@ -50,13 +50,14 @@ class MultiTaskRanker(nn.Module):
     mse_log1p it is log1p(value) and the prediction is expm1(clamp(raw, min=0)).
     """
 
-    def __init__(self, spec: FeatureSpec, cfg: ModelConfig | None = None):
+    def __init__(self, spec: FeatureSpec, cfg: ModelConfig | None = None, initialise: bool = True):
+        """`initialise=False`: embedding tables uninitialised, for loading a state dict next."""
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
         self.task_specs = spec.tasks
         self.schema: OutputSchema = spec.outputs
         self.tasks = tuple(t.name for t in spec.tasks)
-        self.embeddings = FusedEmbeddings(spec)
+        self.embeddings = FusedEmbeddings(spec, initialise=initialise)
         self.bottom = build_bottom(cfg, self.tasks, self.embeddings.output_dim)
         # All towers in one batched MLP: tower t reads bottom features t.
         self.towers = BatchedMLP(len(self.tasks), self.bottom.out_dim, cfg.tower_mlp + (1,),

@@ -20,24 +20,35 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def fit_platt(z: np.ndarray, y: np.ndarray, l2: float = 1e-6, iterations: int = 100) -> tuple[float, float]:
-    """(a, b) minimising the mean log loss of sigmoid(a z + b) against y (Newton's method with a
-    step-halving line search, float64; a tiny ridge keeps one-class or separable data finite)."""
+def fit_platt(z: np.ndarray, y: np.ndarray, prior_sd: float | None = None, prior_shift: float = 0.0,
+              iterations: int = 100) -> tuple[float, float]:
+    """(a, b) maximising the log likelihood of sigmoid(a z + b) against y plus a Gaussian prior centred on
+    the identity (a = 1, b = prior_shift) with standard deviation `prior_sd` on both.
+
+    The prior is what keeps a fit on a few hundred positives from moving a task by its own sampling
+    noise (±1/sqrt(positives) in PCOC): its weight is fixed while the data's grows with the rows, so
+    a large validation set overrides it and a small one barely moves the model. `prior_sd` None is
+    the plain maximum-likelihood fit (a vanishing ridge keeps one-class or separable data finite).
+    Newton's method with a step-halving line search, float64.
+    """
     z, y = np.asarray(z, np.float64), np.asarray(y, np.float64)
+    centre = np.array([1.0, float(prior_shift)])
     if z.size == 0 or y.min() == y.max():
-        return 1.0, 0.0
+        return float(centre[0]), float(centre[1])
     x = np.stack([z, np.ones_like(z)], 1)
-    w = np.array([1.0, 0.0])
+    precision = 1.0 / prior_sd ** 2 if prior_sd else 2e-6 * z.size
 
     def loss(w: np.ndarray) -> float:
         s = x @ w
-        return float(np.mean(np.logaddexp(0, s) - y * s) + l2 * w @ w)
+        d = w - centre
+        return float(np.sum(np.logaddexp(0, s) - y * s) + 0.5 * precision * d @ d)
 
+    w = centre.copy()
     current = loss(w)
     for _ in range(iterations):
         p = 1 / (1 + np.exp(-(x @ w)))
-        grad = x.T @ (p - y) / z.size + 2 * l2 * w
-        hess = (x * (p * (1 - p))[:, None]).T @ x / z.size + 2 * l2 * np.eye(2)
+        grad = x.T @ (p - y) + precision * (w - centre)
+        hess = (x * (p * (1 - p))[:, None]).T @ x + precision * np.eye(2)
         step = np.linalg.solve(hess, grad)
         t = 1.0
         while t > 1e-6 and loss(w - t * step) > current:
@@ -45,16 +56,19 @@ def fit_platt(z: np.ndarray, y: np.ndarray, l2: float = 1e-6, iterations: int = 
         if t <= 1e-6:
             break
         w, previous, current = w - t * step, current, loss(w - t * step)
-        if previous - current < 1e-12:
+        if previous - current < 1e-10 * max(1.0, abs(current)):
             break
     return float(w[0]), float(w[1])
 
 
 def fit_calibration(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], masks: dict[str, np.ndarray],
-                    spec: FeatureSpec, min_positives: int = 20) -> dict[str, dict]:
+                    spec: FeatureSpec, prior_sd: float | None = None, prior_shifts: dict[str, float] | None = None,
+                    min_positives: int = 20) -> dict[str, dict]:
     """Platt parameters per binary task from uncalibrated predictions on held-out rows, each on its
-    task's population (a task with a `space` on that space's positives). A task with fewer than
-    `min_positives` positives there stays uncalibrated, and says so."""
+    task's population (a task with a `space` on that space's positives). `prior_shifts` moves a
+    task's prior centre (negative sampling's known log keep-rate). A task with fewer than
+    `min_positives` positives (or no negatives) there keeps its prior centre, and says so."""
+    shifts = prior_shifts or {}
     out: dict[str, dict] = {}
     for t in spec.tasks:
         if t.type != "binary":
@@ -62,11 +76,11 @@ def fit_calibration(outputs: dict[str, np.ndarray], labels: dict[str, np.ndarray
         pop = masks[t.name].astype(bool)
         y = labels[t.name][pop]
         p = outputs[spec.outputs.own(t.name).name][pop]
-        positives = int(y.sum())
+        positives, centre = int(y.sum()), float(shifts.get(t.name, 0.0))
+        record = {"rows": int(y.size), "positives": positives, "prior_sd": prior_sd, "prior_shift": centre}
         if positives < min_positives or positives == y.size:
-            out[t.name] = {"scale": 1.0, "shift": 0.0, "rows": int(y.size), "positives": positives,
-                           "fitted": False}
+            out[t.name] = {"scale": 1.0, "shift": centre, **record, "fitted": False}
             continue
-        a, b = fit_platt(logit(p), y)
-        out[t.name] = {"scale": a, "shift": b, "rows": int(y.size), "positives": positives, "fitted": True}
+        a, b = fit_platt(logit(p), y, prior_sd, centre)
+        out[t.name] = {"scale": a, "shift": b, **record, "fitted": True}
     return out

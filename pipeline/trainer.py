@@ -46,7 +46,12 @@ class NegativeSampling(StrictConfig):
 
 
 class EarlyStopping(StrictConfig):
-    """Stop when the validation objective has not improved for `patience` epochs; keep the best epoch."""
+    """Stop when the validation objective has not improved for `patience` epochs; keep the best epoch.
+
+    Epoch granularity: the validation points of `validate_every_steps` are curves only (history,
+    report, MLflow); they neither choose the best weights nor count towards the patience."""
+    # Why: a best point inside an epoch would need its weights kept at that step, and a resume that
+    # restores them (and the objective's best so far) exactly; the epoch ends' are in the checkpoints.
 
     patience: int = Field(default=2, ge=1, description="epochs without a lower validation objective (the "
                           "task-weighted sum of validation losses) before training stops")
@@ -100,9 +105,19 @@ class TrainConfig(StrictConfig):
     validation_fraction: float = Field(default=0.0, ge=0.0, lt=0.5, description="instead of whole days: this "
                                        "share of the window's requests (a stable hash of the spec's request_id) is "
                                        "held out for validation; for windows of few days")
+    validate_every_steps: int = Field(default=0, ge=0, description="also run the epoch-end validation (per-task "
+                                      "loss and AUC on the held-out rows) every N global steps inside an epoch: "
+                                      "history validation_steps, the report's loss curves and MLflow val_loss.* / "
+                                      "val_auc.* at their step; training is unchanged by it (early stopping "
+                                      "still decides per epoch). Needs validation_days or validation_fraction; "
+                                      "0 = epoch ends only")
     calibration: Literal["none", "platt"] = Field(
         default="none", description="platt: after training, fit p = sigmoid(a·logit + b) per binary task on the "
         "validation days (needs validation_days > 0); saved in the weights, applied wherever the model predicts")
+    calibration_prior_sd: float | None = Field(
+        default=0.1, gt=0, description="standard deviation of the Platt fit's Gaussian prior on (a - 1) and b "
+        "(centred on the identity, or on negative sampling's log keep_rate): a validation split with few "
+        "positives moves the model little, one with thousands fits freely; null = plain maximum likelihood")
 
     negative_sampling: "NegativeSampling | None" = Field(
         default=None, description="train on a deterministic share of one task's negatives (e.g. unclicked "
@@ -125,12 +140,17 @@ class TrainConfig(StrictConfig):
         if self.early_stopping is not None and not held:
             raise ValueError("early_stopping watches the validation rows: set validation_days >= 1 (or "
                              "validation_fraction)")
+        if self.validate_every_steps and not held:
+            raise ValueError("validate_every_steps evaluates the validation rows: set validation_days >= 1 (or "
+                             "validation_fraction)")
         return self
 
     def fingerprint_fields(self) -> dict:
-        """What must not change between a checkpoint and its resume (epochs may grow)."""
+        """What must not change between a checkpoint and its resume (epochs may grow). Knobs that
+        leave the weights bit-identical stay out: checkpoint and curve cadence, devices, validation
+        inside an epoch (it runs in eval mode with the training RNG put back)."""
         return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device", "min_rows",
-                                        "log_every_steps", "data_workers"})
+                                        "log_every_steps", "data_workers", "validate_every_steps"})
 
 
 class NonFiniteLossError(MtrankError, RuntimeError):
@@ -211,6 +231,9 @@ class TrainResult:
     resumed_from_step: int | None = None
     best_epoch: int | None = None       # early stopping: the epoch whose weights the model has
     stopped_early: bool = False
+    # train.validate_every_steps (rank 0): {step, epoch, samples, validation} at steps that are not an
+    # epoch's last (that one's figures are the epoch record's `validation`), resumed runs' included
+    validation_steps: list[dict] = field(default_factory=list)
 
 
 TrainConfig.model_rebuild()
@@ -224,6 +247,10 @@ class TrainingEvents:
 
     def on_epoch(self, record: dict) -> None:
         """Every epoch end: the epoch's record (`EpochStats.as_dict`, plus `validation` when evaluated)."""
+
+    def on_validation(self, point: dict) -> None:
+        """Every `validate_every_steps` inside an epoch: {step, epoch, samples, validation: the same
+        figures as an epoch record's `validation`}."""
 
 
 class Trainer:
@@ -256,6 +283,7 @@ class Trainer:
                                               **({"world_size": dist.world_size} if dist.enabled else {})})
         self.global_step = 0
         self.rows_trained = 0
+        self.validation_points: list[dict] = []   # train.validate_every_steps, checkpointed with the history
         self.ddp: nn.Module | None = None
         self.sync = GradientSync(dist, model.sparse_parameters(), list(self.loss.parameters()))
         if dist.enabled:
@@ -333,7 +361,8 @@ class Trainer:
         return {"fingerprint": self.fingerprint, "model": self.model.state_dict(),
                 "loss": self.loss.state_dict(), "sparse_opt": self.sparse_opt.state_dict(),
                 "dense_opt": self.dense_opt.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "global_step": self.global_step, "history": history, "ranks": ranks, **mine}
+                "global_step": self.global_step, "history": history, "ranks": ranks,
+                "validation_steps": list(self.validation_points), **mine}
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint:
@@ -395,8 +424,18 @@ class Trainer:
             events: TrainingEvents | None = None, validate=None) -> TrainResult:
         """Runs the remaining epochs; data-parallel, every rank calls it with its own shard and gets
         the whole job's result (rows and accounting summed over ranks, epoch losses pooled).
-        `validate()` (rank 0, after each epoch) returns the held-out figures stored with the epoch."""
+        `validate()` (rank 0, after each epoch) returns the held-out figures stored with the epoch.
+
+        With `train.validate_every_steps` N it also runs every N global steps inside an epoch: a point
+        {step, epoch, samples, validation} for `events.on_validation` and `TrainResult.validation_steps`
+        (checkpointed, so a resumed run keeps the earlier ones). A step that turns out to be the epoch's
+        last is the epoch end's validation instead, so the figures are taken once a step: the point is
+        taken before the next batch trains, when there is one (the weights are those of step N then
+        too). Validation runs in eval mode without gradients and puts the RNG back, so the weights
+        are bit-identical to a run without it; early stopping stays per epoch (`EarlyStopping`)."""
         events = events if events is not None and self.dist.is_main else TrainingEvents()
+        every = self.cfg.validate_every_steps if validate is not None and self.dist.is_main else 0
+        self.validation_points, pending = [], False
         if reader.batch_size != self.rank_batch_size:
             raise ValueError(f"reader batch_size {reader.batch_size} != this rank's share of train.batch_size "
                              f"({self.cfg.batch_size} / {self.dist.world_size} ranks)")
@@ -410,6 +449,10 @@ class Trainer:
                 mine = state["ranks"][self.dist.rank] if "ranks" in state else state
                 current = EpochStats.from_dict(mine["current"]) if skip else None
                 resumed = self.global_step
+                self.validation_points = list(state.get("validation_steps") or [])
+                # a mid-epoch checkpoint is written before its step's validation point is taken
+                pending = bool(every and skip and self.global_step % every == 0
+                               and all(p["step"] != self.global_step for p in self.validation_points))
                 log.info("resuming at epoch %d, batch %d (step %d)%s", start_epoch, skip, self.global_step,
                          self._where())
         accounting = RowAccounting()
@@ -433,6 +476,9 @@ class Trainer:
             step_in_epoch = skip
             window, t_window = EpochStats(epoch), time.perf_counter()   # since the last curve point
             for batch, active in lockstep(batches, self.dist):
+                if pending:   # the previous step was not the epoch's last: its validation is a point of its own
+                    paused = self._validation_point(validate, epoch, events)
+                    t0, t_window, pending = t0 + paused, t_window + paused, False   # not training time
                 losses, counts = self.step(batch, active)
                 if batch is not None:
                     stats.add(losses, counts, batch.size)
@@ -448,13 +494,15 @@ class Trainer:
                 if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
                     stats.seconds = time.perf_counter() - t0
                     self._save(epoch, step_in_epoch, history_before, stats)
+                pending = bool(every and self.global_step % every == 0)
             bar.close()
+            pending = False   # the epoch's last step: the epoch-end validation below is its point
             stats.seconds = time.perf_counter() - t0
             accounting = accounting.merge(reader.accounting)
             stats = _pooled(self.dist.all_gather(stats))
             record = {**stats.as_dict(), "step": self.global_step}
             if validate is not None and self.dist.is_main:
-                record["validation"] = validate()
+                record["validation"] = self._validated(validate)
             history = history_before + [record]
             if self.dist.is_main:
                 val = record.get("validation") or {}
@@ -491,7 +539,34 @@ class Trainer:
                      self.sync.steps, self.sync.mode, self.sync.rows_sent / max(self.sync.steps, 1))
         parts = self.dist.all_gather((accounting, self.rows_trained))
         return TrainResult(history, self.global_step, sum(r for _, r in parts),
-                           RowAccounting.total(acc for acc, _ in parts), resumed, best_epoch, stopped)
+                           RowAccounting.total(acc for acc, _ in parts), resumed, best_epoch, stopped,
+                           validation_steps=list(self.validation_points))
+
+    def _validated(self, validate) -> dict:
+        """`validate()` in eval mode without gradients, the RNG put back afterwards: held-out figures
+        never change what training draws next (dropout, id dropout), wherever they are taken."""
+        rng = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return validate()
+        finally:
+            self.model.train()
+            torch.set_rng_state(rng)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+
+    def _validation_point(self, validate, epoch: int, events: TrainingEvents) -> float:
+        """The validation point at the current step (rank 0); returns the seconds it took."""
+        started = time.perf_counter()
+        point = {"step": self.global_step, "epoch": epoch, "samples": self.rows_trained,
+                 "validation": self._validated(validate)}
+        self.validation_points.append(point)
+        log.info("step %d (epoch %d): validation loss %s", self.global_step, epoch + 1,
+                 " ".join(f"{t}={v:.4f}" for t, v in (point["validation"] or {}).get("loss", {}).items()))
+        events.on_validation(point)
+        return time.perf_counter() - started
 
     BEST = "best.pt"   # the best epoch's weights, beside the checkpoints (a resumed run restores them from here)
 

@@ -20,6 +20,26 @@ def test_fit_platt_recovers_the_generating_scale_and_shift():
     assert fit_platt(z, np.zeros_like(z)) == (1.0, 0.0)   # one class: nothing to fit
 
 
+def test_the_prior_holds_a_small_split_near_the_identity_and_yields_to_a_large_one():
+    rng = np.random.default_rng(3)
+
+    def sample(n):
+        z = rng.normal(-2, 1, n)
+        return z, (rng.random(n) < 1 / (1 + np.exp(-(z + 0.3)))).astype(np.float64)   # truth: shift +0.3
+    z, y = sample(2_000)                                  # ~300 positives: the fit's own noise is ~0.07
+    a_free, b_free = fit_platt(z, y)
+    a, b = fit_platt(z, y, prior_sd=0.1)
+    assert abs(a - 1) < abs(a_free - 1) + 1e-9 and 0 < b < b_free     # pulled toward the identity, same side
+    z, y = sample(400_000)                                # ~60k positives: the prior no longer matters
+    a, b = fit_platt(z, y, prior_sd=0.1)
+    assert abs(a - 1) < 0.02 and abs(b - 0.3) < 0.03
+    # the prior's centre moves with a known shift (negative sampling's log keep rate)
+    z, y = sample(300)
+    a, b = fit_platt(z, y, prior_sd=0.01, prior_shift=-2.0)
+    assert abs(a - 1) < 0.02 and abs(b + 2.0) < 0.05
+    assert fit_platt(z, np.zeros_like(z), prior_sd=0.1, prior_shift=-2.0) == (1.0, -2.0)
+
+
 def test_fit_calibration_uses_each_tasks_population(spec):
     rng = np.random.default_rng(1)
     n = 50_000
@@ -37,6 +57,14 @@ def test_fit_calibration_uses_each_tasks_population(spec):
         assert c["fitted"] and abs(c["scale"] - 1) < 0.08 and abs(c["shift"] - 0.5) < 0.08, (t, c)
         assert c["rows"] == int(masks[t].sum())
     assert np.allclose(logit(np.array([0.5])), 0.0)
+    # too few positives: no fit, the prior's centre is kept (a negative-sampled task keeps its shift)
+    first = next(t for t in fitted)
+    few = {k: v.copy() for k, v in labels.items()}
+    few[first][:] = 0
+    few[first][:5] = 1
+    masks_all = {k: np.ones(n, bool) for k in masks}
+    kept = fit_calibration(outputs, few, masks_all, spec, prior_sd=0.1, prior_shifts={first: -1.5})
+    assert not kept[first]["fitted"] and kept[first]["shift"] == -1.5 and kept[first]["scale"] == 1.0
 
 
 def test_the_calibration_is_in_the_weights_and_keeps_each_tasks_order(spec):

@@ -197,3 +197,31 @@ def test_bf16_is_opt_in_and_close_to_fp32(world):
     for k in fp32:
         assert bf16[k].dtype == np.float32 and np.isfinite(bf16[k]).all()
         np.testing.assert_allclose(bf16[k], fp32[k], rtol=0.05, atol=0.01, err_msg=k)
+
+
+def test_overlapping_small_requests_leave_torch_its_thread_count():
+    """Concurrent pyfunc requests: one thread while any small one runs, the original count after the
+    last, whatever the interleaving (saving/restoring per request could strand the server at 1)."""
+    from mtrank.jobs import pyfunc_model
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen, start = [], threading.Barrier(8)
+
+        def request(i: int) -> None:
+            start.wait()
+            for k in range(20):
+                with pyfunc_model._serial_forward(serial=(i + k) % 3 != 0):
+                    if (i + k) % 3 != 0:
+                        seen.append(torch.get_num_threads())
+                    threading.Event().wait(0.0005 * ((i * 7 + k) % 4))
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert seen and set(seen) == {1}                 # every small request ran on one thread
+        assert torch.get_num_threads() == 2 and pyfunc_model._serial_requests == 0
+    finally:
+        torch.set_num_threads(original)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtrank.features.featurize import Featurizer
-from mtrank.features.spec import load_spec
+from tests.conftest import capped_spec
 from mtrank.models import ModelConfig
 from mtrank.pipeline.checkpoint import CheckpointError, CheckpointStore
 from mtrank.pipeline.dataset import open_window
@@ -32,7 +32,7 @@ def logs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def setup(logs):
-    spec = load_spec()
+    spec = capped_spec()
     train = open_window(logs, spec, START, START + dt.timedelta(days=2))
     stats = fit_numeric_stats(ImpressionReader(train, spec, progress=False))
     return spec, train, stats, Featurizer(spec, stats)

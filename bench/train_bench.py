@@ -53,12 +53,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="200k training rows, 50k evaluation rows")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None, help="runner keys to include")
+    ap.add_argument("--rows", type=int, default=None, help="training rows (default 1M, --quick 200k)")
     a = ap.parse_args()
     rows, eval_rows = (200_000, 50_000) if a.quick else (1_000_000, 200_000)
+    if a.rows:
+        rows, eval_rows = a.rows, min(eval_rows, a.rows)
     ensure_data()
-    if not BENCH_PY.exists():
-        subprocess.run(["bash", "bench/peers/setup_venv.sh"], check=True)
     runners = [r for r in RUNNERS if a.only is None or r[0] in a.only]
+    if any(r[1] == str(BENCH_PY) for r in runners) and not BENCH_PY.exists():
+        subprocess.run(["bash", "bench/peers/setup_venv.sh"], check=True)
     results: dict[str, list[dict]] = {r[0]: [] for r in runners}
     loads = []
     for rep in range(a.reps):
@@ -70,25 +73,29 @@ def main() -> None:
                   f"peak RSS {res['peak_rss_mb']:,.0f} MB", flush=True)
 
     med = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in results.items()}
+    ref_b = med.get("reference bf16")
     ref = med.get("reference fp32")
     rechub = med.get("torch-rechub 0.9.0")
     md = ["## Training throughput, standard workload (one epoch, data loading included)\n",
           f"machine: {machine()}; {rows:,} training rows, AUC on the first {eval_rows:,} rows of the next day; "
           f"median (min-max) of {a.reps} interleaved repetitions; 1-min load average during the run "
           f"{min(loads):.2f}-{max(loads):.2f}\n",
-          "| trainer | samples/s | vs reference fp32 | vs torch-rechub | peak RSS MB | "
+          "| trainer | samples/s | vs reference fp32 | vs reference bf16 | vs torch-rechub | peak RSS MB | "
           + " | ".join(f"AUC {t}" for t in AUC_TASKS) + " |",
-          "|---|---|---|---|---|" + "---|" * len(AUC_TASKS)]
+          "|---|---|---|---|---|---|" + "---|" * len(AUC_TASKS)]
+
+    def vs(x: float, base: float | None) -> str:
+        return f"{x / base:.2f}x" if base else "-"
+
     for key, runs in results.items():
         rates = [r["samples_per_s"] for r in runs]
         auc = runs[-1].get("auc", {})
-        md.append(f"| {key} | {fmt_rate(rates)} | {med[key] / ref:.2f}x | "
-                  f"{med[key] / rechub:.2f}x | {max(r['peak_rss_mb'] for r in runs):,.0f} | "
-                  + " | ".join(f"{auc[t]:.4f}" if t in auc else "-" for t in AUC_TASKS) + " |"
-                  if ref and rechub else f"| {key} | {fmt_rate(rates)} | | | | |")
+        md.append(f"| {key} | {fmt_rate(rates)} | {vs(med[key], ref)} | {vs(med[key], ref_b)} | {vs(med[key], rechub)} | "
+                  f"{max(r['peak_rss_mb'] for r in runs):,.0f} | "
+                  + " | ".join(f"{auc[t]:.4f}" if t in auc else "-" for t in AUC_TASKS) + " |")
     oracle = next((r[-1]["oracle_auc"] for k, r in results.items() if r and "oracle_auc" in r[-1]), {})
     if oracle:
-        md.append("| oracle (true probabilities) | | | | | "
+        md.append("| oracle (true probabilities) | | | | | | "
                   + " | ".join(f"{oracle[t]:.4f}" if t in oracle else "-" for t in AUC_TASKS) + " |")
     for suffix in ("", ", no ESMM"):
         if f"mtrank fp32{suffix}" in med and f"mtrank bf16{suffix}" in med:

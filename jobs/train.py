@@ -151,11 +151,12 @@ def sampled_negatives(cfg: JobConfig, spec: FeatureSpec) -> tuple[str, float] | 
     return t.label, ns.keep_rate
 
 
-def split(cfg: JobConfig, spec: FeatureSpec, validation: bool) -> tuple[str, float, bool] | None:
+def split(cfg: JobConfig, spec: FeatureSpec, validation: bool) -> tuple[str | None, float, bool] | None:
     """The reader's side of `train.validation_fraction` (None without one): the training readers keep
-    the requests outside the hashed fraction, the validation readers those inside."""
+    the requests outside the hashed fraction, the validation readers those inside. A spec without a
+    request id (tabular data: one row, one decision) splits rows by a hash of their position."""
     f = cfg.train.validation_fraction
-    return (spec.request_column("train.validation_fraction"), f, validation) if f else None
+    return (spec.request_id, f, validation) if f else None
 
 
 def validation_days(cfg: JobConfig, parent: Parent | None) -> int:

@@ -109,6 +109,11 @@ class MultiTaskRanker(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         return self.outputs(*self.dense(self.embeddings(batch)))
 
+    def predict(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The named predictions alone (scoring, serving): no log-products, which only a loss reads."""
+        raw, gates = self.dense(self.embeddings(batch))
+        return self.outputs(raw, gates, with_log_products=False).predictions
+
     def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         """[B, in] -> raw tower outputs [T, B] and gates: everything whose gradients are dense.
 
@@ -119,7 +124,7 @@ class MultiTaskRanker(nn.Module):
         with torch.autocast(x.device.type, enabled=False):   # towers in fp32 under bf16 autocast
             return self.towers(h.float()).squeeze(-1), gates  # [T, B]
 
-    def outputs(self, raw: torch.Tensor, gates: dict | None) -> ModelOutput:
+    def outputs(self, raw: torch.Tensor, gates: dict | None, with_log_products: bool = True) -> ModelOutput:
         """Raw tower outputs -> logits, probabilities, products, regression values (no parameters)."""
         logits = {t: raw[i] for i, t in enumerate(self.tasks)}
         preds: dict[str, torch.Tensor] = {}
@@ -138,5 +143,6 @@ class MultiTaskRanker(nn.Module):
             prod = self.schema.product(t.name)
             if prod is not None:
                 preds[prod.name] = own[t.parent] * own[t.name]
-                log_products[t.name] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
+                if with_log_products:
+                    log_products[t.name] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
         return ModelOutput(logits, preds, log_products, gates)

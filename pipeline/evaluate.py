@@ -74,7 +74,7 @@ def _featurize_chunks(featurizer, rows, chunk_rows: int):
 
 def _forward(model, batch, device: torch.device, precision: str) -> dict[str, np.ndarray]:
     with precision_autocast(device, precision):
-        out = model(batch.to(device)).predictions
+        out = model.predict(batch.to(device))
     return {k: v.float().cpu().numpy() for k, v in out.items()}
 
 

@@ -102,13 +102,14 @@ def validation_requests(requests: pa.Array | pa.ChunkedArray, fraction: float) -
     return (ids > 0) & (ids <= fraction * (_HOLDOUT_BUCKETS - 1))
 
 
-def keep_mask(group: RowGroup, offset: int, n: int, rate: float) -> np.ndarray:
+def keep_mask(group: RowGroup, offset: int, n: int, rate: float, salt: str = "") -> np.ndarray:
     """Rows [offset, offset + n) of a row group kept at `rate`: a SplitMix64 hash of (the file's last
     two path components, row group, row position), so the choice does not depend on shuffling,
-    ranks, epochs or where the data root is mounted."""
+    ranks, epochs or where the data root is mounted. `salt` makes another draw (independent of the
+    negative sampling's) for another purpose."""
     where = "/".join(str(group.file).replace("\\", "/").rsplit("/", 2)[-2:])
-    x = np.uint64(xxhash.xxh64_intdigest(f"{where}#{group.index}".encode())) + np.arange(offset, offset + n,
-                                                                                     dtype=np.uint64)
+    x = np.uint64(xxhash.xxh64_intdigest(f"{salt}{where}#{group.index}".encode())) + np.arange(offset, offset + n,
+                                                                                           dtype=np.uint64)
     with np.errstate(over="ignore"):
         x = x + np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -271,9 +272,9 @@ class ImpressionReader:
         (`keep_mask`), the others counted as sampled out. `cache`: featurize once and reuse the arrays
         (`pipeline.feature_cache`; the same object for every epoch's `batches`). `workers`: threads
         reading, validating and featurizing row groups ahead of the consumer (same rows, same order).
-        `holdout`: (request id column, fraction, side): a stable hash of the request id puts that share of
-        the requests on the validation side; the reader keeps one side (True: validation) and counts the
-        other as held out."""
+        `holdout`: (request id column or None, fraction, side): a stable hash of the request id (of the
+        row's position without one) puts that share of the requests on the validation side; the reader
+        keeps one side (True: validation) and counts the other as held out."""
         if batch_size <= 0:
             raise ValueError("batch_size must be positive")
         if featurizer is not None and featurizer.spec is not spec:
@@ -401,7 +402,7 @@ class ImpressionReader:
                 if col not in schema.names:
                     raise BadInputError(group.file, col, MISSING_COLUMN, "column is required by this job")
             cols = list(dict.fromkeys([*read_columns(self.spec, schema, self.with_eval), *self.extra_columns]))
-            if self.holdout is not None:
+            if self.holdout is not None and self.holdout[0] is not None:
                 if self.holdout[0] not in schema.names:
                     raise BadInputError(group.file, self.holdout[0], MISSING_COLUMN,
                                         "the request id column is required by train.validation_fraction")
@@ -425,7 +426,9 @@ class ImpressionReader:
             dups = self._duplicates(group, done, n)
             if self.holdout is not None:      # the other side of the validation split: read, counted, not used
                 column, fraction, validation_side = self.holdout
-                drop = validation_requests(rb.column(column), fraction) != validation_side
+                held = (validation_requests(rb.column(column), fraction) if column is not None
+                        else keep_mask(group, done, n, fraction, salt="holdout:"))   # no requests: rows
+                drop = held != validation_side
                 if drop.any():
                     acc.rows_read += int(drop.sum())
                     acc.held_out += int(drop.sum())

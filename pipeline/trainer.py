@@ -103,8 +103,9 @@ class TrainConfig(StrictConfig):
     validation_days: int = Field(default=0, ge=0, description="the newest N days of the training window are held "
                                  "out and evaluated after every epoch (per-task loss and AUC); 0 = none")
     validation_fraction: float = Field(default=0.0, ge=0.0, lt=0.5, description="instead of whole days: this "
-                                       "share of the window's requests (a stable hash of the spec's request_id) is "
-                                       "held out for validation; for windows of few days")
+                                       "share of the window's requests (a stable hash of the spec's request_id; of "
+                                       "each row's file and position when the spec has no request_id) is held out "
+                                       "for validation; for windows of few days")
     validate_every_steps: int = Field(default=0, ge=0, description="also run the epoch-end validation (per-task "
                                       "loss and AUC on the held-out rows) every N global steps inside an epoch: "
                                       "history validation_steps, the report's loss curves and MLflow val_loss.* / "

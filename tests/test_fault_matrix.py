@@ -90,9 +90,10 @@ def test_kill_9_in_a_daily_then_rerun(pristine, tmp_path, stage):
     assert v.tags["promotion.decision"] in ("promoted", "rejected")
     assert champion(base) == (str(v.version) if v.tags["promotion.decision"] == "promoted" else "1")
     assert_complete(run_dir)
-    r = run(base, "daily", "--config", "job.yaml", "--date", D2)      # and once more: nothing changes
-    assert r.returncode == 0 and f"reusing {NAME} v{v.version}" in r.stdout
-    assert len(date_versions(base, D2)) == 1
+    if stage == "promotion":   # and once more: nothing changes (the other stages end in the same state)
+        r = run(base, "daily", "--config", "job.yaml", "--date", D2)
+        assert r.returncode == 0 and f"reusing {NAME} v{v.version}" in r.stdout
+        assert len(date_versions(base, D2)) == 1
 
 
 def test_kill_9_while_scoring_writes_leaves_no_partial_list(pristine, tmp_path):

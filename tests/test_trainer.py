@@ -38,6 +38,14 @@ def setup(logs):
     return spec, train, stats, Featurizer(spec, stats)
 
 
+@pytest.fixture(scope="module")
+def one_day(setup):
+    """The first day alone (30k rows), same spec and statistics: for properties that do not need the
+    whole window (determinism, resume, bf16 loss parity, early stopping's bookkeeping)."""
+    spec, _, stats, fz = setup
+    return spec, open_window(setup[1].root, spec, START, START), stats, fz
+
+
 def reader(setup, cfg, **kw):
     spec, train, _, fz = setup
     return ImpressionReader(train, spec, fz, batch_size=cfg.batch_size, shuffle=cfg.shuffle,
@@ -81,7 +89,8 @@ def test_training_beats_constant_predictor_on_every_task(setup, logs, esmm):
 
 
 @pytest.mark.slow
-def test_same_seed_same_weights(setup):
+def test_same_seed_same_weights(one_day):
+    setup = one_day
     cfg = TrainConfig(batch_size=2048, shuffle_buffer=8192, seed=5)
     a, _, _ = train(setup, cfg)
     b, _, _ = train(setup, cfg)
@@ -97,15 +106,17 @@ class Interrupt(Exception):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cache_mode", [None, "memory", "disk"])
-def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, cache_mode):
+def test_resume_equals_uninterrupted(one_day, tmp_path, monkeypatch, cache_mode):
     """Bit-exact, also when the epochs come from the feature cache: the resumed run refills it (memory)
     or finds the interrupted run's chunks (disk) and draws the same batches."""
     from mtrank.pipeline.feature_cache import FeatureCache
 
+    setup = one_day
+
     cache = None if cache_mode is None else (
         lambda: FeatureCache(cache_mode, 1 if cache_mode == "disk" else 1 << 30, tmp_path / "fc"))
-    cfg = TrainConfig(epochs=2, batch_size=2048, shuffle_buffer=8192, checkpoint_every=7,
-                      loss_weighting="uncertainty", seed=11)
+    cfg = TrainConfig(epochs=2, batch_size=1024, shuffle_buffer=8192, checkpoint_every=7,
+                      loss_weighting="uncertainty", seed=11)   # 30 steps an epoch
     full, _, full_result = train(setup, cfg, cache=cache)
     steps = full_result.global_step
 
@@ -134,7 +145,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path, monkeypatch, cache_mode):
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_config(setup, tmp_path):
+def test_resume_refuses_another_config(one_day, tmp_path):
+    setup = one_day
     store = CheckpointStore(tmp_path / "ck")
     train(setup, TrainConfig(batch_size=4096, seed=1), store=store)
     with pytest.raises(ResumeMismatchError):
@@ -195,7 +207,8 @@ def test_train_config_is_strict():
 
 
 @pytest.mark.skipif(not bf16_supported(), reason="CPU without avx512_bf16/AMX")
-def test_bf16_trains_like_fp32(setup):
+def test_bf16_trains_like_fp32(one_day):
+    setup = one_day
     cfg = TrainConfig(batch_size=2048, shuffle_buffer=8192)
     _, _, r32 = train(setup, cfg)
     _, _, r16 = train(setup, cfg.model_copy(update={"precision": "bf16"}))

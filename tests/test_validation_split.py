@@ -46,6 +46,29 @@ def test_the_two_sides_partition_the_window_by_request(logs, spec):
     assert (val.group_by(spec.request_id).len()["len"] == 5).all()   # whole requests
 
 
+def test_without_a_request_id_rows_split_by_position_stably(logs, spec):
+    """Tabular data (a spec with request_id: null): rows, not requests, on each side; the same rows on
+    every pass; both sides partition the window and the accounting balances."""
+    window = open_window(logs, spec)
+    sides = {}
+    for validation in (False, True):
+        passes = []
+        for _ in range(2):
+            r = ImpressionReader(window, spec, progress=False, extra_columns=(spec.request_id,),
+                                 holdout=(None, 0.25, validation))
+            passes.append(pl.concat([pl.from_arrow(rb) for rb in r.frames()]))
+            assert r.accounting.balanced and r.accounting.rows_accepted + r.accounting.held_out == 1200
+        assert passes[0].equals(passes[1])
+        sides[validation] = passes[0]
+    assert sides[False].height + sides[True].height == 1200 and 0.18 < sides[True].height / 1200 < 0.32
+    key = [spec.request_id, "user_id", "item_id", "position"]
+    assert sides[False].select(key).unique().height == sides[False].height                # a row key
+    assert sides[False].select(key).join(sides[True].select(key), on=key).height == 0   # disjoint rows
+    split = pl.concat([sides[False].select(key).with_columns(v=False), sides[True].select(key).with_columns(v=True)])
+    mixed = split.group_by(spec.request_id).agg(pl.col("v").n_unique() == 2)["v"].sum()
+    assert mixed > 0                                       # rows, not whole requests: requests are split
+
+
 def test_the_split_is_stable_and_nulls_train():
     ids = pa.array(["x1", "x2", None, "x3"] * 1000)
     a, b = validation_requests(ids, 0.3), validation_requests(ids, 0.3)

@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one seed")
     ap.add_argument("--real", default="", help="comma-separated real data sets of bench/real_bench.py")
     ap.add_argument("--no-demo", action="store_true")
+    ap.add_argument("--results", default="calibration", help="results file stem under bench/results")
     ap.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated subset of: " + "; ".join(VARIANTS),
                     type=lambda v: ["none", *[x for x in VARIANTS if x != "none" and x in map(str.strip, v.split(";"))]])
     a = ap.parse_args()
@@ -143,7 +144,7 @@ def main() -> None:
         md += table(name, f"{ds.note}; spec from `init-spec` with ids; real_bench's model and training; median "
                     f"(min–max) over seeds 0..{a.seeds - 1}", runs)
     md.insert(1, f"machine: {machine()}; load average {min(loads):.2f}–{max(loads):.2f}\n")
-    write_results("calibration", {"machine": machine(), "runs": raw, "loads": loads}, "\n".join(md) + "\n")
+    write_results(a.results, {"machine": machine(), "runs": raw, "loads": loads}, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

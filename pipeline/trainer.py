@@ -53,8 +53,12 @@ class EarlyStopping(StrictConfig):
     # Why: a best point inside an epoch would need its weights kept at that step, and a resume that
     # restores them (and the objective's best so far) exactly; the epoch ends' are in the checkpoints.
 
-    patience: int = Field(default=2, ge=1, description="epochs without a lower validation objective (the "
-                          "task-weighted sum of validation losses) before training stops")
+    patience: int = Field(default=2, ge=1, description="epochs without a better validation objective before "
+                          "training stops")
+    objective: Literal["loss", "auc"] = Field(
+        default="loss", description="loss: the task-weighted sum of validation losses (lower is better); auc: the "
+        "task-weighted mean AUC of the binary tasks (higher is better; where ranking is what counts and the loss "
+        "still wavers, calibration fixes the level afterwards); auc without a binary task falls back to loss")
 
 
 class TrainConfig(StrictConfig):
@@ -459,7 +463,7 @@ class Trainer:
         accounting = RowAccounting()
         self.model.train()
         es = self.cfg.early_stopping
-        if es is not None and history and _early_stop(history, self.spec, es.patience)[1]:
+        if es is not None and history and _early_stop(history, self.spec, es)[1]:
             start_epoch = self.cfg.epochs   # it had stopped early before the interruption: nothing left to train
         for epoch in range(start_epoch, self.cfg.epochs):
             stats = current if current is not None and epoch == start_epoch else EpochStats(epoch)
@@ -517,7 +521,7 @@ class Trainer:
             skip, current = 0, None
             stop = False
             if self.cfg.early_stopping is not None:
-                best, stop = self.dist.broadcast(_early_stop(history, self.spec, self.cfg.early_stopping.patience)
+                best, stop = self.dist.broadcast(_early_stop(history, self.spec, self.cfg.early_stopping)
                                                  if self.dist.is_main else None)
                 record["best_epoch"] = best
                 if best == epoch:
@@ -530,7 +534,7 @@ class Trainer:
                 break
         best_epoch, stopped = None, False
         if es is not None and history:
-            best_epoch, stopped = self.dist.broadcast(_early_stop(history, self.spec, es.patience)
+            best_epoch, stopped = self.dist.broadcast(_early_stop(history, self.spec, es)
                                                       if self.dist.is_main else None)
             stopped = stopped and len(history) < self.cfg.epochs
             if best_epoch != history[-1]["epoch"]:
@@ -588,19 +592,31 @@ class Trainer:
                                       f"({self.BEST} missing); retrain without --resume")
         self.model.load_state_dict(best)
         if self.dist.is_main:
-            log.info("the model is epoch %d's weights (lowest validation objective)", epoch + 1)
+            log.info("the model is epoch %d's weights (best validation objective)", epoch + 1)
 
 
-def _early_stop(history: list[dict], spec: FeatureSpec, patience: int) -> tuple[int, bool]:
-    """(best epoch, stop now): the lowest task-weighted sum of validation losses so far, and whether
-    `patience` epochs have passed without a lower one."""
+def _early_stop(history: list[dict], spec: FeatureSpec, es: EarlyStopping) -> tuple[int, bool]:
+    """(best epoch, stop now): the best validation objective so far (`es.objective`), and whether
+    `patience` epochs have passed without a better one."""
     weights = {t.name: t.weight for t in spec.tasks}
-    scored = [(sum(weights.get(t, 1.0) * v for t, v in e["validation"]["loss"].items()), e["epoch"])
-              for e in history if e.get("validation")]
+    binary = [t.name for t in spec.tasks if t.type == "binary"]
+    scored = []
+    for e in history:
+        v = e.get("validation")
+        if not v:
+            continue
+        aucs = {t: v.get("auc", {}).get(t) for t in binary}
+        aucs = {t: a for t, a in aucs.items() if a is not None}
+        if es.objective == "auc" and aucs:
+            total = sum(weights.get(t, 1.0) for t in aucs)
+            score = -sum(weights.get(t, 1.0) * a for t, a in aucs.items()) / max(total, 1e-12)
+        else:
+            score = sum(weights.get(t, 1.0) * x for t, x in v["loss"].items())
+        scored.append((score, e["epoch"]))
     if not scored:
         return history[-1]["epoch"], False
     best = min(scored)[1]
-    return best, scored[-1][1] - best >= patience
+    return best, scored[-1][1] - best >= es.patience
 
 
 def _warn_if_overfitting(history: list[dict]) -> None:

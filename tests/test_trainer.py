@@ -259,3 +259,21 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch(setup, tmp
 def test_early_stopping_needs_validation_days():
     with pytest.raises(ValueError, match="validation_days"):
         TrainConfig(early_stopping={"patience": 1})
+
+
+def test_early_stopping_objective_auc_follows_ranking_where_the_loss_wavers(setup):
+    """Validation AUC still rising while the summed loss already bottomed out (Adult, 2026-11-30):
+    `objective: auc` keeps training and picks the best-ranking epoch; `loss` stops at the loss's
+    minimum. Without a binary task's AUC the auc objective falls back to the loss."""
+    from mtrank.pipeline.trainer import EarlyStopping, _early_stop
+
+    spec = setup[0]
+    binary = [t.name for t in spec.tasks if t.type == "binary"]
+    losses = [0.50, 0.45, 0.46, 0.47, 0.48]
+    aucs = [0.70, 0.72, 0.73, 0.74, 0.745]
+    history = [{"epoch": i, "validation": {"loss": {t: v for t in binary}, "auc": {t: a for t in binary}}}
+               for i, (v, a) in enumerate(zip(losses, aucs))]
+    assert _early_stop(history, spec, EarlyStopping(patience=2)) == (1, True)
+    assert _early_stop(history, spec, EarlyStopping(patience=2, objective="auc")) == (4, False)
+    no_auc = [{**e, "validation": {"loss": e["validation"]["loss"]}} for e in history]
+    assert _early_stop(no_auc, spec, EarlyStopping(patience=2, objective="auc")) == (1, True)

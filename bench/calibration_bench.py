@@ -88,7 +88,7 @@ def table(title: str, note: str, runs: dict[str, list[dict]]) -> list[str]:
     figs = list(runs["none"][0])
     variants = [v for v in runs if v != "none"]
     md = [f"### {title}\n", note + "\n",
-          "| figure | PCOC, no calibration | " + " | ".join(f"PCOC before / after Platt ({v[7:]})" for v in variants)
+          "| figure | PCOC, no calibration | " + " | ".join(f"PCOC before / after Platt ({v.removeprefix('platt').lstrip(', ')})" for v in variants)
           + " | AUC, no calibration |", "|---|---|" + "---|" * len(variants) + "---|"]
     for f in figs:
         md.append(f"| {f} | {cell('none', f, 'pcoc')} | " + " | ".join(

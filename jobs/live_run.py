@@ -164,6 +164,10 @@ class LiveRun(TrainingEvents):
     def on_epoch(self, record: dict) -> None:
         self._log(epoch_metrics(record), record["step"])
 
+    def on_validation(self, point: dict) -> None:
+        """A `validate_every_steps` point: the epoch ends' val_loss.* / val_auc.* at its step (one curve)."""
+        self._log(epoch_metrics({"loss": {}, "step": point["step"], "validation": point["validation"]}), point["step"])
+
     def stop_monitor(self) -> None:
         if self._monitor is not None:
             try:

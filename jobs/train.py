@@ -29,7 +29,7 @@ from mtrank.pipeline.distributed import SINGLE, Dist
 from mtrank.pipeline.feature_cache import FeatureCache
 from mtrank.pipeline.evaluate import degenerate_outputs, merge_predictions, predict, task_curves, task_metrics
 from mtrank.pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, open_parquet, skipped_files
-from mtrank.pipeline.trainer import DivergedError, TrainingEvents, TrainResult, Trainer, build_model
+from mtrank.pipeline.trainer import DivergedError, TrainResult, Trainer, build_model
 
 log = logging.getLogger("mtrank.train")
 
@@ -245,7 +245,7 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
 
     t0 = time.perf_counter()
     result = trainer.fit(reader, resume=resume, progress=progress,
-                         events=_StepValidationEvents(live) if tc.validate_every_steps else live,
+                         events=live,
                          validate=validate if val_window is not None else None)
     train_s = time.perf_counter() - t0
     optimizer = trainer.optimizer_state()
@@ -301,23 +301,6 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                     "written as null", date, ", ".join(undefined))
     write_atomic(out / "metrics.json", strict_json({"tasks": metrics, **summary}))
     return TrainOutcome(out, result, metrics, summary)
-
-
-class _StepValidationEvents(TrainingEvents):
-    """The live run's events, plus the points of `train.validate_every_steps` logged as the epoch
-    ends' validation figures are (val_loss.* / val_auc.* at their step: one curve per figure)."""
-
-    def __init__(self, live: LiveRun):
-        self.live = live
-
-    def on_steps(self, point: dict) -> None:
-        self.live.on_steps(point)
-
-    def on_epoch(self, record: dict) -> None:
-        self.live.on_epoch(record)
-
-    def on_validation(self, point: dict) -> None:
-        self.live.on_epoch({"loss": {}, "step": point["step"], "validation": point["validation"]})
 
 
 def _history(live: LiveRun, result: TrainResult) -> dict:

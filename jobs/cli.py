@@ -8,7 +8,7 @@ import sys
 
 from mtrank.features.base import MtrankError
 from mtrank.features.spec import SpecError, load_spec
-from mtrank.pipeline.distributed import PeerFailed
+from mtrank.pipeline.ranks import PeerFailed
 
 log = logging.getLogger("mtrank")
 
@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rank_tag() -> str:
-    from mtrank.pipeline.distributed import from_env
+    from mtrank.pipeline.ranks import from_env
 
     d = from_env()
     return f" [rank {d.rank}/{d.world_size}]" if d.enabled else ""
@@ -523,7 +523,7 @@ def _rank_tag() -> str:
 
 def _logging(verbose: bool) -> None:
     """Under torchrun every rank logs with its rank in the line; ranks other than 0 only warnings."""
-    from mtrank.pipeline.distributed import from_env
+    from mtrank.pipeline.ranks import from_env
 
     d = from_env()
     level = logging.DEBUG if verbose else logging.INFO if d.is_main else logging.WARNING

@@ -19,9 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import logging
-import os
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterable, Iterator, TypeVar
 
 import torch
@@ -29,64 +27,10 @@ import torch.distributed as tdist
 from torch import nn
 
 from mtrank.pipeline.optim import coalesce
+from mtrank.pipeline.ranks import SINGLE, Dist, PeerFailed, from_env, under_torchrun  # noqa: F401  (re-exported)
 
 log = logging.getLogger("mtrank.dist")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in the job; the default is a single process (no collectives at all)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the only one that writes checkpoints and outputs and talks to MLflow."""
-        return self.rank == 0
-
-    def __str__(self) -> str:
-        return f"rank {self.rank} of {self.world_size}"
-
-    # -- collectives (no-ops for a single process) ---------------------------------------
-    def all_gather(self, obj: T) -> list[T]:
-        """Every rank's `obj`, in rank order (picklable objects: accounting, stats, predictions)."""
-        if not self.enabled:
-            return [obj]
-        out: list = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
-        return out
-
-    def gather(self, obj: T) -> list[T] | None:
-        """Every rank's `obj` in rank order on rank 0 (None elsewhere): large results, e.g. predictions."""
-        if not self.enabled:
-            return [obj]
-        out: list | None = [None] * self.world_size if self.is_main else None
-        tdist.gather_object(obj, out, dst=0)
-        return out
-
-    def broadcast(self, obj: T) -> T:
-        """Rank 0's `obj` on every rank."""
-        if not self.enabled:
-            return obj
-        box = [obj if self.is_main else None]
-        tdist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def active_ranks(self, has_batch: bool) -> int:
-        flag = torch.tensor([int(has_batch)], dtype=torch.int64)
-        if self.enabled:
-            tdist.all_reduce(flag)
-        return int(flag.item())
-
-
-SINGLE = Dist()
 
 
 def resolve_device(want: str, d: Dist = SINGLE) -> torch.device:
@@ -100,22 +44,6 @@ def resolve_device(want: str, d: Dist = SINGLE) -> torch.device:
         raise ValueError(f"{d}: local rank {d.local_rank} has no GPU of its own "
                          f"({torch.cuda.device_count()} visible); start at most that many ranks per node")
     return torch.device("cuda", d.local_rank)
-
-
-class PeerFailed(RuntimeError):
-    """This rank's collective failed because another rank died; that rank reports the cause."""
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-def under_torchrun() -> bool:
-    return all(v in os.environ for v in TORCHRUN_VARS)
-
-
-def from_env() -> Dist:
-    """The rank torchrun (or any launcher setting RANK / WORLD_SIZE / LOCAL_RANK) gave this process."""
-    if not under_torchrun():
-        return SINGLE
-    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
 
 def backend() -> str:

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from filelock import FileLock
 
 from mtrank.features.spec import load_spec
 
@@ -158,19 +160,42 @@ def other_names_spec():
 RANKER_DATE = "2026-11-03"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under `-n 2 --dist loadgroup` a module marked `xdist_group` runs whole on one worker, so its
+    module-scoped fixture (a trained job, a server) is built once instead of once per worker. Those
+    modules and the other slow tests are handed out first, the short tests fill in at the end: the
+    two workers then finish close together instead of one waiting on a long module started last."""
+    def rank(item):
+        return 0 if item.get_closest_marker("xdist_group") else 1 if item.get_closest_marker("slow") else 2
+    items.sort(key=rank)   # stable: a module's tests keep their order
+
+
+def shared_dir(tmp_path_factory, worker_id: str, name: str) -> Path:
+    """A folder every xdist worker of this run sees (the workers' base temp folders share a parent)."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if worker_id != "master" else root) / name
+
+
 @pytest.fixture(scope="session")
-def ranker(tmp_path_factory):
-    """One trained and registered ranker shared by the job tests (built once per test worker):
+def ranker(tmp_path_factory, worker_id):
+    """One trained and registered ranker shared by the job tests (built once per run, under a file
+    lock, whichever worker asks first):
     4 days of generated logs (2026-11-01 .. 04), the small default spec, a job `ranker` whose score
     section is the demo's formula and tuning objective, and `mtrank daily` for 2026-11-03 in a sqlite
     store under work/ (v1, champion). Treat it as read-only: a test that changes the registry or the
     files works on a copy (`shutil.copytree`) or writes its own job config pointing here."""
-    base = tmp_path_factory.mktemp("ranker")
-    cli_generate(base / "logs", days=4, rows=20_000, seed=5, users=2000, items=800)
-    small_spec(base / "spec.yaml")
-    demo = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "default_job.yaml").read_text())["score"]
-    write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
-              score={"fusion": demo["fusion"], "tune": demo["tune"]})
-    r = cli_daily(base, "job.yaml", RANKER_DATE)
-    assert r.returncode == 0, r.stderr
+    base = shared_dir(tmp_path_factory, worker_id, "ranker")
+    with FileLock(f"{base}.lock"):
+        if (base / ".built").exists():
+            return base
+        shutil.rmtree(base, ignore_errors=True)   # what a worker that failed here left
+        base.mkdir()
+        cli_generate(base / "logs", days=4, rows=20_000, seed=5, users=2000, items=800)
+        small_spec(base / "spec.yaml")
+        demo = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "default_job.yaml").read_text())["score"]
+        write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
+                  score={"fusion": demo["fusion"], "tune": demo["tune"]})
+        r = cli_daily(base, "job.yaml", RANKER_DATE)
+        assert r.returncode == 0, r.stderr
+        (base / ".built").touch()
     return base

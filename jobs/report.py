@@ -1,4 +1,4 @@
-"""The offline evaluation report: one self-contained HTML file (plots embedded) + metrics.json.
+"""The offline evaluation report: one self-contained HTML file (plots as inline SVG) + metrics.json.
 
 Every figure is on its task's population (tasks on all rows and entire-space products over all
 impressions, tasks with a `space` over that task's positives), with the population size beside it and the oracle figure
@@ -7,24 +7,20 @@ With a baseline (`mtrank evaluate --baseline`, or the champion once the promotio
 both on the same rows) the two models are shown side by side: deltas coloured by which way is
 better, the baseline's ROC and reliability curves in each task's panel. Plots are small multiples,
 one panel per task; with the trainer's history, train / validation loss per task too (validation
-at the epoch ends, and every N steps with train.validate_every_steps).
+at the epoch ends, and every N steps with train.validate_every_steps). The plots are hand-written
+SVG (`jobs/svg_plot.py`): a plotting library cost seconds per report in every daily run.
 """
 from __future__ import annotations
 
-import base64
-import math
 import html
-import io
 import json
+import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mtrank.pipeline.checkpoint import make_dirs, write_atomic_all  # noqa: E402
+from mtrank.jobs.svg_plot import Panel, figure, viridis
+from mtrank.pipeline.checkpoint import make_dirs, write_atomic_all
 
 BINARY_COLS = [("rows", "rows", "{:,}"), ("positives", "positives", "{:,}"), ("auc", "AUC", "{:.4f}"),
                ("oracle_auc", "oracle AUC", "{:.4f}"), ("gauc", "GAUC", "{:.4f}"),
@@ -58,13 +54,6 @@ def undefined_figures(metrics: dict) -> list[str]:
     """`task.metric` of every figure that is undefined on this day (e.g. AUC without positives)."""
     return [f"{task}.{k}" for task, m in metrics.items() for k, v in m.items()
             if isinstance(v, float) and not math.isfinite(v)]
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _fmt(fmt: str, v) -> str:
@@ -144,91 +133,64 @@ def metrics_table(metrics: dict, baseline: dict | None = None, baseline_label: s
     return "\n".join(rows)
 
 
-def _grid(n: int, cols: int = 4, w: float = 3.2, h: float = 3.0):
-    """Small multiples: one panel per task, so no task's curve hides another's."""
-    cols = max(1, min(cols, n))
-    rows = max(1, (n + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    return fig, list(axes.flat)[:n]
-
-
-MODEL_STYLE = {"color": "C0", "lw": 1.4}
-BASE_STYLE = {"color": "C1", "lw": 1.2, "ls": "--"}
-RAW_STYLE = {"color": "0.55", "lw": 1.0, "ls": ":"}
-
-
 def _auc_label(label: str, m: dict | None) -> str:
     a = _num((m or {}).get("auc"))
     return f"{label} (AUC {a:.4f})" if math.isfinite(a) else label
 
 
 def roc_figure(curves: dict, baseline_curves: dict | None = None, metrics: dict | None = None,
-               baseline_metrics: dict | None = None, labels: tuple[str, str] = ("model", "baseline")):
-    """ROC per task, the baseline's curve in the same panel; returns the figure (see `_png`)."""
-    fig, axes = _grid(len(curves))
-    for ax, (name, c) in zip(axes, curves.items()):
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        if c["roc"]["fpr"]:
-            ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], label=_auc_label(labels[0], (metrics or {}).get(name)),
-                    **MODEL_STYLE)
+               baseline_metrics: dict | None = None, labels: tuple[str, str] = ("model", "baseline")) -> str:
+    """ROC per task, the baseline's curve in the same panel; an <svg> element."""
+    panels = []
+    for name, c in curves.items():
+        p = Panel(name, "false positive rate", "true positive rate", xlim=(0, 1), ylim=(0, 1), legend="lower right")
+        p.line([0, 1], [0, 1], "reference")
+        p.line(c["roc"]["fpr"], c["roc"]["tpr"], "model", _auc_label(labels[0], (metrics or {}).get(name)))
         b = (baseline_curves or {}).get(name)
-        if b and b["roc"]["fpr"]:
-            ax.plot(b["roc"]["fpr"], b["roc"]["tpr"], label=_auc_label(labels[1], (baseline_metrics or {}).get(name)),
-                    **BASE_STYLE)
-        ax.set(title=name, xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("ROC (each on its population)")
-    fig.tight_layout()
-    return fig
+        if b:
+            p.line(b["roc"]["fpr"], b["roc"]["tpr"], "baseline",
+                   _auc_label(labels[1], (baseline_metrics or {}).get(name)))
+        panels.append(p)
+    return figure("ROC (each on its population)", panels)
 
 
 def reliability_figure(curves: dict, baseline_curves: dict | None = None,
-                       labels: tuple[str, str] = ("model", "baseline")):
+                       labels: tuple[str, str] = ("model", "baseline")) -> str:
     """Reliability per task on equal-count bins, the baseline's beside the model's."""
-    fig, axes = _grid(len(curves))
-    for ax, (name, c) in zip(axes, curves.items()):
+    panels = []
+    for name, c in curves.items():
         b = (baseline_curves or {}).get(name)
-        cals = [(c["calibration"], labels[0], MODEL_STYLE, "o")]
+        cals = [(c["calibration"], labels[0], "model", "o")]
         if c.get("calibration_uncalibrated"):   # a calibrated model: its curve before the Platt layer
-            cals.append((c["calibration_uncalibrated"], f"{labels[0]} before calibration", RAW_STYLE, "^"))
+            cals.append((c["calibration_uncalibrated"], f"{labels[0]} before calibration", "raw", "^"))
         if b:
-            cals.append((b["calibration"], labels[1], BASE_STYLE, "s"))
-        hi = max([v for cal, *_ in cals for v in cal["mean_pred"] + cal["observed"] if v is not None] + [1e-6])
-        ax.plot([0, hi], [0, hi], "k:", lw=0.8)
-        for cal, label, style, marker in cals:
-            if cal["mean_pred"]:
-                ax.plot(cal["mean_pred"], cal["observed"], marker=marker, ms=3, label=label, **style)
-        ax.set(title=name, xlabel="mean prediction", ylabel="observed rate")
-        if len(cals) > 1:
-            ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Reliability (equal-count bins)")
-    fig.tight_layout()
-    return fig
+            cals.append((b["calibration"], labels[1], "baseline", "s"))
+        hi = max([v for cal, *_ in cals for v in map(_num, cal["mean_pred"] + cal["observed"]) if math.isfinite(v)]
+                 + [1e-6])
+        p = Panel(name, "mean prediction", "observed rate", legend="upper left")
+        p.line([0, hi], [0, hi], "reference")
+        for cal, label, role, marker in cals:   # a legend only to tell several curves apart
+            p.line(cal["mean_pred"], cal["observed"], role, label if len(cals) > 1 else None, marker)
+        panels.append(p)
+    return figure("Reliability (equal-count bins)", panels)
 
 
-def histogram_figure(curves: dict):
+def histogram_figure(curves: dict) -> str:
     """Prediction histogram per task, positives against negatives, each as a share of its class
     (positives are rare: raw counts would flatten them); separation is what AUC measures."""
-    fig, axes = _grid(len(curves))
-    for ax, (name, c) in zip(axes, curves.items()):
+    panels = []
+    for name, c in curves.items():
         h = c["histogram"]
-        edges = np.asarray(h["edges"], np.float64)
-        parts = ([("negatives", h["negatives"], "C0"), ("positives", h["positives"], "C3")]
-                 if "positives" in h else [("all rows", h["counts"], "C0")])
-        for label, counts, colour in parts:
+        parts = ([("negatives", h["negatives"], "model"), ("positives", h["positives"], "alt")]
+                 if "positives" in h else [("all rows", h["counts"], "model")])
+        p = Panel(name, "predicted probability", "share of the class's rows")
+        for label, counts, role in parts:
             counts = np.asarray(counts, np.float64)
-            total = counts.sum()
+            total = counts[np.isfinite(counts)].sum()
             if total:
-                ax.stairs(counts / total, edges, label=f"{label} ({int(total):,})", color=colour, lw=1.2)
-        ax.set(title=name, xlabel="predicted probability", ylabel="share of the class's rows")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle("Prediction histograms")
-    fig.tight_layout()
-    return fig
+                p.stairs(counts / total, h["edges"], role, f"{label} ({int(total):,})", cls=label.split()[0])
+        panels.append(p)
+    return figure("Prediction histograms", panels)
 
 
 # train points every log_every_steps; validation at the epoch ends; validation every validate_every_steps
@@ -266,7 +228,7 @@ def _in_step_order(*parts: list) -> list[dict]:
     return sorted(entries, key=lambda e: _num(e.get("step")) if math.isfinite(_num(e.get("step"))) else math.inf)
 
 
-def loss_figure(history: dict | None):
+def loss_figure(history: dict | None) -> str | None:
     """Train loss (running mean) against step with the validation loss at its step, one panel
     per task; None without a history. With validation points inside the epochs
     (train.validate_every_steps) the validation curve is a line through all of them, the epoch
@@ -276,23 +238,16 @@ def loss_figure(history: dict | None):
     tasks = _history_tasks(history)
     train, val = history.get("train") or [], history.get("validation") or []
     steps = history.get("validation_steps") or []
-    fig, axes = _grid(len(tasks))
-    for ax, task in zip(axes, tasks):
-        x, y = _series(train, task)
-        if x.size:
-            ax.plot(x, y, label="train (running mean)", **MODEL_STYLE)
-        x, y = _series(_in_step_order(val, steps), task)
-        if steps and x.size:
-            ax.plot(x, y, ".-", color="C3", lw=1.0, ms=3, label="validation")
-        x, y = _series(val, task)
-        if x.size:
-            ax.plot(x, y, "D", color="C3", ms=5, label="validation, epoch end" if steps else "validation")
-        ax.set(title=task, xlabel="step", ylabel="loss")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle("Training and validation loss")
-    fig.tight_layout()
-    return fig
+    panels = []
+    for task in tasks:
+        p = Panel(task, "step", "loss")
+        p.line(*_series(train, task), "model", "train (running mean)", cls="train")
+        if steps:
+            p.line(*_series(_in_step_order(val, steps), task), "alt", "validation", ".", cls="validation")
+        p.line(*_series(val, task), "alt", "validation, epoch end" if steps else "validation", "D", join=False,
+               cls="epoch-end")
+        panels.append(p)
+    return figure("Training and validation loss", panels)
 
 
 def validation_table(history: dict | None) -> str:
@@ -317,28 +272,33 @@ def validation_table(history: dict | None) -> str:
             "</table>")
 
 
-def gates_figure(gates: dict[str, list[float]]):
+def gates_figure(gates: dict[str, list[float]]) -> str | None:
+    """Mean gate weight per task (row) and expert (column), the value written in each cell, beside
+    a colour scale from 0 to the largest weight; None without gates."""
     if not gates:
         return None
-    tasks = list(gates)
-    mat = np.array([gates[t] for t in tasks])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * mat.shape[1], 0.6 + 0.45 * len(tasks)))
-    im = ax.imshow(mat, cmap="viridis", aspect="auto", vmin=0)
-    ax.set_yticks(range(len(tasks)), tasks)
-    ax.set_xticks(range(mat.shape[1]), [f"e{i}" for i in range(mat.shape[1])])
-    for i in range(mat.shape[0]):
-        for j in range(mat.shape[1]):
-            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="w" if mat[i, j] < mat.max() / 2 else "k")
-    ax.set_title("Mean gate weight per task and expert")
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    return fig
+    rows = [[_num(v) for v in gates[t]] for t in gates]
+    n = max(map(len, rows))
+    top = max([v for r in rows for v in r if math.isfinite(v)] + [0.0]) or 1.0
+    size = (44 * n, 24 * len(rows))
+    heat = Panel("", "expert", "", xlim=(-0.5, n - 0.5), ylim=(len(rows) - 0.5, -0.5),
+                 xticks=[(j, f"e{j}") for j in range(n)], yticks=list(enumerate(gates)), size=size)
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r):
+            finite = math.isfinite(v)
+            heat.box(j - 0.5, i - 0.5, j + 0.5, i + 0.5, viridis(v / top) if finite else "none",
+                     f"{v:.2f}" if finite else "–", "#fff" if finite and v < top / 2 else "#000")
+    scale = Panel("", xlim=(0, 1), ylim=(0, top), xticks=[], size=(12, size[1]))
+    for k in range(32):
+        scale.box(0, top * k / 32, 1, top * (k + 1) / 32, viridis((k + 0.5) / 32))
+    return figure("Mean gate weight per task and expert", [heat, scale], cols=2)
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 7px;text-align:right;font-size:13px}th{background:#f3f3f3}
 tr.base td{color:#666}tr.delta td{color:#036;font-style:italic}tr.delta td.better{color:#1a7f37;font-weight:bold}
-tr.delta td.worse{color:#cf222e;font-weight:bold}img{max-width:100%}code{background:#f3f3f3}"""
+tr.delta td.worse{color:#cf222e;font-weight:bold}figure{margin:1em 0}svg{max-width:100%;height:auto}
+code{background:#f3f3f3}"""
 
 
 def render(title: str, meta: dict, metrics: dict, curves: dict, gates: dict | None,
@@ -359,16 +319,16 @@ def render(title: str, meta: dict, metrics: dict, curves: dict, gates: dict | No
              + "</p>"]
     if curves:
         base = baseline_curves if baseline_curves else None
-        parts += ["<h2>ROC</h2>", f"<img src='{_png(roc_figure(curves, base, metrics, baseline, labels))}'>",
-                  "<h2>Calibration</h2>", f"<img src='{_png(reliability_figure(curves, base, labels))}'>",
-                  "<h2>Predictions</h2>", f"<img src='{_png(histogram_figure(curves))}'>"]
+        parts += ["<h2>ROC</h2>", f"<figure>{roc_figure(curves, base, metrics, baseline, labels)}</figure>",
+                  "<h2>Calibration</h2>", f"<figure>{reliability_figure(curves, base, labels)}</figure>",
+                  "<h2>Predictions</h2>", f"<figure>{histogram_figure(curves)}</figure>"]
     loss = loss_figure(history)
     if loss is not None:
-        parts += ["<h2 id=loss>Training and validation loss</h2>", f"<img src='{_png(loss)}'>",
+        parts += ["<h2 id=loss>Training and validation loss</h2>", f"<figure>{loss}</figure>",
                   validation_table(history)]
     g = gates_figure(gates or {})
     if g is not None:
-        parts += ["<h2>Expert utilisation</h2>", f"<img src='{_png(g)}'>"]
+        parts += ["<h2>Expert utilisation</h2>", f"<figure>{g}</figure>"]
     if gate is not None:
         parts.append(gate_section(gate))
     parts.append("</body></html>")

@@ -1,19 +1,22 @@
 """The offline report on real metrics: two models' predictions of one synthetic day go through the
 real `task_metrics` / `task_curves` (a spec whose task names are nobody's default), and the
 written HTML / metrics.json are read back: AUC intervals, the baseline in the plots, coloured
-deltas, one histogram panel per task, the loss curves, the champion comparison with its gate."""
+deltas, one histogram panel per task, the loss curves, the champion comparison with its gate.
+The plots are inline SVG, read back as XML: panels, legends, curves and their points."""
 import json
+import math
+import re
 import subprocess
+import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from mtrank.jobs.config import PromoteConfig
 from mtrank.jobs.promote import compare
-from mtrank.jobs.report import (GATE_START, add_gate, compare_report, delta_class, histogram_figure, loss_figure,
-                                reliability_figure, roc_figure, write_report)
+from mtrank.jobs.report import (GATE_START, add_gate, compare_report, delta_class, gates_figure, histogram_figure,
+                                loss_figure, reliability_figure, roc_figure, write_report)
 from mtrank.pipeline.evaluate import Predictions, binary_sets, task_curves, task_metrics
 from tests.conftest import MTRANK, RANKER_DATE, other_names_spec
 
@@ -58,11 +61,14 @@ def history(validation: bool = True) -> dict:
 
 
 class Page(HTMLParser):
-    """Tables as rows of (class, [(cell text, cell class)]), headers as lists; images; h2 titles."""
+    """Tables as rows of (class, [(cell text, cell class)]), headers as lists; h2 titles; the figures'
+    inline <svg> elements (each one inside a <figure>), and any <img> (there should be none)."""
 
     def __init__(self, text: str):
         super().__init__()
         self.rows, self.imgs, self.h2, self._row, self._cell, self._h2 = [], [], [], None, None, False
+        self.figures = 0
+        self.svgs = re.findall(r"<figure><svg\b.*?</svg></figure>", text, re.S)
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
@@ -73,6 +79,8 @@ class Page(HTMLParser):
             self._cell = ["", a.get("class", "")]
         elif tag == "img":
             self.imgs.append(a["src"])
+        elif tag == "figure":
+            self.figures += 1
         elif tag == "h2":
             self._h2 = True
             self.h2.append("")
@@ -135,45 +143,79 @@ def test_auc_interval_brackets_the_auc_in_the_table_and_metrics_json(pair, tmp_p
     assert "auc_lo" not in metrics["watch_time"]
 
 
-def _panels(fig):
-    return [ax for ax in fig.axes if ax.axison]
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def panels(markup: str) -> list[ET.Element]:
+    """A figure's panels, in order; the markup must parse as XML and be a labelled image."""
+    root = ET.fromstring(markup)
+    assert root.tag == SVG + "svg" and root.get("role") == "img" and root.get("aria-label")
+    assert len(root.get("viewBox").split()) == 4
+    return [g for g in root.iter(SVG + "g") if g.get("class") == "panel"]
+
+
+def title(panel) -> str:
+    return next(t.text for t in panel.iter(SVG + "text") if t.get("class") == "title")
+
+
+def legend(panel) -> list[str]:
+    return [t.text for g in panel.iter(SVG + "g") if g.get("class") == "legend" for t in g.iter(SVG + "text")]
+
+
+def curves_of(panel) -> list[str]:
+    """The classes of the curves drawn in a panel, in drawing order."""
+    return [g.get("class") for g in panel.findall(SVG + "g") if g.get("class") != "legend"]
+
+
+def line(panel, cls: str) -> list[tuple[float, float]]:
+    """The pixel points of a panel's curve (its polyline)."""
+    (poly,) = panel.find(f"{SVG}g[@class='{cls}']").findall(SVG + "polyline")
+    return [tuple(map(float, p.split(","))) for p in poly.get("points").split()]
+
+
+def markers(panel, cls: str) -> list[ET.Element]:
+    return [e for e in panel.find(f"{SVG}g[@class='{cls}']") if e.tag != SVG + "polyline"]
+
+
+def frame(panel) -> tuple[float, float, float, float]:
+    """The plot area (left, top, width, height): the panel's first rect."""
+    r = panel.find(SVG + "rect")
+    return tuple(float(r.get(k)) for k in ("x", "y", "width", "height"))
+
+
+def proportional(pixels, values, tol: float = 0.25) -> bool:
+    """Pixels an increasing affine map of the values (to the markup's 0.1 px rounding)."""
+    scale = (pixels[-1] - pixels[0]) / (values[-1] - values[0])
+    return scale > 0 and all(abs(p - pixels[0] - (v - values[0]) * scale) <= tol for p, v in zip(pixels, values))
 
 
 def test_baseline_is_drawn_in_every_roc_and_reliability_panel(pair):
     (m, c, _), (bm, bc, _) = pair["good"], pair["bad"]
     labels = ("challenger v2", "champion v1")
-    fig = roc_figure(c, bc, m, bm, labels)
-    try:
-        assert [ax.get_title() for ax in _panels(fig)] == list(c)      # one panel per figure
-        for ax, name in zip(_panels(fig), c):
-            legend = [t.get_text() for t in ax.get_legend().get_texts()]
-            assert legend == [f"challenger v2 (AUC {m[name]['auc']:.4f})", f"champion v1 (AUC {bm[name]['auc']:.4f})"]
-            assert len(ax.lines) == 3                                   # chance diagonal, model, champion
-            fpr, tpr = ax.lines[2].get_data()
-            assert list(fpr) == bc[name]["roc"]["fpr"] and list(tpr) == bc[name]["roc"]["tpr"]
-    finally:
-        plt.close(fig)
-    fig = reliability_figure(c, bc, labels)
-    try:
-        for ax, name in zip(_panels(fig), c):
-            assert [t.get_text() for t in ax.get_legend().get_texts()] == list(labels)
-            assert list(ax.lines[2].get_xdata()) == bc[name]["calibration"]["mean_pred"]
-    finally:
-        plt.close(fig)
+    roc = panels(roc_figure(c, bc, m, bm, labels))
+    assert [title(p) for p in roc] == list(c)                           # one panel per figure
+    for p, name in zip(roc, c):
+        assert legend(p) == [f"challenger v2 (AUC {m[name]['auc']:.4f})", f"champion v1 (AUC {bm[name]['auc']:.4f})"]
+        assert curves_of(p) == ["reference", "model", "baseline"]        # chance diagonal, model, champion
+        left, top, w, h = frame(p)                                      # ROC axes: [0, 1] on both
+        fpr, tpr = bc[name]["roc"]["fpr"], bc[name]["roc"]["tpr"]
+        drawn = [v for xy in line(p, "baseline") for v in xy]
+        assert drawn == pytest.approx([v for x, y in zip(fpr, tpr) for v in (left + x * w, top + (1 - y) * h)],
+                                      abs=0.051)
+    for p, name in zip(panels(reliability_figure(c, bc, labels)), c):
+        assert legend(p) == list(labels) and curves_of(p) == ["reference", "model", "baseline"]
+        xs = [x for x, _ in line(p, "baseline")]
+        assert proportional(xs, bc[name]["calibration"]["mean_pred"])
+        assert len(markers(p, "baseline")) == len(xs) == len(bc[name]["calibration"]["mean_pred"])
     # a calibrated model also shows its curve before the Platt layer
     calibrated = {name: {**v, "calibration_uncalibrated": bc[name]["calibration"]} for name, v in c.items()}
-    fig = reliability_figure(calibrated)
-    try:
-        for ax, name in zip(_panels(fig), c):
-            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model", "model before calibration"]
-            assert list(ax.lines[2].get_xdata()) == bc[name]["calibration"]["mean_pred"]
-    finally:
-        plt.close(fig)
-    fig = roc_figure(c)                                                 # no baseline: the model alone
-    try:
-        assert all(len(ax.lines) == 2 and len(ax.get_legend().get_texts()) == 1 for ax in _panels(fig))
-    finally:
-        plt.close(fig)
+    for p, name in zip(panels(reliability_figure(calibrated)), c):
+        assert legend(p) == ["model", "model before calibration"] and curves_of(p) == ["reference", "model", "raw"]
+        assert proportional([x for x, _ in line(p, "raw")], bc[name]["calibration"]["mean_pred"])
+    for p, name in zip(panels(reliability_figure(c)), c):                # one curve: no legend needed
+        assert legend(p) == [] and curves_of(p) == ["reference", "model"]
+    alone = panels(roc_figure(c))                                       # no baseline: the model alone
+    assert all(curves_of(p) == ["reference", "model"] and len(legend(p)) == 1 for p in alone)
 
 
 def test_deltas_are_coloured_by_which_way_is_better(pair, tmp_path):
@@ -208,35 +250,37 @@ def test_one_histogram_panel_per_task_positives_against_negatives(pair):
     assert curves["click_through_purchase"]["histogram"]["edges"][-1] < 0.9   # a rare product: bins where it scores
     many = {f"task {i}": curves[n] for i, n in enumerate(list(curves) * 2)}  # 6 figures: a 4 x 2 grid
     for cur in (curves, many):
-        fig = histogram_figure(cur)
-        try:
-            panels = _panels(fig)
-            assert [ax.get_title() for ax in panels] == list(cur)
-            ax = panels[1]
-            name = list(curves)[1]
-            pos = metrics[name]["positives"]
-            assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-                f"negatives ({metrics[name]['rows'] - pos:,})", f"positives ({pos:,})"]
-        finally:
-            plt.close(fig)
+        markup = histogram_figure(cur)
+        drawn = panels(markup)
+        assert [title(p) for p in drawn] == list(cur)
+        offsets = [re.findall(r"[\d.]+", p.get("transform")) for p in drawn]
+        assert len({y for _, y in offsets}) == (len(cur) + 3) // 4          # rows of at most 4 panels
+        p, name = drawn[1], list(curves)[1]
+        pos = metrics[name]["positives"]
+        assert legend(p) == [f"negatives ({metrics[name]['rows'] - pos:,})", f"positives ({pos:,})"]
+        assert curves_of(p) == ["negatives", "positives"] and 'class="baseline"' not in markup
+        bins = len(curves[name]["histogram"]["positives"])
+        assert len(line(p, "positives")) == 2 * bins + 2                # a step per bin, closed down to 0
 
 
 def test_loss_section_is_there_iff_a_history_is(pair, tmp_path):
     metrics, curves, _ = pair["good"]
     hist = history()
-    fig = loss_figure(hist)
-    try:
-        panels = _panels(fig)
-        assert [ax.get_title() for ax in panels] == TASKS                   # one per task, names as given
-        train, val = panels[0].lines
-        assert list(train.get_xdata()) == [e["step"] for e in hist["train"]]
-        assert list(val.get_xdata()) == [400, 800, 1200] and list(val.get_ydata()) == [0.9] * 3
-        assert len(panels[2].lines) == 1                                    # no validation for task "x"
-    finally:
-        plt.close(fig)
+    drawn = panels(loss_figure(hist))
+    assert [title(p) for p in drawn] == TASKS                              # one per task, names as given
+    assert curves_of(drawn[0]) == ["train", "epoch-end"]
+    train = line(drawn[0], "train")
+    assert proportional([x for x, _ in train], [e["step"] for e in hist["train"]])
+    tops = [tuple(map(float, e.get("points").split()[0].split(","))) for e in markers(drawn[0], "epoch-end")]
+    assert not drawn[0].find(f"{SVG}g[@class='epoch-end']").findall(SVG + "polyline")   # markers, no line
+    steps = [e["step"] for e in hist["train"]]                             # the diamonds at the epoch ends' steps
+    assert [x for x, _ in tops] == pytest.approx([train[steps.index(s)][0] for s in (400, 800, 1200)], abs=0.051)
+    assert len({y for _, y in tops}) == 1                                  # the same loss, 0.9, at each
+    assert legend(drawn[0]) == ["train (running mean)", "validation"]
+    assert curves_of(drawn[2]) == ["train"] and legend(drawn[2]) == ["train (running mean)"]   # no validation for "x"
     html_path, json_path = write_report(tmp_path / "with", "day", {}, metrics, curves, None, history=hist)
     page = Page(html_path.read_text())
-    assert "Training and validation loss" in page.h2 and len(page.imgs) == 4
+    assert "Training and validation loss" in page.h2 and len(page.svgs) == page.figures == 4 and not page.imgs
     assert strict(json_path)["history"] == hist
     epochs = [cells for _, cells in page.rows if cells and cells[0][0] in ("0", "1", "2")]
     assert [c[0] for c in epochs[2]] == ["2", "1,200", "0.9000", "0.7200", "0.4500", "0.7200"]
@@ -247,8 +291,44 @@ def test_loss_section_is_there_iff_a_history_is(pair, tmp_path):
         assert loss_figure(none) is None
         html_path, json_path = write_report(tmp_path / "without", "day", {}, metrics, curves, None, history=none)
         page = Page(html_path.read_text())
-        assert "Training and validation loss" not in page.h2 and len(page.imgs) == 3
+        assert "Training and validation loss" not in page.h2 and len(page.svgs) == page.figures == 3
         assert strict(json_path)["history"] is None
+
+
+def test_figures_skip_non_finite_points_escape_names_and_draw_empty_panels():
+    """Task names are data (`<`, `&`), a curve may carry NaN / inf / None, a task may have no positives:
+    the markup still parses, no non-finite number reaches it, the empty task gets an empty panel."""
+    roc = {"fpr": [0.0, 0.2, float("inf"), 0.6, 1.0], "tpr": [0.0, 0.5, 0.7, None, 1.0]}
+    cal = {"mean_pred": [0.1, float("nan"), 0.5], "observed": [0.1, 0.3, 0.4]}
+    hist = {"edges": [0.0, 0.5, 1.0], "counts": [3, 1], "positives": [0, 0], "negatives": [3, 1]}
+    curves = {"a<b&c": {"roc": roc, "calibration": cal, "histogram": hist},
+              "empty": {"roc": {"fpr": [], "tpr": []}, "calibration": {"mean_pred": [], "observed": []},
+                        "histogram": {"edges": [], "counts": [], "positives": [], "negatives": []}}}
+    hist_nan = {"train": [{"step": 1, "loss": {"a<b&c": float("nan")}}, {"step": 2, "loss": {"a<b&c": 0.5}},
+                          {"step": 3, "loss": {"a<b&c": 0.4}}], "validation": []}
+    figures = [roc_figure(curves, metrics={"a<b&c": {"auc": float("nan")}}), reliability_figure(curves, curves),
+               histogram_figure(curves), loss_figure(hist_nan),
+               gates_figure({"a<b&c": [0.25, float("nan"), 0.75], "d": [1.0, 0.0, 0.0]})]
+    for markup in figures:
+        assert "a&lt;b&amp;c" in markup and "a<b&c" not in markup
+        root = ET.fromstring(markup)
+        numbers = [float(v) for e in root.iter() for k in ("x", "y", "x1", "x2", "y1", "y2", "cx", "cy", "width")
+                   if e.get(k) is not None for v in [e.get(k)]]
+        numbers += [float(v) for e in root.iter() for v in re.split("[ ,]", e.get("points") or "") if v]
+        assert numbers and all(math.isfinite(v) for v in numbers)
+        assert "a<b&c" in [t.text for t in root.iter(SVG + "text")]
+    roc_panels = panels(figures[0])
+    assert [title(p) for p in roc_panels] == ["a<b&c", "empty"]
+    assert len(line(roc_panels[0], "model")) == 3                          # the inf and the None point skipped
+    assert legend(roc_panels[0]) == ["model"]                              # no AUC: no number in the legend
+    assert curves_of(roc_panels[1]) == ["reference"] and legend(roc_panels[1]) == []   # empty, not an error
+    rel = panels(figures[1])
+    assert len(line(rel[0], "model")) == 2 and curves_of(rel[1]) == ["reference"]
+    hist_panels = panels(figures[2])
+    assert curves_of(hist_panels[0]) == ["negatives"] and curves_of(hist_panels[1]) == []   # no positives
+    assert len(line(panels(figures[3])[0], "train")) == 2
+    cells = [t.text for t in ET.fromstring(figures[4]).iter(SVG + "text")]
+    assert {"0.25", "–", "0.75", "1.00", "0.00"} <= set(cells)
 
 
 def test_undefined_figures_are_dashes_and_null(tmp_path):
@@ -278,7 +358,9 @@ def test_champion_comparison_rerenders_the_report_and_keeps_one_gate_section(pai
     assert rows["base"]["task"][0] == "champion v1" and rows["delta"]["AUC"][1] == "better"
     assert text.count(GATE_START) == 1 and "Promotion gate: promoted to champion" in text
     assert "<title>ranker: trained on ..</title>" in text and "Training and validation loss" in page.h2
-    assert "Expert utilisation" in page.h2 and len(page.imgs) == 5
+    assert "Expert utilisation" in page.h2 and len(page.svgs) == page.figures == 5 and not page.imgs
+    cells = [t.text for t in ET.fromstring(page.svgs[4]).iter(SVG + "text")]
+    assert "0.40" in cells and "0.60" in cells and "click_through" in cells and "e1" in cells
     saved = strict(tmp_path / "metrics.json")
     assert saved["baseline"]["click_through"]["auc"] == bm["click_through"]["auc"]
     assert saved["meta"] == {"date": "2026-11-04", "baseline": "champion v1, same rows"}
@@ -301,7 +383,7 @@ def test_champion_comparison_rerenders_the_report_and_keeps_one_gate_section(pai
 @pytest.mark.slow
 def test_evaluate_cli_draws_the_baseline(ranker, tmp_path):
     """`mtrank evaluate --baseline` (the ranker's model against itself): the baseline's rows, CIs
-    and curves reach the page; the ROC image differs from the one without a baseline."""
+    and curves reach the page; the ROC figure draws it, the histograms stay the model's own."""
     model = ranker / "work" / "runs" / "ranker" / RANKER_DATE / "model"
     pages = {}
     for name, extra in (("alone", []), ("base", ["--baseline", str(model)])):
@@ -314,5 +396,6 @@ def test_evaluate_cli_draws_the_baseline(ranker, tmp_path):
     assert ctr["auc_lo"] < ctr["auc"] < ctr["auc_hi"] and base["auc_lo"] == ctr["auc_lo"]
     rows = pages["base"].table_of("ctr")
     assert rows["base"]["AUC"] == rows["model"]["AUC"] and rows["delta"]["AUC"] == ("+0.0000", "")
-    assert pages["alone"].imgs[0] != pages["base"].imgs[0]                 # ROC: the baseline is drawn
-    assert pages["alone"].imgs[2] == pages["base"].imgs[2]                 # histograms: the model's own
+    roc = [pages[k].svgs[0] for k in ("alone", "base")]
+    assert 'class="baseline"' in roc[1] and 'class="baseline"' not in roc[0]   # ROC: the baseline is drawn
+    assert pages["alone"].svgs[2] == pages["base"].svgs[2]                 # histograms: the model's own

@@ -201,7 +201,7 @@ def test_a_job_writes_the_points_to_metrics_report_and_mlflow(tmp_path):
 
 
 def test_the_report_draws_and_tabulates_the_points_in_step_order():
-    import matplotlib.pyplot as plt
+    import xml.etree.ElementTree as ET
 
     from mtrank.jobs.report import has_history, loss_figure, validation_table
 
@@ -210,12 +210,19 @@ def test_the_report_draws_and_tabulates_the_points_in_step_order():
              for s in (4, 8, 14, 18)]
     history = {"train": [], "validation": val, "validation_steps": steps}
     assert has_history({"validation_steps": steps})
-    fig = loss_figure(history)
-    try:
-        line, ends = fig.axes[0].lines                                   # all points as a line, epoch ends marked
-        assert list(line.get_xdata()) == [4, 8, 10, 14, 18, 20] and list(ends.get_xdata()) == [10, 20]
-    finally:
-        plt.close(fig)
+    svg = "{http://www.w3.org/2000/svg}"
+    (panel,) = [g for g in ET.fromstring(loss_figure(history)).iter(svg + "g") if g.get("class") == "panel"]
+    val, ends = (panel.find(f"{svg}g[@class='{c}']") for c in ("validation", "epoch-end"))
+    assert [g.get("class") for g in panel.findall(svg + "g")] == ["validation", "epoch-end", "legend"]
+    (poly,) = val.findall(svg + "polyline")                              # all points as a line, epoch ends marked
+    line = [tuple(map(float, p.split(","))) for p in poly.get("points").split()]
+    assert len(line) == len(val.findall(svg + "circle")) == len(val) - 1 == 6   # steps 4, 8, 10, 14, 18, 20
+    xs = [x for x, _ in line]
+    scale = (xs[-1] - xs[0]) / (20 - 4)
+    assert all(abs(x - xs[0] - (step - 4) * scale) < 0.2 for x, step in zip(xs, [4, 8, 10, 14, 18, 20]))
+    tops = [float(e.get("points").split()[0].split(",")[0]) for e in ends]   # the diamonds, at steps 10 and 20
+    assert len(tops) == 2 and not ends.findall(svg + "polyline")
+    assert tops == [xs[2], xs[5]]
     table = validation_table(history)
     assert "<th>at</th>" in table and table.count("<tr>") == 1 + 6
     rows = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("<tr>")[2:]]

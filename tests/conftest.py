@@ -1,3 +1,4 @@
+import datetime as dt
 import os
 import shutil
 import subprocess
@@ -70,10 +71,13 @@ MTRANK = [sys.executable, "-m", "mtrank.jobs.cli"]
 
 
 def cli_generate(out, days: int, rows: int, seed: int, users: int, items: int) -> None:
-    """Demo logs through the real CLI (a separate process), starting 2026-11-01."""
-    subprocess.run([*MTRANK, "generate", "--out", str(out), "--days", str(days), "--rows-per-day", str(rows),
-                    "--seed", str(seed), "--users", str(users), "--items", str(items), "--start", "2026-11-01"],
-                   check=True, capture_output=True)
+    """Demo logs starting 2026-11-01, as `mtrank generate --out OUT --days .. --seed ..` writes them
+    (the generator the command calls, in this process: a fixture need not pay a process start and
+    its imports; `tests/test_cli.py` runs the command itself)."""
+    from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
+
+    generate_impressions(out, ImpressionConfig(seed=seed, start=dt.date(2026, 11, 1), days=days, rows_per_day=rows,
+                                               n_users=users, n_items=items), progress=False)
 
 
 def cli_daily(base, config, date, *extra) -> subprocess.CompletedProcess:
@@ -161,13 +165,16 @@ RANKER_DATE = "2026-11-03"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under `-n 2 --dist loadgroup` a module marked `xdist_group` runs whole on one worker, so its
-    module-scoped fixture (a trained job, a server) is built once instead of once per worker. Those
-    modules and the other slow tests are handed out first, the short tests fill in at the end: the
-    two workers then finish close together instead of one waiting on a long module started last."""
-    def rank(item):
-        return 0 if item.get_closest_marker("xdist_group") else 1 if item.get_closest_marker("slow") else 2
-    items.sort(key=rank)   # stable: a module's tests keep their order
+    """`make test` runs `-n 2 --dist loadfile`: a module runs whole on one worker, so its module-scoped
+    fixture (a trained job, a server) is built once, not once per worker. Modules are handed out in
+    collection order, so the ones with end-to-end (slow) tests go first, the most tests first: the
+    short modules then fill in at the end and the two workers finish close together. (loadgroup and
+    `xdist_group` would be finer, but pytest-xdist 3.8 cannot regroup under pytest 9's node ids.)"""
+    slow: dict[str, int] = {}
+    for item in items:
+        if item.get_closest_marker("slow"):
+            slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + 1
+    items.sort(key=lambda item: -slow.get(item.nodeid.split("::")[0], 0))   # stable: each module keeps its order
 
 
 def shared_dir(tmp_path_factory, worker_id: str, name: str) -> Path:

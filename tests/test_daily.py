@@ -8,7 +8,7 @@ import yaml
 
 from tests.conftest import MTRANK, cli_daily, cli_generate, small_spec, sqlite_client, write_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("daily")]   # end to end
+pytestmark = pytest.mark.slow   # end to end
 
 
 @pytest.fixture(scope="module")

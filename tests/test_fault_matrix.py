@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import MTRANK, sqlite_client, write_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_matrix")]   # end to end
+pytestmark = pytest.mark.slow   # end to end
 NAME, D1, D2 = "ranker", "2026-11-03", "2026-11-04"
 TRAIN = {"batch_size": 1024, "epochs": 1, "lr": 0.003, "checkpoint_every": 3}
 

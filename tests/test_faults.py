@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 from tests.mlflow_server import MlflowServer as Server
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults")]   # end to end
+pytestmark = pytest.mark.slow   # end to end
 
 NAME = "faults"
 TINY = {"experts": 2, "expert_mlp": [16], "tower_mlp": [8]}

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import MTRANK, cli_generate, small_spec, sqlite_client, write_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("live_run")]
+pytestmark = pytest.mark.slow
 
 DATE = "2026-11-04"
 

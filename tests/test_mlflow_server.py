@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import MTRANK, cli_generate, small_spec, write_job
 from tests.mlflow_server import MlflowServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow_server")]   # end to end
+pytestmark = pytest.mark.slow   # end to end
 
 
 @pytest.fixture(scope="module")

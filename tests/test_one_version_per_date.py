@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import MTRANK, SMALL_MODEL
 from tests.mlflow_server import MlflowServer, postgres_database
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("one_version_per_date")]   # end to end
+pytestmark = pytest.mark.slow   # end to end
 
 DATE = "2026-11-03"
 TRAIN = {"batch_size": 1024, "epochs": 1, "lr": 0.003}

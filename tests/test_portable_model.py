@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import RANKER_DATE
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("portable_model")]
+pytestmark = pytest.mark.slow
 
 MODEL = "models:/ranker@champion"
 

@@ -23,8 +23,6 @@ import pytest
 
 from tests.conftest import MTRANK, make_frame, small_spec, write_job
 
-pytestmark = pytest.mark.xdist_group("s3")   # one moto server and one trained job for the module
-
 BUCKET = "mtrank-test"
 DATE = "2026-11-03"
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

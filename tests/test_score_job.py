@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import MTRANK, write_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("score_job")]   # end to end
+pytestmark = pytest.mark.slow   # end to end
 
 DATE = "2026-11-03"
 CAP = 12

@@ -19,7 +19,7 @@ from mtrank.pipeline.trainer import build_model
 from mtrank.features.featurize import Featurizer
 from tests.conftest import MTRANK, cli_daily, cli_generate, small_spec, sqlite_client, write_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("warm_start")]   # end to end
+pytestmark = pytest.mark.slow   # end to end
 
 SMALL = ModelConfig(experts=2, expert_mlp=[8], tower_mlp=[4])
 

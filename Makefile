@@ -33,10 +33,10 @@ train: venv
 	$(VENV)/bin/mtrank score --model models:/mtrank-demo@champion --candidates $(CANDIDATES) --date $(EVAL_DATE) --exposures $(SCORES)/exposures-$(EVAL_DATE).parquet --out $(SCORES)/dt=$(EVAL_DATE)/ranked.parquet
 
 test: venv
-	$(PY) -m pytest -n 2 --dist loadfile tests   # every tier; two workers, a module stays on one (see tests/conftest.py)
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests   # every tier; 2 workers, modules whole, longest first (tests/conftest.py)
 
 test-fast: venv   # the development tier: no end-to-end job, server or torchrun test (`-m slow` runs those)
-	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 bench: venv bench-venv
 	$(PY) -m bench.run_all

@@ -164,17 +164,27 @@ def other_names_spec():
 RANKER_DATE = "2026-11-03"
 
 
+# The longest modules (CPU of their processes and in-process work, `make test` on 2 cores,
+# 2026-12-01), longest first. Under `--dist loadfile` a worker takes the next module when it is free:
+# handing the long ones out first (the LPT rule) lets the short ones fill in at the end, so the two
+# workers finish close together instead of one running a long module alone at the end (a list by
+# number of tests instead left the MLflow-server and clean-venv modules last: +90 s).
+LONGEST_FIRST = ("test_distributed", "test_warm_start", "test_own_logs", "test_portable_model", "test_red_team",
+                 "test_daily", "test_trainer", "test_faults", "test_fault_matrix", "test_mlflow_server", "test_s3")
+
+
 def pytest_collection_modifyitems(config, items):
     """`make test` runs `-n 2 --dist loadfile`: a module runs whole on one worker, so its module-scoped
-    fixture (a trained job, a server) is built once, not once per worker. Modules are handed out in
-    collection order, so the ones with end-to-end (slow) tests go first, the most tests first: the
-    short modules then fill in at the end and the two workers finish close together. (loadgroup and
-    `xdist_group` would be finer, but pytest-xdist 3.8 cannot regroup under pytest 9's node ids.)"""
-    slow: dict[str, int] = {}
-    for item in items:
-        if item.get_closest_marker("slow"):
-            slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + 1
-    items.sort(key=lambda item: -slow.get(item.nodeid.split("::")[0], 0))   # stable: each module keeps its order
+    fixture (a trained job, a server) is built once, not once per worker (`--dist loadgroup` with
+    `xdist_group` marks would be finer, but pytest-xdist 3.8 cannot regroup under pytest 9's node
+    ids). Modules are handed out in collection order (`--no-loadscope-reorder`: xdist would otherwise
+    order them by their number of tests): LONGEST_FIRST, then those with end-to-end (slow) tests,
+    then the rest."""
+    def rank(item) -> tuple:
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        known = LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+        return known, 0 if item.get_closest_marker("slow") else 1
+    items.sort(key=rank)   # stable: each module keeps its order
 
 
 def shared_dir(tmp_path_factory, worker_id: str, name: str) -> Path:

@@ -89,14 +89,14 @@ def pandas_labelencoder_pass(window, spec) -> int:
     return len(df)
 
 
-def child(root: str, days: int, stats_json: str) -> None:
+def child(root: str, days: int, stats_json: str, workers: int = 1) -> None:
     """One pass in a fresh process: peak RSS of streaming a window of `days` days."""
     from mtrank.features.numeric import NumericStats
 
     spec, window = _window(root, days)
     base = peak_rss_mb()
     reader = ImpressionReader(window, spec, Featurizer(spec, NumericStats.from_json(stats_json)),
-                              batch_size=4096, shuffle=True, progress=False)
+                              batch_size=4096, shuffle=True, progress=False, workers=workers)
     t0 = time.perf_counter()
     n = mtrank_pass(reader)
     print(json.dumps({"rows": n, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
@@ -124,14 +124,21 @@ def workers_scaling(rows: int, reps: int, workers: list[int]) -> None:
             loads.append(os.getloadavg()[0])
     stats = {w: {"median": statistics.median(r), "min": min(r), "max": max(r)} for w, r in rates.items()}
     base = stats[workers[0]]["median"]
+    # memory in the data size: a fresh process streams 1 and 10 days with each thread count
+    rss = {w: {d: run_child("bench.reader_bench", "--child", root, str(d), feat.stats.to_json(), "--child-workers",
+                            str(w)) for d in (1, 10)} for w in workers}
     md = [f"## Reader threads: Parquet -> validated, hashed, shuffled Batch ({rows:,} rows)", "",
           f"machine: {os.cpu_count()} cores; median (min-max) of {reps} interleaved repetitions; 1-min load "
           f"average {min(loads):.2f}-{max(loads):.2f}", "",
           "| data_workers | rows/s | vs 1 worker |", "|---|---|---|"]
     for w, st in stats.items():
         md.append(f"| {w} | {st['median']:,.0f} ({st['min']:,.0f}-{st['max']:,.0f}) | {st['median'] / base:.2f}x |")
+    md += ["", "| data_workers | peak RSS MB, 1 day | peak RSS MB, 10 days | 10 days / 1 day |", "|---|---|---|---|"]
+    for w, r in rss.items():
+        md.append(f"| {w} | {r[1]['peak_rss_mb']:.0f} ({r[1]['rows']:,} rows) | {r[10]['peak_rss_mb']:.0f} "
+                  f"({r[10]['rows']:,} rows) | {r[10]['peak_rss_mb'] / r[1]['peak_rss_mb']:.2f} |")
     write_results("reader_workers", {"machine": machine(), "rows": rows, "rows_per_s": stats,
-                                     "loads": loads}, "\n".join(md) + "\n")
+                                     "peak_rss": rss, "loads": loads}, "\n".join(md) + "\n")
 
 
 def main() -> None:
@@ -139,11 +146,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="200k rows instead of 1M")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--child", nargs=3, metavar=("ROOT", "DAYS", "STATS"))
+    ap.add_argument("--child-workers", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, nargs="*", default=None,
                     help="only the reader-thread scaling, for these data_workers counts (e.g. 1 2)")
     a = ap.parse_args()
     if a.child:
-        return child(a.child[0], int(a.child[1]), a.child[2])
+        return child(a.child[0], int(a.child[1]), a.child[2], a.child_workers)
     if a.workers:
         return workers_scaling(200_000 if a.quick else 1_000_000, a.reps, a.workers)
 

@@ -25,7 +25,7 @@ from mtrank.models.warm_start import transfer_weights
 from mtrank.jobs.report import gauc_note, strict_json, undefined_figures, write_report
 from mtrank.pipeline.checkpoint import CheckpointStore, write_atomic
 from mtrank.pipeline.dataset import check_labels, open_window
-from mtrank.pipeline.distributed import SINGLE, Dist
+from mtrank.pipeline.ranks import SINGLE, Dist
 from mtrank.pipeline.feature_cache import FeatureCache
 from mtrank.pipeline.evaluate import degenerate_outputs, merge_predictions, predict, task_curves, task_metrics
 from mtrank.pipeline.reader import ImpressionReader, RowAccounting, fit_numeric_stats, open_parquet, skipped_files

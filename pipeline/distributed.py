@@ -27,7 +27,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from mtrank.pipeline.optim import coalesce
-from mtrank.pipeline.ranks import SINGLE, Dist, PeerFailed, from_env, under_torchrun  # noqa: F401  (re-exported)
+from mtrank.pipeline.ranks import SINGLE, Dist, PeerFailed, from_env
 
 log = logging.getLogger("mtrank.dist")
 T = TypeVar("T")

@@ -18,9 +18,9 @@ class EsmmConfig(StrictConfig):
     The term is folded into the task's reported loss."""
 
     tower_loss: Literal["none", "clicked", "ips"] = Field(
-        default="ips", description="extra term on the child's own logit: none | clicked (BCE over its space) | "
+        default="clicked", description="extra term on the child's own logit: none | clicked (BCE over its space) | "
         "ips (BCE over its space weighted by 1/p_parent, averaged over the parent's population)")
-    tower_weight: float = Field(default=1.0, gt=0.0, le=100.0, description="weight of the extra term, "
+    tower_weight: float = Field(default=0.5, gt=0.0, le=100.0, description="weight of the extra term, "
                                 "relative to the task's entire-space term (only with tower_loss clicked | ips)")
     ips_floor: float = Field(default=0.01, gt=0.0, lt=1.0, description="ips: p_parent is clipped below at "
                              "this value, so no row weighs more than 1/ips_floor (only with tower_loss: ips)")
@@ -59,9 +59,11 @@ class ModelConfig(StrictConfig):
     ple_levels: int = Field(default=2, gt=0, description="PLE: extraction levels")
     ple_task_experts: int = Field(default=1, gt=0, description="PLE: task-specific experts per task and level")
     esmm: bool | EsmmConfig = Field(
-        default=True, description="false: children with a parent train on their own logit over clicked rows "
-        "only; true: on the entire-space product only (classic ESMM); a mapping: ESMM plus a term that also "
-        "trains the child's tower on the rows where its label is observed (see EsmmConfig)")
+        default=EsmmConfig(tower_loss="clicked", tower_weight=0.5),
+        description="false: children with a parent train on their own logit over clicked rows only; true: on "
+        "the entire-space product only (classic ESMM); a mapping: ESMM plus a term that also trains the "
+        "child's tower on the rows where its label is observed (see EsmmConfig). The default, ESMM + 0.5 x "
+        "clicked BCE, measured best on the standard workload (bench/README.md)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout rate in experts and towers")
 
     @field_validator("esmm", mode="before")

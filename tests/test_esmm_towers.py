@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mtrank.features.featurize import Featurizer
 from mtrank.features.spec import load_spec
-from mtrank.jobs.config import SpecError, parse_config
+from mtrank.jobs.config import SpecError, load_config, parse_config
 from mtrank.models.batch import Batch, ModelOutput
 from mtrank.models.config import EsmmConfig, ModelConfig
 from mtrank.pipeline.dataset import open_window
@@ -57,7 +57,7 @@ def test_terms_carry_the_tower_loss_from_the_config(spec):
         assert classic[name].tower == "none"
     assert terms["ctr"] == classic["ctr"] and terms["stay"] == classic["stay"]
     assert loss_terms(spec, EsmmConfig(tower_loss="none")) == loss_terms(spec, True)
-    clicked = {t.task: t for t in loss_terms(spec, EsmmConfig(tower_loss="clicked"))}
+    clicked = {t.task: t for t in loss_terms(spec, EsmmConfig(tower_loss="clicked", tower_weight=1.0))}
     assert (clicked["cvr"].tower, clicked["cvr"].tower_weight, clicked["cvr"].ips_floor) == ("clicked", 1.0, 0.0)
 
 
@@ -73,14 +73,15 @@ def test_clicked_term_equals_hand_computation(spec):
 
 def test_ips_term_equals_hand_computation(spec):
     out, batch = tiny(spec)
-    _, per_task, counts = MultiTaskLoss(spec, EsmmConfig(tower_loss="ips", ips_floor=0.01))(out, batch)
+    weight1 = dict(tower_loss="ips", tower_weight=1.0)
+    _, per_task, counts = MultiTaskLoss(spec, EsmmConfig(**weight1, ips_floor=0.01))(out, batch)
     s = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     # clicked rows 0, 2, 4: BCE / p_ctr, p_ctr(row 2) = s(-6) = 0.0025 is floored at 0.01; / all 6 rows
     ips = (-np.log(s(0.3)) / s(2.0) - np.log(1 - s(-1.2)) / 0.01 - np.log(s(1.5)) / s(0.0)) / 6
     assert per_task["cvr"] == pytest.approx(entire_space(out, batch) + ips, rel=1e-5)
     assert counts["cvr"] == 6
     # a higher floor caps that row's weight further
-    _, higher, _ = MultiTaskLoss(spec, EsmmConfig(tower_loss="ips", ips_floor=0.5))(out, batch)
+    _, higher, _ = MultiTaskLoss(spec, EsmmConfig(**weight1, ips_floor=0.5))(out, batch)
     ips5 = (-np.log(s(0.3)) / s(2.0) - np.log(1 - s(-1.2)) / 0.5 - np.log(s(1.5)) / 0.5) / 6
     assert higher["cvr"] == pytest.approx(entire_space(out, batch) + ips5, rel=1e-5)
 
@@ -187,3 +188,11 @@ def test_short_training_tower_variant_is_not_worse_than_classic_esmm(logs, spec)
     assert ips["cvr"] > 0.5, ips
     for t in classic:     # not worse than classic ESMM by a wide margin (the bench measures the gain)
         assert ips[t] > classic[t] - 0.02, (t, ips, classic)
+
+
+def test_default_is_esmm_with_half_weight_clicked_tower_term():
+    """The default chosen by bench/README.md's 1M-row study: ESMM + 0.5 x clicked BCE, in the model
+    config and in the demo job."""
+    assert ModelConfig().esmm == EsmmConfig(tower_loss="clicked", tower_weight=0.5)
+    assert EsmmConfig() == ModelConfig().esmm
+    assert load_config().model.esmm == ModelConfig().esmm

@@ -11,10 +11,12 @@ and a row no batch looks up is never shrunk.
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Literal
 
 import torch
 from torch import nn
+from torch.optim.adam import adam as _functional_adam
 
 
 def coalesce(grad: torch.Tensor) -> torch.Tensor:
@@ -104,6 +106,51 @@ def sparse_optimizer(params: list[nn.Parameter], kind: Literal["rowwise_adagrad"
     return RowWiseAdagrad(params, lr=lr, initial_accumulator=initial_accumulator, row_l2=row_l2)
 
 
+def _skip_dynamo_import() -> bool:
+    """Let torch's optimizers run eagerly without importing torch._dynamo (1.4 s of CPU per process).
+
+    Optimizer methods and the functional `adam` are wrapped by `torch._disable_dynamo`, whose wrapper
+    imports torch._dynamo on its first call only to build a "not traced" version of the function, and
+    caches it on the function as `__dynamo_disable`. Nothing here is traced by dynamo, so each
+    wrapped function is given itself as that cached version: the same code runs, without the import.
+    Done only while torch._dynamo is not loaded (once it is, torch's own path costs nothing more).
+    False where torch's layout differs (a newer torch): its own path is then used, only slower."""
+    if "torch._dynamo" in sys.modules:
+        return False
+    marker = torch._disable_dynamo(lambda: None).__code__
+    seeded = 0
+
+    def seed(fn) -> None:
+        nonlocal seeded
+        inner = getattr(fn, "__wrapped__", None)
+        if getattr(fn, "__code__", None) is marker and inner is not None:
+            if not hasattr(inner, "__dynamo_disable"):
+                setattr(inner, "__dynamo_disable", inner)
+            seeded += 1
+
+    for fn in vars(torch.optim.Optimizer).values():
+        seed(fn)
+    for cell in getattr(_functional_adam, "__closure__", None) or ():
+        try:
+            seed(cell.cell_contents)
+        except ValueError:   # an empty cell
+            pass
+    return seeded >= 2 and hasattr(torch.optim.Adam.step, "__wrapped__")
+
+
+class _EagerAdam(torch.optim.Adam):
+    """torch's Adam with its step's dynamo graph breaks left out (they import torch._dynamo): the
+    same `_init_group` and functional `adam` under no_grad, as torch's step runs them when
+    `differentiable` is off (always, here)."""
+
+    step = torch.no_grad()(torch.optim.Adam.step.__wrapped__) if hasattr(torch.optim.Adam.step, "__wrapped__") \
+        else torch.optim.Adam.step
+
+
+_EAGER = _skip_dynamo_import()
+
+
 def dense_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     # fused: one kernel for all parameters instead of a chain of foreach ops (CPU-supported).
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+    cls = _EagerAdam if _EAGER else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=weight_decay, fused=True)

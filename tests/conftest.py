@@ -80,10 +80,60 @@ def cli_generate(out, days: int, rows: int, seed: int, users: int, items: int) -
                                                n_users=users, n_items=items), progress=False)
 
 
+def mtrank_in_process(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`mtrank ARGS` through `main()` in this process, captured as a process's run would be (stdout,
+    stderr with the log lines, exit code; an unexpected exception becomes a traceback on stderr and
+    exit 1). For the error paths: a process start and its imports cost 2-5 s of CPU a call. Tests
+    about a real process (signals, kills, imports, exit on a closed pipe) start the command itself."""
+    import contextlib
+    import io
+    import logging
+    import signal
+    import traceback
+
+    from mtrank.jobs.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level, sigterm, here = root.level, signal.getsignal(signal.SIGTERM), os.getcwd()
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if cwd is not None:
+                os.chdir(cwd)
+            try:
+                rc = main([str(a) for a in args])
+            except SystemExit as e:      # argparse's usage errors, sys.exit(143) on SIGTERM
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            except Exception:            # what a process would print before dying with exit 1
+                traceback.print_exc()
+                rc = 1
+    finally:
+        mlflow = sys.modules.get("mlflow")
+        left = mlflow.active_run() if mlflow is not None else None
+        if left is not None:      # a process would end it at exit; here it would nest the next job's run
+            mlflow.end_run("KILLED")
+        os.chdir(here)
+        signal.signal(signal.SIGTERM, sigterm)
+        root.removeHandler(handler)
+        root.setLevel(level)
+        if torch is not None and "torch" in sys.modules:
+            torch.set_num_threads(threads)
+    assert left is None, f"mtrank {' '.join(map(str, args))} left MLflow run {left.info.run_id} active"
+    return subprocess.CompletedProcess(["mtrank", *map(str, args)], rc, out.getvalue(), err.getvalue())
+
+
 def cli_daily(base, config, date, *extra) -> subprocess.CompletedProcess:
-    """`mtrank daily --config BASE/CONFIG --date DATE` in its own process."""
-    return subprocess.run([*MTRANK, "daily", "--config", base / config, "--date", date, *extra],
-                          capture_output=True, text=True)
+    """`mtrank daily --config BASE/CONFIG --date DATE` through main() in this process (the tests
+    that need a process of its own — concurrency, kill -9, torchrun — start one)."""
+    return mtrank_in_process("daily", "--config", base / config, "--date", date, *extra)
 
 
 def sqlite_client(base):

@@ -15,7 +15,7 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import MTRANK, cli_generate, small_spec, write_job
+from tests.conftest import MTRANK, cli_generate, mtrank_in_process, small_spec, write_job
 from tests.mlflow_server import MlflowServer as Server
 
 pytestmark = pytest.mark.slow   # end to end
@@ -41,6 +41,11 @@ def run(*args, preexec_fn=None, code=None, env=None):
     cmd = [sys.executable, "-c", code, *map(str, args)] if code else [*MTRANK, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=preexec_fn,
                           env={**os.environ, **(env or {})}, timeout=300)
+
+
+def here(*args):
+    """Through main() in this process: paths that need no process of their own (no kill, no limit)."""
+    return mtrank_in_process(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,22 +267,22 @@ def bad_logs(base, tmp_path_factory):
 
 def test_truncated_or_corrupt_file_fails_naming_it(bad_logs):
     root, corrupt, truncated, _ = bad_logs
-    r = run("validate", "--data", root / "logs", "--no-collisions")
+    r = here("validate", "--data", root / "logs", "--no-collisions")
     assert r.returncode == 2 and f"{truncated}: rule unreadable_file: not a readable Parquet file" in r.stderr, r.stderr
-    r = run("validate", "--data", root / "logs", "--from", "2026-11-02", "--to", "2026-11-02", "--no-collisions")
+    r = here("validate", "--data", root / "logs", "--from", "2026-11-02", "--to", "2026-11-02", "--no-collisions")
     assert r.returncode == 2 and f"{corrupt}: rule unreadable_file: row group 0 cannot be read" in r.stderr, r.stderr
     assert "on_unreadable_file: skip" in r.stderr
 
     for window, bad in ((2, truncated), (1, corrupt)):  # evaluated on the intact 11-03
         cfg = job(root, "fail.yaml", window_days=window, work_dir="work-fail")
-        r = run("train", "--config", cfg, "--date", "2026-11-03", "--no-track")
+        r = here("train", "--config", cfg, "--date", "2026-11-03", "--no-track")
         assert r.returncode == 2 and f"mtrank train: error: {bad}: rule unreadable_file" in r.stderr, r.stderr[-2000:]
         assert not (root / "work-fail" / "runs" / NAME / "2026-11-03" / "metrics.json").exists()  # no outcome
 
 
 def test_unreadable_files_skipped_when_configured_counted_and_reported(bad_logs):
     root, corrupt, truncated, rows = bad_logs
-    r = run("validate", "--data", root / "logs", "--on-unreadable-file", "skip", "--json", root / "v.json")
+    r = here("validate", "--data", root / "logs", "--on-unreadable-file", "skip", "--json", root / "v.json")
     assert r.returncode == 0, r.stderr
     assert f"SKIPPED unreadable file {truncated}" in r.stdout and f"SKIPPED unreadable file {corrupt} row group 0" in r.stdout
     rep = json.loads((root / "v.json").read_text())
@@ -285,7 +290,7 @@ def test_unreadable_files_skipped_when_configured_counted_and_reported(bad_logs)
     assert rep["accounting"]["balanced"] and rep["accounting"]["unreadable_skipped"] == 1
 
     cfg = job(root, "skip.yaml", window_days=2, on_unreadable_file="skip")
-    r = run("train", "--config", cfg, "--date", "2026-11-03", "--no-track")
+    r = here("train", "--config", cfg, "--date", "2026-11-03", "--no-track")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("skipping") >= 2 and f"SKIPPED unreadable file {truncated}" in r.stdout
     out = json.loads((root / "work" / "runs" / NAME / "2026-11-03" / "metrics.json").read_text())
@@ -311,9 +316,9 @@ def fsize_limit(nbytes: int):
 def scored(base):
     """A saved model (no tracking) and a candidate day for it."""
     cfg = job(base, "local.yaml", work_dir="work-local")
-    r = run("train", "--config", cfg, "--date", "2026-11-04", "--no-track")
+    r = here("train", "--config", cfg, "--date", "2026-11-04", "--no-track")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run("generate", "--candidates", "--out", base / "cand", "--date", "2026-11-04", "--requests", 150,
+    r = here("generate", "--candidates", "--out", base / "cand", "--date", "2026-11-04", "--requests", 150,
             "--per-request", 30, "--seed", 5, "--users", 1000, "--items", 400)
     assert r.returncode == 0, r.stderr
     return base / "work-local" / "runs" / NAME / "2026-11-04" / "model", base / "cand"
@@ -343,7 +348,7 @@ def test_score_into_an_unwritable_folder_fails_before_any_work(scored, base, tmp
     model, cand = scored
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "ranked.parquet"  # its parent is a regular file
-    r = run("score", "--model", model, "--candidates", cand, "--date", "2026-11-04", "--out", out, "--no-track",
+    r = here("score", "--model", model, "--candidates", cand, "--date", "2026-11-04", "--out", out, "--no-track",
             "--config", base / "local.yaml")
     assert r.returncode == 2 and f"cannot write {out.parent}: " in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "scored" not in r.stdout

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import MTRANK, write_job
+from tests.conftest import mtrank_in_process, write_job
 
 pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
 
@@ -25,7 +25,9 @@ TRAIN = {"batch_size": 1024, "epochs": 1}
 
 
 def run(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*MTRANK, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+    """The command's error paths, run by `main()` in this process (tests/test_cli.py and the fault
+    tests start real processes)."""
+    return mtrank_in_process(*args, cwd=cwd)
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:

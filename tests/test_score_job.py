@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import MTRANK, write_job
+from tests.conftest import MTRANK, mtrank_in_process, write_job
 
 pytestmark = pytest.mark.slow   # end to end
 
@@ -27,7 +27,7 @@ def base(tmp_path_factory, ranker):
         (base / d).symlink_to(ranker / d)
     write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
               score={"list_size": 10, "traffic_cap": {"default_cap": CAP}, "window": {"n": 3, "k": 1}})
-    run = lambda *args: subprocess.run([*MTRANK, *map(str, args)], capture_output=True, text=True)  # noqa: E731
+    run = mtrank_in_process
     r = run("generate", "--candidates", "--out", base / "cand", "--date", DATE, "--requests", 150,
             "--per-request", 40, "--seed", 4, "--users", 2000, "--items", 800)
     assert r.returncode == 0, r.stderr
@@ -36,15 +36,18 @@ def base(tmp_path_factory, ranker):
     return base
 
 
-def score(base, *extra, candidates=None, config="job.yaml"):
-    return subprocess.run([*MTRANK, "score", "--model", "models:/ranker@champion", "--config", base / config,
-                           "--candidates", candidates or base / "cand", "--date", DATE, *map(str, extra)],
-                          capture_output=True, text=True)
+def score(base, *extra, candidates=None, config="job.yaml", process=False):
+    """`mtrank score` with the champion: in its own process (`process`) or through main() here."""
+    args = ["score", "--model", "models:/ranker@champion", "--config", base / config,
+            "--candidates", candidates or base / "cand", "--date", DATE, *map(str, extra)]
+    if process:
+        return subprocess.run([*MTRANK, *map(str, args)], capture_output=True, text=True)
+    return mtrank_in_process(*args)
 
 
 def test_score_ranks_with_the_champion_and_logs_a_run(base):
     out = base / "ranked" / "out.parquet"
-    r = score(base, "--out", out, "--exposures", base / "exposures.parquet", "--show", 1)
+    r = score(base, "--out", out, "--exposures", base / "exposures.parquet", "--show", 1, process=True)
     assert r.returncode == 0, r.stderr
     assert "shown" in r.stdout and "capped" in r.stdout
     cand = pq.read_table(base / "cand")

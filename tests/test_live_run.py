@@ -3,12 +3,11 @@ system metrics, and a FAILED status with the error when training stops on bad in
 from __future__ import annotations
 
 import json
-import subprocess
 
 import polars as pl
 import pytest
 
-from tests.conftest import MTRANK, cli_generate, small_spec, sqlite_client, write_job
+from tests.conftest import cli_generate, mtrank_in_process, small_spec, sqlite_client, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +22,7 @@ def trained(tmp_path_factory):
     write_job(base / "job.yaml", "live", {"batch_size": 256, "epochs": 2, "log_every_steps": 5,
                                           "validation_days": 1, "calibration": "platt",
                                           "early_stopping": {"patience": 1}}, window_days=3)
-    r = subprocess.run([*MTRANK, "train", "--config", base / "job.yaml", "--date", DATE],
-                       capture_output=True, text=True, cwd=base)
+    r = mtrank_in_process("train", "--config", base / "job.yaml", "--date", DATE, cwd=base)
     assert r.returncode == 0, r.stderr[-3000:]
     return base, r
 
@@ -83,8 +81,7 @@ def test_a_training_that_stops_on_bad_input_ends_failed_with_the_error(tmp_path)
     df = df.with_columns(pl.when(pl.int_range(pl.len()) == 7).then(None).otherwise(pl.col("click")).alias("click"))
     df.write_parquet(part)
     write_job(tmp_path / "job.yaml", "broken", {"batch_size": 256, "epochs": 1, "shuffle": False})
-    r = subprocess.run([*MTRANK, "train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = mtrank_in_process("train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03", cwd=tmp_path)
     assert r.returncode == 2 and "click" in r.stderr, r.stderr[-2000:]
     client = sqlite_client(tmp_path)
     (run,) = client.search_runs([client.get_experiment_by_name("broken").experiment_id])

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
 from mtrank.pipeline.dataset import RowGroup, open_window
 from mtrank.pipeline.reader import ImpressionReader, keep_mask
-from tests.conftest import MTRANK, cli_generate, make_frame, small_spec, write_job
+from tests.conftest import cli_generate, make_frame, mtrank_in_process, small_spec, write_job
 
 
 def test_the_kept_rows_depend_on_the_row_only():
@@ -57,8 +56,7 @@ def test_a_model_trained_on_a_fifth_of_the_negatives_predicts_the_true_rate(tmp_
     small_spec(tmp_path / "spec.yaml")
     write_job(tmp_path / "job.yaml", "sampled", {"batch_size": 512, "epochs": 1, "lr": 0.003,
                                                  "negative_sampling": {"task": "ctr", "keep_rate": 0.2}})
-    r = subprocess.run([*MTRANK, "train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03", "--no-track"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = mtrank_in_process("train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03", "--no-track", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "work" / "runs" / "sampled" / "2026-11-03"
     summary = json.loads((run / "metrics.json").read_text())
@@ -73,8 +71,7 @@ def test_a_model_trained_on_a_fifth_of_the_negatives_predicts_the_true_rate(tmp_
     # scoring must not divide by the keep rate a second time
     write_job(tmp_path / "twice.yaml", "sampled", {"batch_size": 512},
               score={"fusion": {"negative_keep_rate": {"ctr": 0.2}}})
-    r = subprocess.run([*MTRANK, "score", "--config", tmp_path / "twice.yaml", "--model", run / "model",
-                        "--candidates", tmp_path / "logs" / "dt=2026-11-03", "--date", "2026-11-03",
-                        "--out", tmp_path / "ranked.parquet", "--no-track"], capture_output=True, text=True,
-                       cwd=tmp_path)
+    r = mtrank_in_process("score", "--config", tmp_path / "twice.yaml", "--model", run / "model",
+                          "--candidates", tmp_path / "logs" / "dt=2026-11-03", "--date", "2026-11-03",
+                          "--out", tmp_path / "ranked.parquet", "--no-track", cwd=tmp_path)
     assert r.returncode == 2 and "already recalibrated" in r.stderr, r.stderr[-2000:]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import MTRANK, SMALL_MODEL, cli_generate, sqlite_client
+from tests.conftest import SMALL_MODEL, cli_generate, mtrank_in_process, sqlite_client
 
 ADULT = Path(__file__).parents[2] / "shared" / "data" / "adult.parquet"
 DAYS = [f"2024-01-0{d}" for d in range(1, 6)]
@@ -28,7 +28,7 @@ NO_RULES = {"window": {"enabled": False}, "new_item": {"enabled": False}, "campa
 
 
 def run(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*MTRANK, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=900)
+    return mtrank_in_process(*map(str, args), cwd=cwd)
 
 
 def ok(r: subprocess.CompletedProcess) -> str:

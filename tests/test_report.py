@@ -6,7 +6,6 @@ The plots are inline SVG, read back as XML: panels, legends, curves and their po
 import json
 import math
 import re
-import subprocess
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -18,7 +17,7 @@ from mtrank.jobs.promote import compare
 from mtrank.jobs.report import (GATE_START, add_gate, compare_report, delta_class, gates_figure, histogram_figure,
                                 loss_figure, reliability_figure, roc_figure, write_report)
 from mtrank.pipeline.evaluate import Predictions, binary_sets, task_curves, task_metrics
-from tests.conftest import MTRANK, RANKER_DATE, other_names_spec
+from tests.conftest import RANKER_DATE, mtrank_in_process, other_names_spec
 
 SPEC = other_names_spec()   # watch_time (regression), click_through, purchase, click_through_purchase
 
@@ -387,8 +386,8 @@ def test_evaluate_cli_draws_the_baseline(ranker, tmp_path):
     model = ranker / "work" / "runs" / "ranker" / RANKER_DATE / "model"
     pages = {}
     for name, extra in (("alone", []), ("base", ["--baseline", str(model)])):
-        r = subprocess.run([*MTRANK, "evaluate", "--model", model, "--data", ranker / "logs", "--date", RANKER_DATE,
-                            "--out", tmp_path / name, "--max-rows", "5000", *extra], capture_output=True, text=True)
+        r = mtrank_in_process("evaluate", "--model", model, "--data", ranker / "logs", "--date", RANKER_DATE,
+                              "--out", tmp_path / name, "--max-rows", "5000", *extra)
         assert r.returncode == 0, r.stderr
         pages[name] = Page((tmp_path / name / "report.html").read_text())
     saved = strict(tmp_path / "base" / "metrics.json")

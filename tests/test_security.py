@@ -15,7 +15,7 @@ from mtrank.features.spec import SpecError
 from mtrank.jobs.config import load_config, parse_config
 from mtrank.pipeline.checkpoint import CheckpointError
 from mtrank.pipeline.dataset import list_partitions, open_window
-from tests.conftest import MTRANK, make_frame
+from tests.conftest import make_frame, mtrank_in_process
 
 REPO = Path(__file__).parents[1]
 SOURCES = [p for d in ("features", "models", "pipeline", "jobs", "bench") for p in (REPO / d).rglob("*.py")]
@@ -35,8 +35,7 @@ def test_plain_job_names_pass(name):
 
 def test_a_job_name_escaping_work_dir_creates_nothing(tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({"name": "../../outside", "data": "logs", "work_dir": "work"}))
-    r = subprocess.run([*MTRANK, "daily", "--config", tmp_path / "job.yaml", "--date", "2026-11-03"],
-                       capture_output=True, text=True)
+    r = mtrank_in_process("daily", "--config", tmp_path / "job.yaml", "--date", "2026-11-03")
     assert r.returncode == 2 and "name:" in r.stderr and "not a plain name" in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]  # no work dir, lock or run dir anywhere
     with pytest.raises(SpecError, match="not a plain name"):  # the CLI's --name override goes through the same check

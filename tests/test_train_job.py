@@ -14,7 +14,7 @@ import pytest
 from mtrank.jobs.config import load_config
 from mtrank.features.spec import SpecError
 
-from tests.conftest import MTRANK, cli_generate, small_spec, write_job
+from tests.conftest import MTRANK, cli_generate, mtrank_in_process, small_spec, write_job
 
 pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
 
@@ -29,6 +29,7 @@ def job(tmp_path_factory):
 
 
 def train(job, *extra):
+    """A real process: the resumed run is the one that must finish after the kill."""
     return subprocess.run([*MTRANK, "train", "--config", job, "--date", "2026-11-03", *extra],
                           capture_output=True, text=True)
 
@@ -63,14 +64,14 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(SpecError) as e:
         load_config(bad)
     assert "train.learning_rate: unknown key" in str(e.value) and "model.bottom" in str(e.value)
-    r = subprocess.run([*MTRANK, "train", "--config", bad, "--date", "2026-11-03"], capture_output=True, text=True)
+    r = mtrank_in_process("train", "--config", bad, "--date", "2026-11-03")
     assert r.returncode == 2 and "train.learning_rate: unknown key" in r.stderr
     cfg = load_config()
     assert cfg.model.bottom == "mmoe" and cfg.train.batch_size == 4096
 
 
 def test_missing_eval_day_is_a_clear_error(job):
-    r = subprocess.run([*MTRANK, "train", "--config", job, "--date", "2026-11-04"], capture_output=True, text=True)
+    r = mtrank_in_process("train", "--config", job, "--date", "2026-11-04")
     assert r.returncode == 2 and "dt=2026-11-04" in r.stderr and "missing_partition" in r.stderr
 
 
@@ -94,9 +95,8 @@ def test_saved_model_reloads_in_another_process_and_evaluates(job, tmp_path):
     assert all(abs(sum(g) - 1) < 1e-4 and len(g) == 3 for g in ev.gates.values())
 
     out = tmp_path / "report"
-    r = subprocess.run([*MTRANK, "evaluate", "--model", run / "model", "--data", job.parent / "logs",
-                        "--date", "2026-11-03", "--baseline", run / "model", "--out", out],
-                       capture_output=True, text=True)
+    r = mtrank_in_process("evaluate", "--model", run / "model", "--data", job.parent / "logs",
+                          "--date", "2026-11-03", "--baseline", run / "model", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "ctcvr" in r.stdout and "report:" in r.stdout
 

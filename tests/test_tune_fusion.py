@@ -1,7 +1,6 @@
 """`mtrank tune-fusion`: the pure objectives and search on arrays whose truth is known, then one
 end-to-end run against a model trained and registered by `mtrank daily` in a real sqlite store."""
 import json
-import subprocess
 
 import mlflow
 import numpy as np
@@ -16,7 +15,7 @@ from mtrank.pipeline.scoring.config import Factor, FusionConfig, TuneConfig
 from mtrank.pipeline.scoring.fusion import resolve
 from mtrank.pipeline.scoring.tuning import (RequestMatrix, check_tune, default_gains, evaluate, graded_gain,
                                      relative_change, search, split_requests)
-from tests.conftest import MTRANK, other_names_spec
+from tests.conftest import mtrank_in_process, other_names_spec
 
 SCHEMA = load_spec().outputs
 DEMO = load_config().score            # the demo job: six factors and score.tune
@@ -338,9 +337,9 @@ def trained(ranker):
 @pytest.mark.slow
 def test_tune_fusion_end_to_end(trained, tmp_path):
     out = tmp_path / "out.json"
-    r = subprocess.run([*MTRANK, "tune-fusion", "--model", "models:/ranker@champion", "--config",
-                        trained / "job.yaml", "--data", trained / "logs", "--date", "2026-11-04",
-                        "--trials", "40", "--json", out], capture_output=True, text=True)
+    r = mtrank_in_process("tune-fusion", "--model", "models:/ranker@champion", "--config",
+                          trained / "job.yaml", "--data", trained / "logs", "--date", "2026-11-04",
+                          "--trials", "40", "--json", out)
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     assert "holdout" in r.stdout and "value@10" in r.stdout and "NDCG@10" in r.stdout

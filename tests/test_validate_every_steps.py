@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import math
 import re
-import subprocess
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from mtrank.pipeline.evaluate import predict, task_metrics
 from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
 from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 from mtrank.pipeline.trainer import TrainConfig, Trainer, TrainingEvents, build_model
-from tests.conftest import MTRANK, cli_generate, small_spec, sqlite_client, write_job
+from tests.conftest import cli_generate, mtrank_in_process, small_spec, sqlite_client, write_job
 
 START = dt.date(2026, 11, 1)
 MODEL = ModelConfig(experts=2, expert_mlp=(16, 8), tower_mlp=(8,), dropout=0.2)   # dropout draws from the RNG
@@ -170,8 +169,7 @@ def test_a_job_writes_the_points_to_metrics_report_and_mlflow(tmp_path):
     small_spec(tmp_path / "spec.yaml", max_buckets=2048)
     write_job(tmp_path / "job.yaml", "vsteps", {"batch_size": 256, "epochs": 2, "validation_fraction": 0.2,
                                                "validate_every_steps": 4})
-    r = subprocess.run([*MTRANK, "train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = mtrank_in_process("train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "work" / "runs" / "vsteps" / "2026-11-03"
     m = json.loads((out / "metrics.json").read_text())

@@ -4,7 +4,6 @@ on it without giving up a day."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import polars as pl
 import pyarrow as pa
@@ -14,7 +13,7 @@ from pydantic import ValidationError
 from mtrank.pipeline.dataset import open_window
 from mtrank.pipeline.reader import ImpressionReader, validation_requests
 from mtrank.pipeline.trainer import TrainConfig
-from tests.conftest import MTRANK, cli_generate, small_spec, write_job
+from tests.conftest import cli_generate, mtrank_in_process, small_spec, write_job
 from tests.test_reader import D1, D2, unique_rows, write_day
 
 
@@ -91,8 +90,7 @@ def test_a_job_validates_and_calibrates_on_a_request_fraction(tmp_path):
     write_job(tmp_path / "job.yaml", "frac", {"batch_size": 256, "epochs": 2, "validation_fraction": 0.2,
                                              "calibration": "platt", "early_stopping": {"patience": 1}},
               window_days=2)
-    r = subprocess.run([*MTRANK, "train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03", "--no-track"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = mtrank_in_process("train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03", "--no-track", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "held out" in r.stdout
     m = json.loads((tmp_path / "work" / "runs" / "frac" / "2026-11-03" / "metrics.json").read_text())

@@ -1,11 +1,9 @@
 """The HTTP path: `mtrank daily` against a real `mlflow server` on 127.0.0.1 (started here, lean:
 one worker, no job execution, artifacts proxied to a local folder), stopped afterwards."""
-import subprocess
-
 import mlflow
 import pytest
 
-from tests.conftest import MTRANK, cli_generate, small_spec, write_job
+from tests.conftest import cli_generate, mtrank_in_process, small_spec, write_job
 from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow   # end to end
@@ -20,7 +18,8 @@ def server(tmp_path_factory):
 
 
 def daily(path, date):
-    return subprocess.run([*MTRANK, "daily", "--config", path, "--date", date], capture_output=True, text=True)
+    """The job as a client of the server, through main() in this process (the server is a real one)."""
+    return mtrank_in_process("daily", "--config", path, "--date", date)
 
 
 def test_daily_over_http_promotes_gates_and_reruns(server, tmp_path):

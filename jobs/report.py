@@ -100,6 +100,8 @@ def _cell(key: str, fmt: str, m: dict) -> str:
     text = _fmt(fmt, m.get(key))
     if key == "auc" and text != "–" and math.isfinite(_num(m.get("auc_lo"))) and math.isfinite(_num(m.get("auc_hi"))):
         text += f" [{m['auc_lo']:.4f}, {m['auc_hi']:.4f}]"
+    if key == "pcoc" and text != "–" and math.isfinite(_num(m.get("pcoc_lo"))) and math.isfinite(_num(m.get("pcoc_hi"))):
+        text += f" [{m['pcoc_lo']:.3f}, {m['pcoc_hi']:.3f}]"   # the day's noise (pipeline.metrics.pcoc_ci)
     return f"<td>{text}</td>"
 
 

@@ -404,7 +404,8 @@ def format_metrics(metrics: dict) -> str:
         if "auc" in m:
             ci = f"[{num(m.get('auc_lo'), '{:.4f}')}, {num(m.get('auc_hi'), '{:.4f}')}]" if "auc_lo" in m else "-"
             other = (f"logloss {num(m['logloss'], '{:.4f}')}  pred {num(m['mean_pred'], '{:.4f}')} / "
-                     f"obs {num(m['observed_rate'], '{:.4f}')}")
+                     f"obs {num(m['observed_rate'], '{:.4f}')}  PCOC {num(m.get('pcoc'), '{:.3f}')}"
+                     + (f" [{num(m['pcoc_lo'], '{:.2f}')}, {num(m['pcoc_hi'], '{:.2f}')}]" if "pcoc_lo" in m else ""))
             lines.append(f"{name:<10} {m['population']:<10} {m['rows']:>9,} {num(m['auc'], '{:>7.4f}'):>7} {ci:>17} "
                          f"{num(m.get('oracle_auc'), '{:.4f}'):>7}  {other}")
         else:

@@ -18,8 +18,8 @@ import torch
 from mtrank.features.spec import FeatureSpec
 from mtrank.features.outputs import OutputKind, joint_positive
 from mtrank.models import MultiTaskRanker
-from mtrank.pipeline.metrics import (auc, auc_ci, calibration_bins, gauc, logloss, normalized_entropy, r2, rmse,
-                                     roc_points)
+from mtrank.pipeline.metrics import (auc, auc_ci, calibration_bins, gauc, logloss, normalized_entropy, pcoc_ci, r2,
+                                     rmse, roc_points)
 from mtrank.pipeline.reader import ImpressionReader
 
 
@@ -270,6 +270,7 @@ def _binary(score: np.ndarray, y: np.ndarray, oracle: np.ndarray | None, group: 
           "mean_pred": float("nan") if empty else float(score.mean()),
           "observed_rate": float("nan") if empty else float((y > 0).mean())}
     m["pcoc"] = m["mean_pred"] / m["observed_rate"] if m["observed_rate"] else float("nan")
+    m["pcoc_lo"], m["pcoc_hi"] = pcoc_ci(score, y)   # the day's own noise: is |PCOC - 1| beyond it?
     if group is not None:
         m["gauc"], m["gauc_groups"] = gauc(score, y, group)
     if oracle is not None:

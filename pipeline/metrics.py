@@ -269,3 +269,24 @@ def auc_ci(scores: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> 
         return float("nan"), float("nan")
     z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
     return max(0.0, a - z * se), min(1.0, a + z * se)
+
+
+def pcoc_ci(scores: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided `confidence` interval of PCOC (Σp / positives) from the evaluation day's own noise.
+
+    The positives are a sum of Bernoulli outcomes, so on a few hundred of them a perfectly calibrated
+    model reads anywhere within ±10 % of 1. Their variance Σ q(1−q) is taken at q = p rescaled to the
+    observed rate; the interval is Σp / (positives ± z·sd), with +inf above where positives ≤ z·sd.
+    (NaN, NaN) without positives or predictions."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    p = np.asarray(scores, dtype=np.float64)
+    pos = float((np.asarray(labels) > 0).sum())
+    total = float(p.sum())
+    if pos == 0 or total <= 0:
+        return float("nan"), float("nan")
+    q = np.minimum(p * (pos / total), 1.0)
+    sd = math.sqrt(float((q * (1.0 - q)).sum()))
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    low = pos - z * sd
+    return total / (pos + z * sd), total / low if low > 0 else float("inf")

@@ -264,3 +264,29 @@ def test_auc_ci_edge_cases():
     assert all(np.isnan(auc_ci(bad, s > 0.5)))    # a report shows "–" rather than failing
     with pytest.raises(ValueError, match="confidence"):
         auc_ci(s, s > 0.5, confidence=0.0)
+
+
+def test_pcoc_interval_covers_one_for_a_calibrated_model_at_its_confidence():
+    """Labels drawn from the predictions themselves (a perfectly calibrated model, truth known): the
+    95 % interval holds 1 in about 95 % of simulated days, and it is as wide as a few hundred
+    positives make it; a model 20 % too high is outside it on most days."""
+    from mtrank.pipeline.metrics import pcoc_ci
+
+    rng = np.random.default_rng(0)
+    p = rng.beta(0.6, 8.0, 5_000)            # ~7 % mean rate: ~350 positives a day
+    covered, too_high, widths = 0, 0, []
+    for _ in range(400):
+        y = (rng.random(p.size) < p).astype(np.int8)
+        lo, hi = pcoc_ci(p, y)
+        covered += lo <= 1.0 <= hi
+        widths.append(hi - lo)
+        lo2, _ = pcoc_ci(1.2 * p, y)
+        too_high += lo2 > 1.0
+    assert 0.92 <= covered / 400 <= 0.98, covered
+    assert 0.15 < np.median(widths) < 0.25    # ±~10 % on ~350 positives
+    assert too_high / 400 > 0.9
+    assert all(np.isnan(pcoc_ci(p, np.zeros(p.size))))
+    lo, hi = pcoc_ci(np.full(10, 0.1), np.eye(10)[0])   # one positive: no upper bound
+    assert lo > 0 and hi == float("inf")
+    with pytest.raises(ValueError, match="confidence"):
+        pcoc_ci(p, y, confidence=1.0)

@@ -122,7 +122,7 @@ def strict(path):
     return json.loads(path.read_text(), parse_constant=no_constant)
 
 
-def test_auc_interval_brackets_the_auc_in_the_table_and_metrics_json(pair, tmp_path):
+def test_auc_and_pcoc_intervals_bracket_their_figures_in_the_table_and_metrics_json(pair, tmp_path):
     metrics, curves, _ = pair["good"]
     binary = [n for n, m in metrics.items() if "auc" in m]
     assert binary == ["click_through", "purchase", "click_through_purchase"]
@@ -139,7 +139,12 @@ def test_auc_interval_brackets_the_auc_in_the_table_and_metrics_json(pair, tmp_p
         m = metrics[n]
         assert (saved["tasks"][n]["auc_lo"], saved["tasks"][n]["auc_hi"]) == (m["auc_lo"], m["auc_hi"])
         assert page.table_of(n)["model"]["AUC"][0] == f"{m['auc']:.4f} [{m['auc_lo']:.4f}, {m['auc_hi']:.4f}]"
-    assert "auc_lo" not in metrics["watch_time"]
+        # PCOC with the day's noise around it: the interval holds the figure, wider on rarer positives
+        assert m["pcoc_lo"] < m["pcoc"] < m["pcoc_hi"], (n, m)
+        assert page.table_of(n)["model"]["PCOC"][0] == f"{m['pcoc']:.3f} [{m['pcoc_lo']:.3f}, {m['pcoc_hi']:.3f}]"
+    assert (metrics["click_through"]["pcoc_hi"] - metrics["click_through"]["pcoc_lo"]
+            < metrics["purchase"]["pcoc_hi"] - metrics["purchase"]["pcoc_lo"])
+    assert "auc_lo" not in metrics["watch_time"] and "pcoc_lo" not in metrics["watch_time"]
 
 
 SVG = "{http://www.w3.org/2000/svg}"

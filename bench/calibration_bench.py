@@ -26,16 +26,21 @@ import yaml
 from bench.common import CACHE, machine, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-LOGS = CACHE / "demo-logs"
 DATE = "2026-11-08"
+ROWS = 50_000          # a day of `make train`'s logs; --rows-per-day scales the eval day's positives
+
+
+def logs_dir(rows: int) -> Path:
+    return CACHE / ("demo-logs" if rows == ROWS else f"demo-logs-{rows}")
 MTRANK = [sys.executable, "-m", "mtrank.jobs.cli"]
 
 
-def ensure_logs() -> None:
-    if (LOGS / f"dt={DATE}").exists():
-        return
-    subprocess.run([*MTRANK, "generate", "--out", str(LOGS), "--days", "8", "--rows-per-day", "50000", "--seed", "7",
-                    "--users", "200000", "--items", "100000"], check=True)
+def ensure_logs(rows: int) -> Path:
+    logs = logs_dir(rows)
+    if not (logs / f"dt={DATE}").exists():
+        subprocess.run([*MTRANK, "generate", "--out", str(logs), "--days", "8", "--rows-per-day", str(rows), "--seed",
+                        "7", "--users", "200000", "--items", "100000"], check=True)
+    return logs
 
 
 VARIANTS = {
@@ -48,17 +53,18 @@ VARIANTS = {
 
 
 def _figures(m: dict) -> dict:
-    return {fig: {k: v[k] for k in ("pcoc", "pcoc_uncalibrated", "logloss", "logloss_uncalibrated", "auc")
+    return {fig: {k: v[k] for k in ("pcoc", "pcoc_lo", "pcoc_hi", "pcoc_uncalibrated", "logloss",
+                                    "logloss_uncalibrated", "auc", "positives")
                   if v.get(k) is not None} for fig, v in m["tasks"].items() if "pcoc" in v}
 
 
-def run(variant: str, seed: int, epochs: int) -> dict:
-    base = CACHE / "calibration" / f"{_slug(variant)}-s{seed}"
+def run(variant: str, seed: int, epochs: int, logs: Path) -> dict:
+    base = CACHE / "calibration" / f"{logs.name}-{_slug(variant)}-s{seed}"
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     job = yaml.safe_load((ROOT / "jobs" / "default_job.yaml").read_text())
     job.pop("score", None), job.pop("promote", None), job.pop("warm_start", None)
-    job |= {"name": "calib", "data": str(LOGS.resolve()), "work_dir": str((base / "work").resolve())}
+    job |= {"name": "calib", "data": str(logs.resolve()), "work_dir": str((base / "work").resolve())}
     job["train"] |= {"seed": seed, "epochs": epochs, "checkpoint_every": 0, **VARIANTS[variant]}
     (base / "job.yaml").write_text(yaml.safe_dump(job))
     r = subprocess.run([*MTRANK, "train", "--config", str(base / "job.yaml"), "--date", DATE, "--no-track"],
@@ -89,11 +95,17 @@ def table(title: str, note: str, runs: dict[str, list[dict]]) -> list[str]:
     variants = [v for v in runs if v != "none"]
     md = [f"### {title}\n", note + "\n",
           "| figure | PCOC, no calibration | " + " | ".join(f"PCOC before / after Platt ({v.removeprefix('platt').lstrip(', ')})" for v in variants)
-          + " | AUC, no calibration |", "|---|---|" + "---|" * len(variants) + "---|"]
+          + " | AUC, no calibration | positives | the day's 95 % noise around PCOC (median lo–hi) |",
+          "|---|---|" + "---|" * len(variants) + "---|---|---|"]
     for f in figs:
+        noise = [(r[f]["pcoc_hi"] / r[f]["pcoc"], r[f]["pcoc_lo"] / r[f]["pcoc"]) for r in runs["none"]
+                 if r.get(f, {}).get("pcoc_hi") is not None]
+        band = (f"{statistics.median(lo for _, lo in noise):.3f}–{statistics.median(hi for hi, _ in noise):.3f} × PCOC"
+                if noise else "")
+        pos = [r[f]["positives"] for r in runs["none"] if "positives" in r.get(f, {})]
         md.append(f"| {f} | {cell('none', f, 'pcoc')} | " + " | ".join(
             f"{cell(v, f, 'pcoc_uncalibrated')} → **{cell(v, f, 'pcoc')}**" for v in variants)
-            + f" | {cell('none', f, 'auc')} |")
+            + f" | {cell('none', f, 'auc')} | {int(statistics.median(pos)) if pos else ''} | {band} |")
     md.append("")
     for v in ["none", *variants]:
         worst = max(abs(statistics.median(r[f]["pcoc"] for r in runs[v]) - 1) for f in figs)
@@ -108,6 +120,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one seed")
     ap.add_argument("--real", default="", help="comma-separated real data sets of bench/real_bench.py")
     ap.add_argument("--no-demo", action="store_true")
+    ap.add_argument("--rows-per-day", type=int, default=ROWS, help="demo logs' rows a day (8 days, seed 7)")
     ap.add_argument("--results", default="calibration", help="results file stem under bench/results")
     ap.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated subset of: " + "; ".join(VARIANTS),
                     type=lambda v: ["none", *[x for x in VARIANTS if x != "none" and x in map(str.strip, v.split(";"))]])
@@ -116,16 +129,16 @@ def main() -> None:
         a.seeds = 1
     loads, md, raw = [], ["## Calibration (PCOC on the evaluation day)\n"], {}
     if not a.no_demo:
-        ensure_logs()
+        logs = ensure_logs(a.rows_per_day)
         runs: dict[str, list[dict]] = {v: [] for v in a.variants}
         for seed in range(a.seeds):
             for variant in runs:           # interleaved: every variant once per seed
-                runs[variant].append(run(variant, seed, a.epochs))
+                runs[variant].append(run(variant, seed, a.epochs, logs))
                 loads.append(os.getloadavg()[0])
                 print(f"demo seed {seed} {variant}: " + ", ".join(
                     f"{f} {v['pcoc']:.3f}" for f, v in runs[variant][-1].items()), flush=True)
         raw["demo"] = runs
-        md += table("Demo workload", f"demo logs (8 days x 50k rows, seed 7), demo job (7-day window), {a.epochs} "
+        md += table("Demo workload", f"demo logs (8 days x {a.rows_per_day:,} rows, seed 7), demo job (7-day window), {a.epochs} "
                     f"epoch(s); median (min–max) over training seeds 0..{a.seeds - 1}. `last day`: validation_days "
                     "1 (trains on 6 days); `10% of requests`: validation_fraction 0.1 (trains on 90 % of the "
                     "requests of all 7 days)", runs)

@@ -82,12 +82,14 @@ def _stats(cfg: JobConfig, spec: FeatureSpec, window, out: Path, progress: bool 
     return stats
 
 
-def _admission(cfg: JobConfig, spec: FeatureSpec, featurizer: Featurizer, window, model, parent: Parent | None,
+def _admission(spec: FeatureSpec, reader: ImpressionReader, model, parent: Parent | None,
                dist: Dist = SINGLE) -> dict | None:
     """Frequency admission of the tables with min_count > 1 (`features.admission`): lookups per id
     over the training window (each rank its shard, summed); ids under min_count share the table's
     rare row. The admitted set is a model buffer, saved with the weights, so evaluation, scoring and
-    the pyfunc apply it as training did. A warm start keeps the ids its parent admitted."""
+    the pyfunc apply it as training did. A warm start keeps the ids its parent admitted. The count
+    reads the training reader's shard once; with the memory feature cache that pass fills the cache,
+    so the window is not read twice."""
     import numpy as np
 
     from mtrank.features.admission import IdCounts, admission_tables, format_summary
@@ -95,14 +97,18 @@ def _admission(cfg: JobConfig, spec: FeatureSpec, featurizer: Featurizer, window
     tables = admission_tables(spec)
     if not tables:
         return None
-    reader = ImpressionReader(window, spec, featurizer, rank=dist.rank, world_size=dist.world_size,
-                              quarantine_dir=quarantine_dir(cfg, "train"), progress=False,
-                              negatives=sampled_negatives(cfg, spec), holdout=split(cfg, spec, False))
-    mine = IdCounts({t: np.zeros(spec.embedding_tables[t].buckets, np.int64) for t in tables})
-    for arrays in reader.featurized(0):
-        mine = mine.merge(IdCounts.of_arrays(arrays, spec, tables))
+    mine = [IdCounts({t: np.zeros(spec.embedding_tables[t].buckets, np.int64) for t in tables})]
+
+    def count(arrays) -> None:
+        mine[0] = mine[0].merge(IdCounts.of_arrays(arrays, spec, tables))
+
+    if reader.cache is not None:
+        reader.cache.fill(reader, count)
+    else:
+        for arrays in reader.featurized(None):
+            count(arrays)
     counts = IdCounts()
-    for part in dist.all_gather(mine):
+    for part in dist.all_gather(mine[0]):
         counts = counts.merge(part)
     admitted = counts.admitted(spec)
     if parent is not None:
@@ -211,7 +217,15 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
     else:  # the parent's weights (heads included): no base-rate re-initialisation
         model = build_model(spec, cfg.model, tc.seed)
         transfer_weights(parent.saved.model, model, reinit)
-    admission = _admission(cfg, spec, featurizer, window, model, parent, dist)
+    # the training reader (its feature cache) exists before the trainer: admission's count fills the cache
+    cache = FeatureCache(tc.feature_cache, tc.feature_cache_mb << 20,
+                         Path(cfg.work_dir) / "feature-cache" / f"{cfg.name}-rank{dist.rank}")
+    reader = ImpressionReader(window, spec, featurizer, batch_size=tc.batch_size // dist.world_size,
+                              shuffle=tc.shuffle, shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, rank=dist.rank,
+                              world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), progress=False,
+                              negatives=sampled_negatives(cfg, spec), workers=tc.data_workers,
+                              holdout=split(cfg, spec, False), cache=cache)
+    admission = _admission(spec, reader, model, parent, dist)
     store = CheckpointStore(out / "checkpoints", keep=tc.checkpoint_keep)
     trainer = Trainer(model, spec, tc, store, fingerprint={
         "window": window.describe(), "stats": stats.to_json(), "parent": parent.version if parent else None},
@@ -223,12 +237,6 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                 "depth": parent.depth + 1, "source": parent.source, "reinitialised_tables": sorted(reinit),
                 "optimizer_state": parent.saved.optimizer is not None and not reinit,
                 "numeric_stats": cfg.warm_start.numeric_stats})
-    reader = ImpressionReader(window, spec, featurizer, batch_size=trainer.rank_batch_size, shuffle=tc.shuffle,
-                              shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, rank=dist.rank,
-                              world_size=dist.world_size, quarantine_dir=quarantine_dir(cfg, "train"), progress=False,
-                              negatives=sampled_negatives(cfg, spec), workers=tc.data_workers,
-                              holdout=split(cfg, spec, False), cache=FeatureCache(tc.feature_cache, tc.feature_cache_mb << 20,
-                                                 Path(cfg.work_dir) / "feature-cache" / f"{cfg.name}-rank{dist.rank}"))
     validation_loss = trainer.validation_loss
     val_cache = FeatureCache("off" if tc.feature_cache == "off" else "memory", tc.feature_cache_mb << 20)
 

@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -127,23 +127,48 @@ class FeatureCache:
                 held.append(part)
                 size += nbytes(part)
                 if size > self.budget:
-                    log.info("feature cache: the window's featurized rows exceed %s MiB in memory%s",
-                             self.budget >> 20, "; caching on disk" if self._can_disk() else
-                             "; every epoch featurizes again")
+                    self._too_large()
                     self.kind = "spilling"   # read the rest once more, in this epoch's order
                     chunks.close()
                     yield from self._spill(reader, epoch)
                     return
-            self.arrays = FeatureArrays.concat(held) if held else None
-            self.accounting = copy.deepcopy(reader.accounting)
-            self.kind, self.filled_rows = "memory", 0 if self.arrays is None else self.arrays.rows
-            log.info("feature cache: %s rows featurized once, %.1f MiB in memory", f"{self.filled_rows:,}",
-                     size / 2**20)
+            self._hold(held, size, reader)
             if self.arrays is None:
                 return
             yield from reader.permuted_batches(self.arrays, epoch)
             return
         yield from self._spill(reader, epoch)
+
+    def fill(self, reader, each: Callable[[FeatureArrays], None]) -> bool:
+        """One featurized pass over the shard before training, each part handed to `each` (frequency
+        admission counts ids on it). The parts are kept as the memory cache when the mode and budget
+        allow, so the first epoch uses them instead of reading the window a second time. True when
+        they were kept; otherwise the first epoch reads as it would have (the accounting is that
+        epoch's own: every pass starts a new one)."""
+        keep = self.kind == "none" and self.mode in ("auto", "memory")
+        held, size = [], 0
+        for part in reader.featurized(None):
+            each(part)
+            if keep:
+                held.append(part)
+                size += nbytes(part)
+                if size > self.budget:
+                    self._too_large()
+                    keep, held = False, []
+        if keep:
+            self._hold(held, size, reader)
+        return keep
+
+    def _hold(self, held: list[FeatureArrays], size: int, reader) -> None:
+        self.arrays = FeatureArrays.concat(held) if held else None
+        self.accounting = copy.deepcopy(reader.accounting)
+        self.kind, self.filled_rows = "memory", 0 if self.arrays is None else self.arrays.rows
+        log.info("feature cache: %s rows featurized once, %.1f MiB in memory", f"{self.filled_rows:,}",
+                 size / 2**20)
+
+    def _too_large(self) -> None:
+        log.info("feature cache: the window's featurized rows exceed %s MiB in memory%s", self.budget >> 20,
+                 "; caching on disk" if self._can_disk() else "; every epoch featurizes again")
 
     def _can_disk(self) -> bool:
         return self.mode in ("auto", "disk") and self.directory is not None

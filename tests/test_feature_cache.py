@@ -140,6 +140,27 @@ def test_memory_only_cache_that_overflows_streams_every_epoch(logs, spec):
     assert n0 == n1 == 750 and cache.kind == "stream"
 
 
+@pytest.mark.parametrize("budget", [1 << 30, 1])
+def test_a_pass_before_training_fills_the_cache_for_the_first_epoch(logs, spec, budget):
+    """`fill` (frequency admission's count) sees every row once; when the window fits, the first
+    epoch is the memory cache's, bit for bit, with no second read; when it does not, the epochs
+    read as without the pass."""
+    window = open_window(logs, spec)
+    feat = featurizer(spec, window)
+    plain = reader(window, spec, Featurizer(spec, feat.stats), FeatureCache("memory", budget))
+    want = [row_keys(plain.batches(e)) for e in range(2)]
+    cache = FeatureCache("memory", budget)
+    r = reader(window, spec, feat, cache)
+    seen = []
+    kept = cache.fill(r, lambda part: seen.append(part.rows))
+    hashed = feat.chunks
+    assert sum(seen) == 750 and kept == (budget > 1)
+    got = [row_keys(r.batches(e)) for e in range(2)]
+    assert got == want                                    # the same batches as without the pass
+    assert r.accounting.rows_read == 750 and r.accounting.balanced
+    assert (feat.chunks == hashed) == kept                # kept: nothing hashed again
+
+
 def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="feature cache mode"):
         FeatureCache("ram")

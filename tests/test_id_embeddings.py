@@ -109,11 +109,22 @@ def test_validate_counts_ids_under_min_count(tmp_path):
     assert "under min_count" in text and "rare ids" in text
 
 
-def test_admission_is_fitted_by_training_saved_with_the_model_and_applied_when_scoring(tmp_path):
+def test_admission_is_fitted_by_training_saved_with_the_model_and_applied_when_scoring(tmp_path, monkeypatch):
     """`mtrank train` (in process) counts on the training window only, reports it, and the saved model
-    gives a scored row of a rare id the rare row's embedding."""
+    gives a scored row of a rare id the rare row's embedding. The count is the memory feature cache's
+    filling pass: two epochs read the training window once."""
     import yaml
 
+    from mtrank.pipeline.reader import ImpressionReader
+
+    passes: list[str] = []
+    keyed = ImpressionReader.keyed_featurized
+
+    def counted(self, epoch):
+        passes.append("train" if self.cache is not None and self.cache.directory is not None else "other")
+        return keyed(self, epoch)
+
+    monkeypatch.setattr(ImpressionReader, "keyed_featurized", counted)
     from mtrank.jobs.config import JobConfig
     from mtrank.jobs.model_io import load_model
     from mtrank.jobs.train import train
@@ -123,8 +134,10 @@ def test_admission_is_fitted_by_training_saved_with_the_model_and_applied_when_s
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_dict(min_count=5)))
     cfg = JobConfig.model_validate({"name": "ids", "data": str(tmp_path / "logs"), "spec": str(tmp_path / "spec.yaml"),
                                     "window_days": 2, "work_dir": str(tmp_path / "work"), "model": SMALL,
-                                    "train": {"epochs": 1, "batch_size": 4, "min_rows": 1}})
+                                    "train": {"epochs": 2, "batch_size": 4, "min_rows": 1}})
     outcome = train(cfg, DAY + dt.timedelta(days=2))
+    assert passes.count("train") == 1, passes
+    assert outcome.summary["rows"]["read"] == outcome.summary["rows"]["trained"] == 2 * 12   # 2 epochs x 12 rows
     adm = outcome.summary["id_admission"]
     # over two days: u1 6, u2 4, u3 2 lookups; min_count 5 admits u1 only
     assert (adm["user"]["ids_seen"], adm["user"]["ids_admitted"], adm["user"]["lookups_rare"]) == (3, 1, 6)

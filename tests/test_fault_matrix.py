@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import MTRANK, sqlite_client, write_job
+from tests.conftest import MTRANK, mtrank_in_process, sqlite_client, write_job
 
 pytestmark = pytest.mark.slow   # end to end
 NAME, D1, D2 = "ranker", "2026-11-03", "2026-11-04"
@@ -25,9 +25,12 @@ TRAIN = {"batch_size": 1024, "epochs": 1, "lr": 0.003, "checkpoint_every": 3}
 
 
 def run(base: Path, *args, failpoint: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MTRANK_FAILPOINT"}
-    if failpoint:
-        env["MTRANK_FAILPOINT"] = failpoint
+    """With a failpoint: a process of its own that kills itself there. Without: the rerun, through
+    main() in this process (no MTRANK_FAILPOINT here)."""
+    if not failpoint:
+        assert "MTRANK_FAILPOINT" not in os.environ
+        return mtrank_in_process(*args, cwd=base)
+    env = {**os.environ, "MTRANK_FAILPOINT": failpoint}
     return subprocess.run([*MTRANK, *map(str, args)], capture_output=True, text=True, cwd=base, env=env,
                           timeout=600)
 

@@ -20,7 +20,7 @@ Every op's *self* time is put in one bucket:
 - python / dispatch: a phase's wall time not covered by any op (interpreter + dispatcher).
 
     .venv/bin/python -m bench.bf16_profile [--steps 200] [--warmup 20] [--fp32] [--rows 1000000] [--no-esmm]
-                                           [--tag=-NAME]
+                                           [--tag=-NAME] [--order buffer|window]
 
 Writes bench/results/bf16_profile[-fp32].{json,md} (the bucket table, phase table and top ops).
 """
@@ -45,6 +45,7 @@ from mtrank.features.featurize import Featurizer
 from mtrank.features.spec import load_spec
 from mtrank.models import ModelConfig
 from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.feature_cache import FeatureCache
 from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
 from mtrank.pipeline.trainer import TrainConfig, Trainer, build_model
 
@@ -70,7 +71,7 @@ BUCKETS = ("GEMM", "casts", "layout copies", "element-wise / activation", "embed
            "python / dispatch")
 
 
-def build(rows: int, bf16: bool, esmm: bool, steps: int):
+def build(rows: int, bf16: bool, esmm: bool, steps: int, order: str = "buffer"):
     spec = load_spec()
     root = ensure_data()
     window = first_rows(open_window(root, spec, TRAIN_DAY, TRAIN_DAY), rows)
@@ -80,8 +81,11 @@ def build(rows: int, bf16: bool, esmm: bool, steps: int):
     tc = TrainConfig(precision="bf16" if bf16 else "fp32", feature_cache="off")
     model = build_model(spec, mc, tc.seed, stats)
     trainer = Trainer(model, spec, tc)
+    # buffer: the streamed order (a shuffle buffer of rows); window: the memory feature cache's order
+    # (one permutation of all `rows`), whose batches touch more distinct table rows
+    cache = FeatureCache("memory", 8 << 30) if order == "window" else None
     reader = ImpressionReader(window, spec, fz, batch_size=tc.batch_size, shuffle=tc.shuffle,
-                              shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, progress=False)
+                              shuffle_buffer=tc.shuffle_buffer, seed=tc.seed, progress=False, cache=cache)
     t0 = time.perf_counter()
     batches = [b for b in itertools.islice(reader.batches(0), steps) if b.size == tc.batch_size]
     data_ms = 1e3 * (time.perf_counter() - t0) / max(len(batches), 1)
@@ -206,9 +210,11 @@ def main() -> None:
     ap.add_argument("--no-esmm", action="store_true")
     ap.add_argument("--timing-steps", type=int, default=40, help="unprofiled steps timed (mirror and Trainer.step)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--order", choices=("buffer", "window"), default="buffer",
+                    help="batches in the streamed shuffle-buffer order or the memory cache's whole-window order")
     a = ap.parse_args()
     bf16 = not a.fp32
-    tr, batches, data_ms = build(a.rows, bf16, not a.no_esmm, a.steps + a.warmup)
+    tr, batches, data_ms = build(a.rows, bf16, not a.no_esmm, a.steps + a.warmup, a.order)
     timed(step, tr, batches, a.warmup)
     # interleave: mirror / Trainer.step / mirror ..., so the check sees the same load
     mirror, real = [], []

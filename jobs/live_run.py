@@ -169,12 +169,18 @@ class LiveRun(TrainingEvents):
         self._log(epoch_metrics({"loss": {}, "step": point["step"], "validation": point["validation"]}), point["step"])
 
     def stop_monitor(self) -> None:
-        if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception:  # noqa: BLE001
-                pass
-            self._monitor = None
+        """Stop the sampler; a training shorter than one sampling interval still gets the sample it
+        took when it started (MLflow's monitor publishes only after a full interval)."""
+        m, self._monitor = self._monitor, None
+        if m is None:
+            return
+        try:
+            m.finish()
+            if getattr(m, "_logging_step", None) == 0:
+                m.publish_metrics(m.aggregate_metrics())
+                m.mlflow_logger.flush()
+        except Exception as e:  # noqa: BLE001 - an optional extra
+            log.info("system metrics not logged (%s)", e)
 
     def end(self, error: BaseException) -> None:
         """A training that stopped: FAILED with its error, KILLED when interrupted."""

@@ -103,3 +103,21 @@ def test_the_calibration_is_fitted_on_the_validation_day_saved_and_reported(trai
     assert "pcoc_uncalibrated" in ctr and abs(ctr["pcoc"] - 1) < 0.2   # ~300 positives: wide margin
     assert "calibration (Platt" in r.stderr
     assert "PCOC uncalibrated" in (run / "report" / "report.html").read_text()
+
+
+def test_a_training_shorter_than_one_sampling_interval_still_has_system_metrics(tmp_path):
+    """MLflow's monitor publishes after a full interval (5 s here); a job that ends sooner gets the
+    sample taken at its start."""
+    import mlflow
+
+    from mtrank.jobs.live_run import LiveRun, _system_metrics
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    run_id = client.create_run(client.create_experiment("short")).info.run_id
+    live = LiveRun(client, run_id, _system_metrics(run_id, uri))
+    live.stop_monitor()
+    metrics = client.get_run(run_id).data.metrics
+    assert any(k.startswith("system/cpu") for k in metrics) and any(k.startswith("system/system_memory")
+                                                                   for k in metrics), sorted(metrics)
+    live.stop_monitor()   # twice: nothing more to do

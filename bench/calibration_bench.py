@@ -30,9 +30,11 @@ DATE = "2026-11-08"
 ROWS = 50_000          # a day of `make train`'s logs; --rows-per-day scales the eval day's positives
 
 
+MTRANK = [sys.executable, "-m", "mtrank.jobs.cli"]
+
+
 def logs_dir(rows: int) -> Path:
     return CACHE / ("demo-logs" if rows == ROWS else f"demo-logs-{rows}")
-MTRANK = [sys.executable, "-m", "mtrank.jobs.cli"]
 
 
 def ensure_logs(rows: int) -> Path:
@@ -98,10 +100,9 @@ def table(title: str, note: str, runs: dict[str, list[dict]]) -> list[str]:
           + " | AUC, no calibration | positives | the day's 95 % noise around PCOC (median lo–hi) |",
           "|---|---|" + "---|" * len(variants) + "---|---|---|"]
     for f in figs:
-        noise = [(r[f]["pcoc_hi"] / r[f]["pcoc"], r[f]["pcoc_lo"] / r[f]["pcoc"]) for r in runs["none"]
-                 if r.get(f, {}).get("pcoc_hi") is not None]
-        band = (f"{statistics.median(lo for _, lo in noise):.3f}–{statistics.median(hi for hi, _ in noise):.3f} × PCOC"
-                if noise else "")
+        noise = [r[f] for r in runs["none"] if r.get(f, {}).get("pcoc_hi") is not None]
+        band = (f"{statistics.median(m['pcoc_lo'] / m['pcoc'] for m in noise):.3f}–"
+                f"{statistics.median(m['pcoc_hi'] / m['pcoc'] for m in noise):.3f} × PCOC" if noise else "")
         pos = [r[f]["positives"] for r in runs["none"] if "positives" in r.get(f, {})]
         md.append(f"| {f} | {cell('none', f, 'pcoc')} | " + " | ".join(
             f"{cell(v, f, 'pcoc_uncalibrated')} → **{cell(v, f, 'pcoc')}**" for v in variants)

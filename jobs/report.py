@@ -96,12 +96,14 @@ def delta_class(key: str, value, base) -> str:
     return "better" if better else "worse"
 
 
+WITH_INTERVAL = {"auc", "pcoc"}   # `<key>_lo` / `<key>_hi`: DeLong for AUC, the day's noise for PCOC
+
+
 def _cell(key: str, fmt: str, m: dict) -> str:
     text = _fmt(fmt, m.get(key))
-    if key == "auc" and text != "–" and math.isfinite(_num(m.get("auc_lo"))) and math.isfinite(_num(m.get("auc_hi"))):
-        text += f" [{m['auc_lo']:.4f}, {m['auc_hi']:.4f}]"
-    if key == "pcoc" and text != "–" and math.isfinite(_num(m.get("pcoc_lo"))) and math.isfinite(_num(m.get("pcoc_hi"))):
-        text += f" [{m['pcoc_lo']:.3f}, {m['pcoc_hi']:.3f}]"   # the day's noise (pipeline.metrics.pcoc_ci)
+    lo, hi = _num(m.get(f"{key}_lo")), _num(m.get(f"{key}_hi"))
+    if key in WITH_INTERVAL and text != "–" and math.isfinite(lo) and math.isfinite(hi):
+        text += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
     return f"<td>{text}</td>"
 
 

@@ -97,10 +97,11 @@ def _admission(spec: FeatureSpec, reader: ImpressionReader, model, parent: Paren
     tables = admission_tables(spec)
     if not tables:
         return None
-    mine = [IdCounts({t: np.zeros(spec.embedding_tables[t].buckets, np.int64) for t in tables})]
+    mine = IdCounts({t: np.zeros(spec.embedding_tables[t].buckets, np.int64) for t in tables})
 
     def count(arrays) -> None:
-        mine[0] = mine[0].merge(IdCounts.of_arrays(arrays, spec, tables))
+        nonlocal mine
+        mine = mine.merge(IdCounts.of_arrays(arrays, spec, tables))
 
     if reader.cache is not None:
         reader.cache.fill(reader, count)
@@ -108,7 +109,7 @@ def _admission(spec: FeatureSpec, reader: ImpressionReader, model, parent: Paren
         for arrays in reader.featurized(None):
             count(arrays)
     counts = IdCounts()
-    for part in dist.all_gather(mine[0]):
+    for part in dist.all_gather(mine):
         counts = counts.merge(part)
     admitted = counts.admitted(spec)
     if parent is not None:

@@ -25,11 +25,14 @@ def coalesce(grad: torch.Tensor) -> torch.Tensor:
     Same result as `Tensor.coalesce()` at about a third of the time on CPU: a batch's table
     gradient holds one entry per looked-up id (~140k for the standard workload, ~15k distinct),
     and torch's coalesce reduces the duplicates in a serial loop (~10 ms a step, a third of all
-    non-MLP time), while unique + index_add run parallel kernels."""
+    non-MLP time), while unique + index_add run parallel kernels. Rows are sorted as int32 where
+    the weight allows (a third faster than int64's sort on the standard workload)."""
     if grad.is_coalesced():
         return grad
     rows, values = grad._indices()[0], grad._values()
-    uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    narrow = rows.to(torch.int32) if grad.shape[0] < 2 ** 31 else rows
+    uniq, inverse = torch.unique(narrow, sorted=True, return_inverse=True)
+    uniq = uniq.long()
     summed = values.new_zeros(uniq.numel(), *values.shape[1:]).index_add_(0, inverse, values)
     return torch.sparse_coo_tensor(uniq.unsqueeze(0), summed, grad.shape, is_coalesced=True,
                                    check_invariants=False)
@@ -78,7 +81,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 acc = state["sum"].index_select(0, rows) + values.float().square().mean(1)
                 state["sum"].index_copy_(0, rows, acc)
                 step = values / (acc.sqrt() + group["eps"]).unsqueeze(1).to(values.dtype)
-                p.index_add_(0, rows, step, alpha=-group["lr"])
+                # rows are unique (coalesced): a gather and a copy back, not index_add_'s scatter (3x slower)
+                p.index_copy_(0, rows, p.index_select(0, rows).sub_(step.mul_(group["lr"])))
         return None
 
 

@@ -265,7 +265,8 @@ def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False, co
     tags = {**standard_tags(cfg, dt.date.fromisoformat(date), command), "mtrank.date": date, "mtrank.window": f"{summary['train_window']['start']}..{summary['train_window']['end']}",
             "mtrank.git_commit": git_commit(), "mtrank.spec_hash": spec.fingerprint()}
     lin = summary.get("lineage") or {"mode": "full", "depth": 0}
-    tags.update({"mtrank.train_mode": lin["mode"], "mtrank.depth": str(lin["depth"])})
+    tags.update({"mtrank.train_mode": lin["mode"], "mtrank.depth": str(lin["depth"]),
+                 "mtrank.precision": summary.get("precision", cfg.train.precision)})
     if lin.get("parent_version"):
         tags.update({"mtrank.parent_version": str(lin["parent_version"]),
                      "mtrank.root_version": str(lin["root_version"])})

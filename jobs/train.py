@@ -257,7 +257,7 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                          events=live,
                          validate=validate if val_window is not None else None)
     train_s = time.perf_counter() - t0
-    optimizer = trainer.optimizer_state()
+    optimizer, precision = trainer.optimizer_state(), trainer.precision
     del trainer   # the DDP wrapper: released before the process group is left
     calibration = _calibrate(cfg, spec, featurizer, model, val_window, dist)
     # Each rank predicts its shard of the day; rank 0 scores the gathered rows (max_rows split evenly).
@@ -290,7 +290,7 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
                "resumed_from_step": result.resumed_from_step, "train_seconds": train_s, "lineage": lineage,
                **({"best_epoch": result.best_epoch, "stopped_early": result.stopped_early}
                   if result.best_epoch is not None else {}),
-               "ranks": dist.world_size, "history": _history(live, result),
+               "ranks": dist.world_size, "precision": precision, "history": _history(live, result),
                **({"validation_window": val_window.describe()} if val_window is not None else {}),
                **({"id_admission": admission} if admission else {}),
                **({"calibration": calibration} if calibration else {})}

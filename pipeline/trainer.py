@@ -78,9 +78,9 @@ class TrainConfig(StrictConfig):
         default="fixed", description="fixed: the task records' `weight`; uncertainty: a learned log σ² per task "
         "(Kendall et al. 2018)")
     grad_clip: float | None = Field(default=10.0, gt=0, description="max L2 norm of dense gradients")
-    precision: Literal["fp32", "bf16"] = Field(
-        default="fp32", description="bf16 autocasts the bottom on CPUs with avx512_bf16 / AMX; towers, losses and "
-        "evaluation stay fp32")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="bf16 autocasts the bottom (towers, losses and evaluation stay fp32) on CPUs "
+        "with avx512_bf16 / AMX; auto = bf16 where the training device is such a CPU, else fp32 (GPUs included)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: each rank's GPU when CUDA is present, else the CPU")
     shuffle: bool = Field(default=True, description="permute row groups per epoch and rows within the shuffle "
@@ -153,8 +153,9 @@ class TrainConfig(StrictConfig):
     def fingerprint_fields(self) -> dict:
         """What must not change between a checkpoint and its resume (epochs may grow). Knobs that
         leave the weights bit-identical stay out: checkpoint and curve cadence, devices, validation
-        inside an epoch (it runs in eval mode with the training RNG put back)."""
-        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device", "min_rows",
+        inside an epoch (it runs in eval mode with the training RNG put back). Precision enters as
+        resolved by the Trainer (auto is bf16 on one CPU, fp32 on another)."""
+        return self.model_dump(exclude={"epochs", "checkpoint_every", "checkpoint_keep", "device", "min_rows", "precision",
                                         "log_every_steps", "data_workers", "validate_every_steps"})
 
 
@@ -178,6 +179,17 @@ def build_model(spec: FeatureSpec, cfg: ModelConfig, seed: int, stats: NumericSt
     if stats is not None:
         model.init_heads({t.name: m.mean for t in spec.tasks if (m := stats.target(t.name)) is not None})
     return model
+
+
+def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
+    """`train.precision` as a training on `device` runs it. auto picks bf16 only where it was shown to
+    keep AUC and to pay (bench/README.md: a CPU with bf16 instructions); CUDA stays fp32 until its
+    bf16 path is measured."""
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and bf16_supported() else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not bf16_supported():
+        raise ValueError("precision: bf16 needs a CPU with avx512_bf16 or AMX; use fp32 (or auto)")
+    return precision
 
 
 def bf16_supported() -> bool:
@@ -272,8 +284,9 @@ class Trainer:
                  checkpoints: CheckpointStore | None = None, fingerprint: dict | None = None,
                  dist: Dist = SINGLE):
         self.device = resolve_device(cfg.device, dist)
-        if cfg.precision == "bf16" and self.device.type == "cpu" and not bf16_supported():
-            raise ValueError("precision: bf16 needs a CPU with avx512_bf16 or AMX; use fp32")
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.precision == "auto" and dist.is_main:
+            log.info("precision auto: %s on %s", self.precision, self.device)
         if cfg.batch_size % dist.world_size:
             raise ValueError(f"train.batch_size {cfg.batch_size} is the global batch and must divide evenly "
                              f"over {dist.world_size} ranks")
@@ -284,7 +297,7 @@ class Trainer:
         self.dense_params = model.dense_parameters() + list(self.loss.parameters())
         self.dense_opt = dense_optimizer(self.dense_params, cfg.lr, cfg.weight_decay)
         self.checkpoints = checkpoints   # every rank reads it on resume; rank 0 alone writes
-        self.fingerprint = self._fingerprint({**(fingerprint or {}),
+        self.fingerprint = self._fingerprint({**(fingerprint or {}), "precision": self.precision,
                                               **({"world_size": dist.world_size} if dist.enabled else {})})
         self.global_step = 0
         self.rows_trained = 0
@@ -311,7 +324,7 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
     def _autocast(self):
-        return precision_autocast(self.device, self.cfg.precision)
+        return precision_autocast(self.device, self.precision)
 
     def _forward(self, batch) -> "ModelOutput":
         if self.ddp is None:

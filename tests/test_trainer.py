@@ -199,6 +199,34 @@ def test_rowwise_adagrad_updates_only_touched_rows():
     assert acc[3].item() == pytest.approx(4.0) and acc[1].item() == pytest.approx(1.0) and acc[0].item() == 0.0
 
 
+def test_rowwise_adagrad_matches_the_textbook_update_bit_for_bit():
+    """The fast path (int32 sort in coalesce, gather + copy back instead of index_add_) gives
+    torch's coalesce and `w[r] -= lr * g / (sqrt(acc) + eps)` exactly, duplicates summed first."""
+    from mtrank.pipeline.optim import coalesce
+
+    g = torch.Generator().manual_seed(3)
+    rows, dim = 50_000, 8
+    ids = torch.randint(0, rows, (20_000,), generator=g) // 7 * 7      # many duplicates, unsorted
+    values = torch.randn(ids.numel(), dim, generator=g)
+    grad = torch.sparse_coo_tensor(ids.unsqueeze(0), values, (rows, dim))
+    fast, ref = coalesce(grad), grad.coalesce()
+    assert torch.equal(fast.indices(), ref.indices())
+    torch.testing.assert_close(fast.values(), ref.values(), rtol=0, atol=1e-5)   # summation order may differ
+
+    w0 = torch.randn(rows, dim, generator=g)
+    w = torch.nn.Parameter(w0.clone())
+    opt = RowWiseAdagrad([w], lr=0.05, initial_accumulator=0.1)
+    w.grad = grad
+    opt.step()
+    r, v = fast.indices()[0], fast.values()
+    acc = torch.full((rows,), 0.1)
+    acc[r] += v.square().mean(1)
+    expect = w0.clone()
+    expect[r] = w0[r] - 0.05 * (v / (acc[r].sqrt() + 1e-8).unsqueeze(1))
+    assert torch.equal(opt.state[w]["sum"], acc)
+    assert torch.equal(w.detach(), expect)
+
+
 def test_dense_adam_matches_torch_bit_for_bit_without_importing_dynamo():
     """pipeline.optim runs torch's Adam without the torch._dynamo import (1.4 s a process): the same
     weights and state as torch.optim.Adam, and a fresh process that trains never loads dynamo."""
@@ -243,11 +271,35 @@ def test_train_config_is_strict():
 @pytest.mark.skipif(not bf16_supported(), reason="CPU without avx512_bf16/AMX")
 def test_bf16_trains_like_fp32(one_day):
     setup = one_day
-    cfg = TrainConfig(batch_size=2048, shuffle_buffer=8192)
-    _, _, r32 = train(setup, cfg)
-    _, _, r16 = train(setup, cfg.model_copy(update={"precision": "bf16"}))
+    cfg = TrainConfig(batch_size=2048, shuffle_buffer=8192, precision="fp32")
+    _, t32, r32 = train(setup, cfg)
+    _, t16, r16 = train(setup, cfg.model_copy(update={"precision": "auto"}))   # bf16 on this CPU
+    assert (t32.precision, t16.precision) == ("fp32", "bf16")
     for t, v in r32.epochs[0]["loss"].items():
         assert r16.epochs[0]["loss"][t] == pytest.approx(v, rel=0.05), t
+
+
+def test_precision_auto_resolves_by_device_and_resume_refuses_another_precision(one_day, tmp_path):
+    """auto = bf16 only on a CPU with bf16 instructions (CUDA stays fp32); the resolved precision is
+    part of the checkpoint fingerprint, so a checkpoint written in bf16 never resumes in fp32."""
+    from mtrank.pipeline.trainer import resolve_precision
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_precision("auto", cpu) == ("bf16" if bf16_supported() else "fp32")
+    assert resolve_precision("auto", gpu) == "fp32" and resolve_precision("fp32", cpu) == "fp32"
+    if not bf16_supported():
+        with pytest.raises(ValueError, match="avx512_bf16 or AMX"):
+            resolve_precision("bf16", cpu)
+    auto = TrainConfig(batch_size=2048, precision="auto", epochs=1, checkpoint_every=5)
+    here = resolve_precision("auto", cpu)
+    store = CheckpointStore(tmp_path / "ck")
+    train(one_day, auto, store=store)
+    # the same precision named explicitly resumes (the checkpoint's, not the setting's spelling)
+    _, _, again = train(one_day, auto.model_copy(update={"precision": here, "epochs": 2}), store=store, resume=True)
+    assert again.resumed_from_step is not None and again.resumed_from_step > 0
+    if bf16_supported():
+        with pytest.raises(ResumeMismatchError):
+            train(one_day, auto.model_copy(update={"precision": "fp32", "epochs": 3}), store=store, resume=True)
 
 
 @pytest.mark.slow

@@ -103,6 +103,9 @@ def test_lineage_tags_across_three_days(base):
     tags = {v: c.get_model_version("inc", v).tags for v in ("1", "2", "3")}
     assert tags["1"]["mtrank.train_mode"] == "full" and tags["1"]["mtrank.root_version"] == "1"
     assert "mtrank.parent_version" not in tags["1"]
+    # precision auto (the default): the precision that ran, as the trainer resolved it on this CPU
+    from mtrank.pipeline.trainer import bf16_supported
+    assert {t["mtrank.precision"] for t in tags.values()} == {"bf16" if bf16_supported() else "fp32"}
     assert tags["1"]["mtrank.window"] == "2026-11-01..2026-11-02"
     for v, parent, day in (("2", "1", "2026-11-03"), ("3", "2", "2026-11-04")):
         t = tags[v]

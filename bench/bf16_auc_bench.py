@@ -17,9 +17,11 @@ question a user has ("do I lose AUC by switching bf16 on?") is about the expecte
 `--control` adds a third arm: fp32 whose initial weights were rounded to bf16 once, then trained in
 fp32 throughout: a perturbation of bf16's size that involves no bf16 arithmetic at all. Its paired
 differences from fp32 show how far one rounding-sized nudge moves each task's AUC by itself.
-`--no-esmm` runs the plain multi-task model (post-click towers trained on clicked rows).
+`--model` picks the model: `default` (ModelConfig's defaults: ESMM whose post-click towers also
+learn from clicked rows, the model a user trains without settings), `classic` (`esmm: true`) or
+`plain` (post-click towers trained on clicked rows only; `--no-esmm` is the same).
 
-    .venv/bin/python -m bench.bf16_auc_bench [--seeds 5] [--control] [--no-esmm] [--quick]
+    .venv/bin/python -m bench.bf16_auc_bench [--seeds 5] [--control] [--model default|classic|plain] [--quick]
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from mtrank.pipeline.trainer import TrainConfig
 MARGIN = 0.002
 HEAD_ROWS = 200_000
 MEASURES = ("expected_auc", "auc", "auc_head")
+MODELS = {"default": ModelConfig, "classic": lambda: ModelConfig(esmm=True), "plain": lambda: ModelConfig(esmm=False)}
 
 
 def head(pred: Predictions, n: int) -> Predictions:
@@ -96,9 +99,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--control", action="store_true", help="add the fp32 arm with bf16-rounded initial weights")
-    ap.add_argument("--no-esmm", action="store_true", help="plain multi-task model instead of ESMM")
+    ap.add_argument("--model", choices=tuple(MODELS), default="default")
+    ap.add_argument("--no-esmm", action="store_true", help="the same as --model plain")
     ap.add_argument("--quick", action="store_true", help="200k training rows, 200k evaluation rows, 2 seeds")
     a = ap.parse_args()
+    kind = "plain" if a.no_esmm else a.model
     rows, eval_rows, seeds = (200_000, 200_000, 2) if a.quick else (1_000_000, None, a.seeds)
     arms = [k for k in ARMS if a.control or not k.startswith("fp32,")]
     spec = load_spec()
@@ -107,7 +112,7 @@ def main() -> None:
         for arm in arms:
             precision, hook = ARMS[arm]
             t0 = time.perf_counter()
-            out, pred = train_eval(rows, eval_rows, ModelConfig(esmm=not a.no_esmm),
+            out, pred = train_eval(rows, eval_rows, MODELS[kind](),
                                    TrainConfig(precision=precision, seed=seed), spec=spec, init_hook=hook)
             runs.append({"seed": seed, "arm": arm, "samples_per_s": out["samples_per_s"],
                          "eval_rows": pred.rows, "tasks": score(pred, spec)})
@@ -119,7 +124,8 @@ def main() -> None:
     summary = {arm: {m: {t: equivalence([by[s, arm][t][m] - by[s, "fp32"][t][m] for s in range(seeds)])
                          for t in tasks} for m in MEASURES} for arm in arms if arm != "fp32"}
 
-    model = "plain multi-task (no ESMM)" if a.no_esmm else "MMoE + ESMM"
+    model = {"default": "MMoE + ESMM, clicked-row tower term (the default model)", "classic": "MMoE + classic ESMM",
+             "plain": "plain multi-task (no ESMM)"}[kind]
     md = [f"## bf16 vs fp32 AUC, paired by seed (standard workload, {model})", "",
           f"machine: {machine()}; {rows:,} training rows, scored on {runs[0]['eval_rows']:,} rows of the next "
           f"day; {seeds} seeds; 1-min load average {min(loads):.2f}-{max(loads):.2f}", "",
@@ -138,8 +144,9 @@ def main() -> None:
             label = "all rows" if m == "auc" else f"first {HEAD_ROWS // 1000}k rows"
             md.append(f"| {t} | {label} | {per} | {e['mean']:+.4f} | {e['ci90'][0]:+.4f} .. {e['ci90'][1]:+.4f} | "
                       f"{e['max_abs']:.4f} |")
-    name = "bf16_auc" + ("-plain" if a.no_esmm else "") + ("-quick" if a.quick else "")
-    write_results(name, {"machine": machine(), "rows": rows, "seeds": seeds, "esmm": not a.no_esmm,
+    name = "bf16_auc" + {"default": "", "classic": "-classic", "plain": "-plain"}[kind] + ("-quick" if a.quick else "")
+    write_results(name, {"machine": machine(), "rows": rows, "seeds": seeds, "model": kind,
+                         "model_config": MODELS[kind]().model_dump(mode="json"),
                          "runs": runs, "summary": summary}, "\n".join(md) + "\n")
 
 

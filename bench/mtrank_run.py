@@ -4,8 +4,13 @@ Used by the speed benchmark (as a child process, one JSON line, so peak RSS is i
 the quality benchmark (in-process, predictions kept). Data loading is inside the timed epoch:
 the reader streams Parquet -> validate -> hash -> shuffle -> Batch while training.
 
-    .venv/bin/python -m bench.mtrank_run [--rows N] [--eval-rows N] [--bf16] [--bottom mmoe] [--no-esmm] [--seed S]
-                                         [--epochs N] [--feature-cache auto|memory|disk|off]
+    .venv/bin/python -m bench.mtrank_run [--rows N] [--eval-rows N] [--bf16 | --precision auto|fp32|bf16]
+                                         [--bottom mmoe] [--esmm default|classic|none] [--no-esmm] [--seed S]
+                                         [--epochs N] [--feature-cache auto|memory|disk|off] [--data-workers N]
+
+`--esmm default` (the default) trains ModelConfig's ESMM (post-click towers with a clicked-row term),
+`classic` the original ESMM (`esmm: true`, the standard workload's figures before 2026-12), `none`
+(= `--no-esmm`) plain towers on their own populations.
 """
 from __future__ import annotations
 
@@ -72,7 +77,7 @@ def train_eval(rows: int | None, eval_rows: int, model_cfg: ModelConfig, train_c
     cache = FeatureCache(train_cfg.feature_cache, train_cfg.feature_cache_mb << 20, CACHE / "feature-cache")
     reader = ImpressionReader(window, spec, fz, batch_size=train_cfg.batch_size, shuffle=train_cfg.shuffle,
                               shuffle_buffer=train_cfg.shuffle_buffer, seed=train_cfg.seed, progress=False,
-                              cache=cache)
+                              cache=cache, workers=train_cfg.data_workers)
     t0 = time.perf_counter()
     result = trainer.fit(reader, progress=False)
     seconds = time.perf_counter() - t0
@@ -94,7 +99,10 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=200_000)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--bottom", default="mmoe")
-    p.add_argument("--no-esmm", action="store_true")
+    p.add_argument("--no-esmm", action="store_true", help="the same as --esmm none")
+    p.add_argument("--esmm", choices=("default", "classic", "none"), default="default")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="train.precision "
+                   "(default fp32; --bf16 is --precision bf16)")
     p.add_argument("--sparse-optimizer", default="rowwise_adagrad")
     p.add_argument("--sparse-lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
@@ -102,16 +110,18 @@ def main() -> None:
     p.add_argument("--feature-cache", default="off", choices=["auto", "memory", "disk", "off"],
                    help="train.feature_cache (default off: one epoch gains nothing from it)")
     p.add_argument("--feature-cache-mb", type=int, default=2048, help="train.feature_cache_mb")
+    p.add_argument("--data-workers", type=int, default=1, help="train.data_workers")
     a = p.parse_args()
-    mc = ModelConfig(bottom=a.bottom, esmm=not a.no_esmm)
-    tc = TrainConfig(precision="bf16" if a.bf16 else "fp32", sparse_optimizer=a.sparse_optimizer, seed=a.seed,
+    esmm = "none" if a.no_esmm else a.esmm
+    mc = ModelConfig(bottom=a.bottom, **({} if esmm == "default" else {"esmm": esmm == "classic"}))
+    tc = TrainConfig(precision=a.precision or ("bf16" if a.bf16 else "fp32"), sparse_optimizer=a.sparse_optimizer, seed=a.seed,
                      epochs=a.epochs, feature_cache=a.feature_cache,
-                     feature_cache_mb=a.feature_cache_mb,
+                     feature_cache_mb=a.feature_cache_mb, data_workers=a.data_workers,
                      **({"sparse_lr": a.sparse_lr} if a.sparse_lr else {}))
     out, _ = train_eval(a.rows, a.eval_rows, mc, tc)
     out.pop("metrics")
     out["epoch_samples_per_s"] = [round(e["samples_per_s"], 1) for e in out.pop("epochs")]
-    name = f"mtrank {a.bottom}{'' if a.no_esmm else '+esmm'} ({'bf16' if a.bf16 else 'fp32'})"
+    name = f"mtrank {a.bottom}{'' if esmm == 'none' else '+esmm'}{'-classic' if esmm == 'classic' else ''} ({tc.precision})"
     print(json.dumps({"name": name, **out, "peak_rss_mb": round(peak_rss_mb(), 1),
                       "settings": {"threads": torch.get_num_threads(), "model": mc.model_dump(mode="json"),
                                    "train": tc.model_dump(mode="json")}}), flush=True)

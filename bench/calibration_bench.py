@@ -8,7 +8,7 @@ the default prior (`calibration_prior_sd` 0.1) and without one (plain maximum li
 figures come from each run's metrics.json: `pcoc` (as saved, i.e. calibrated when calibration is on)
 and `pcoc_uncalibrated` (the same model before its Platt layer), logloss and AUC.
 
-    .venv/bin/python -m bench.calibration_bench [--seeds 3] [--epochs 1] [--real movielens,adult] [--no-demo]
+    .venv/bin/python -m bench.calibration_bench [--seeds 3] [--first-seed 0] [--epochs 1] [--real movielens,adult] [--no-demo]
 """
 from __future__ import annotations
 
@@ -117,6 +117,7 @@ def table(title: str, note: str, runs: dict[str, list[dict]]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first..first+seeds-1 (add seeds to a run)")
     ap.add_argument("--epochs", type=int, default=1, help="demo epochs (real data: real_bench's)")
     ap.add_argument("--quick", action="store_true", help="one seed")
     ap.add_argument("--real", default="", help="comma-separated real data sets of bench/real_bench.py")
@@ -132,7 +133,7 @@ def main() -> None:
     if not a.no_demo:
         logs = ensure_logs(a.rows_per_day)
         runs: dict[str, list[dict]] = {v: [] for v in a.variants}
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             for variant in runs:           # interleaved: every variant once per seed
                 runs[variant].append(run(variant, seed, a.epochs, logs))
                 loads.append(os.getloadavg()[0])
@@ -140,7 +141,7 @@ def main() -> None:
                     f"{f} {v['pcoc']:.3f}" for f, v in runs[variant][-1].items()), flush=True)
         raw["demo"] = runs
         md += table("Demo workload", f"demo logs (8 days x {a.rows_per_day:,} rows, seed 7), demo job (7-day window), {a.epochs} "
-                    f"epoch(s); median (min–max) over training seeds 0..{a.seeds - 1}. `last day`: validation_days "
+                    f"epoch(s); median (min–max) over training seeds {a.first_seed}..{a.first_seed + a.seeds - 1}. `last day`: validation_days "
                     "1 (trains on 6 days); `10% of requests`: validation_fraction 0.1 (trains on 90 % of the "
                     "requests of all 7 days)", runs)
     for name in filter(None, a.real.split(",")):
@@ -148,7 +149,7 @@ def main() -> None:
         ds = DATASETS[name]()
         spec = make_spec(ds, ids=True)
         runs = {v: [] for v in a.variants}
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             for variant in runs:
                 runs[variant].append(run_real(ds, spec, variant, seed))
                 loads.append(os.getloadavg()[0])
@@ -156,7 +157,7 @@ def main() -> None:
                     f"{f} {v['pcoc']:.3f}" for f, v in runs[variant][-1].items()), flush=True)
         raw[name] = runs
         md += table(name, f"{ds.note}; spec from `init-spec` with ids; real_bench's model and training; median "
-                    f"(min–max) over seeds 0..{a.seeds - 1}", runs)
+                    f"(min–max) over seeds {a.first_seed}..{a.first_seed + a.seeds - 1}", runs)
     md.insert(1, f"machine: {machine()}; load average {min(loads):.2f}–{max(loads):.2f}\n")
     write_results(a.results, {"machine": machine(), "runs": raw, "loads": loads}, "\n".join(md) + "\n")
 

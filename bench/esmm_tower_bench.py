@@ -42,13 +42,14 @@ from mtrank.pipeline.trainer import TrainConfig
 ARMS = {  # label -> ModelConfig.esmm
     "plain": False,
     "esmm": True,
-    "clicked": EsmmConfig(tower_loss="clicked"),
-    "ips": EsmmConfig(tower_loss="ips"),
+    # weight 1.0 named: EsmmConfig's default became 0.5 with the 2026-12-01 default model
+    "clicked": EsmmConfig(tower_loss="clicked", tower_weight=1.0),
+    "ips": EsmmConfig(tower_loss="ips", tower_weight=1.0),
     "clicked x0.5": EsmmConfig(tower_loss="clicked", tower_weight=0.5),
     "ips x0.5": EsmmConfig(tower_loss="ips", tower_weight=0.5),
 }
 LABEL = {"plain": "plain multi-task", "esmm": "classic ESMM", "clicked": "ESMM + clicked BCE",
-         "ips": "ESMM + IPS", "clicked x0.5": "ESMM + 0.5 clicked BCE", "ips x0.5": "ESMM + 0.5 IPS"}
+         "ips": "ESMM + IPS", "clicked x0.5": "ESMM + 0.5 clicked BCE", "ips x0.5": "ESMM + 0.5 IPS",}
 
 
 def expected_aucs(pred, spec) -> dict[str, float]:
@@ -64,7 +65,7 @@ def run(arms: list[str], seeds: list[int], rows: int, eval_rows: int, selection:
     for seed in seeds:
         for arm in arms if "standard" in studies else ():
             t0 = time.perf_counter()
-            res, pred = train_eval(rows, eval_rows, ModelConfig(esmm=ARMS[arm]), TrainConfig(seed=seed), spec=spec)
+            res, pred = train_eval(rows, eval_rows, ModelConfig(esmm=ARMS[arm]), TrainConfig(seed=seed, precision="fp32"), spec=spec)
             out["standard"].setdefault(str(seed), {})[arm] = {
                 "expected_auc": expected_aucs(pred, spec), "auc": res["auc"], "samples_per_s": res["samples_per_s"]}
             print(f"standard seed {seed} {arm}: {time.perf_counter() - t0:.0f} s "
@@ -73,7 +74,7 @@ def run(arms: list[str], seeds: list[int], rows: int, eval_rows: int, selection:
         root = selection_data(seed, selection, rows) if "selection" in studies else None
         for arm in arms if "selection" in studies else ():
             t0 = time.perf_counter()
-            res, pred = train_eval(rows, eval_rows, ModelConfig(esmm=ARMS[arm]), TrainConfig(), root=root, spec=spec)
+            res, pred = train_eval(rows, eval_rows, ModelConfig(esmm=ARMS[arm]), TrainConfig(precision="fp32"), root=root, spec=spec)
             bias = cvr_bias(pred)
             out["selection"].setdefault(str(seed), {})[arm] = {
                 "bias": bias, "expected_auc": expected_aucs(pred, spec), "auc": res["auc"]}

@@ -4,7 +4,8 @@ reference, all measured in this run (BENCHMARKS.md).
 Every runner is a child process printing one JSON line (so peak RSS is its own); repetitions are
 interleaved (A B C ... A B C ...) so a slow minute on the shared machine hits every runner alike.
 Figures are samples/s of the training epoch with data loading included, median (min-max) over the
-repetitions; ratios are of medians. Peers run in the bench venv (`make bench-venv`).
+repetitions; ratios are of medians. Peers run in the bench venv (`make bench-venv`). mtrank trains
+its default model (ESMM with the clicked-row tower term; `bench.mtrank_run --esmm`), in fp32 and bf16.
 
     .venv/bin/python -m bench.train_bench [--quick] [--reps 3]
 """

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from mtrank.features.base import MtrankError, StrictConfig, failpoint
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -192,9 +194,11 @@ def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "
     return precision
 
 
+@functools.cache
 def bf16_supported() -> bool:
+    """Read once a process: every Trainer asks (precision auto), the CPU does not change."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

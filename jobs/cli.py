@@ -222,7 +222,7 @@ def _cmd_score(a: argparse.Namespace) -> int:
                                                           s["seconds"].items() if k != "total_s"))
     if a.show:
         print(format_lists(res.table, requests=a.show, request_column=res.request_column,
-                           item_column=cfg.score.item_column))
+                           item_column=cfg.score.item_column, terms=res.factor_terms))
     print(f"ranked lists: {res.out}" + (f"  (MLflow run {res.run_id})" if res.run_id else ""))
     return 0
 

@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class ScoreOutcome:
     table: pa.Table
     run_id: str | None = None
     request_column: str = "request_id"
+    factor_terms: dict[str, str] = field(default_factory=dict)   # factor column -> its term of the formula
 
 
 def _side_table(path: str | None, columns: dict[str, str], what: str) -> pa.Table | None:
@@ -206,25 +207,29 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
             run_id = log_scoring(cfg, str(day), model_ref, summary, local)
     elif track:
         run_id = log_scoring(cfg, str(day), model_ref, summary, summary_path)
-    return ScoreOutcome(out, summary, scored.table, run_id, saved.spec.request_id)
+    return ScoreOutcome(out, summary, scored.table, run_id, saved.spec.request_id,
+                        {f.column_name: f.term for f in plan.factors})
 
 
 def format_lists(table: pa.Table, requests: int = 3, top: int = 8, request_column: str = "request_id",
-                 item_column: str = "item_id") -> str:
-    """The first ranked requests as a small text table, one column per fusion factor (for the CLI)."""
+                 item_column: str = "item_id", terms: dict[str, str] | None = None) -> str:
+    """The first ranked requests as a small text table, one column per fusion factor (for the CLI),
+    headed by the factor's term (`p_cart^0.2`, not `p_cart`: the column holds the factor's value)."""
     import polars as pl
 
     df = pl.from_arrow(table).filter(pl.col("rank").is_not_null())
     factors = [c for c in df.columns if c.startswith("factor_")]
+    heads = {c: (terms or {}).get(c, c.removeprefix("factor_")).replace(" ", "") for c in factors}
+    width = {c: max(9, len(h)) for c, h in heads.items()}
     first = df.get_column(request_column).unique(maintain_order=True).head(requests)
     lines = []
     for rid in first:
         rows = df.filter(pl.col(request_column) == rid).head(top)
         lines.append(f"request {rid}: {df.filter(pl.col(request_column) == rid).height} shown")
-        head = "".join(f" {c.removeprefix('factor_')[:9]:>9}" for c in factors)
+        head = "".join(f" {heads[c]:>{width[c]}}" for c in factors)
         lines.append(f"  {'rank':>4} {'item':>10} {'score':>9}{head} {'weight':>6}  rules")
         for r in rows.iter_rows(named=True):
-            vals = "".join(f" {r[c]:>9.4g}" for c in factors)
+            vals = "".join(f" {r[c]:>{width[c]}.4g}" for c in factors)
             lines.append(f"  {r['rank']:>4} {str(r[item_column]):>10} {r['score']:>9.4g}{vals} "
                          f"{r['rule_weight']:>6.2f}  {r['rules'] or '-'}")
     return "\n".join(lines)

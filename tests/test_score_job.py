@@ -50,6 +50,11 @@ def test_score_ranks_with_the_champion_and_logs_a_run(base):
     r = score(base, "--out", out, "--exposures", base / "exposures.parquet", "--show", 1, process=True)
     assert r.returncode == 0, r.stderr
     assert "shown" in r.stdout and "capped" in r.stdout
+    # the preview heads each factor column by its term: the column holds (offset + value)^exponent
+    formula = next(line for line in r.stdout.splitlines() if line.startswith("score = "))
+    header = next(line for line in r.stdout.splitlines() if line.strip().startswith("rank "))
+    terms = [t.replace(" ", "") for t in formula.removeprefix("score = ").split(" · ")[:-1]]
+    assert terms and all(t in header.split() for t in terms), (formula, header)
     cand = pq.read_table(base / "cand")
     ranked = pl.read_parquet(out)
     assert ranked.height == cand.num_rows

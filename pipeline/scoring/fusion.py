@@ -58,6 +58,12 @@ class ResolvedFactor:
     def source(self) -> str:
         return self.output.name if self.output is not None else self.column  # type: ignore[return-value]
 
+    @property
+    def term(self) -> str:
+        """The factor as the formula writes it, e.g. `(0.05 + p_b)` or `dwell^0.2`: what its column holds."""
+        base = self.source if self.offset == 0 else f"({self.offset:g} + {self.source})"
+        return base if self.exponent == 1 else f"{base}^{self.exponent:g}"
+
 
 @dataclass(frozen=True)
 class FusionPlan:
@@ -124,11 +130,7 @@ class FusionPlan:
 
     def formula(self) -> str:
         """The formula in words, e.g. `p_a · (0.05 + p_b) · (1 + price) · dwell^0.2 · rule_weight`."""
-        parts = []
-        for f in self.factors:
-            base = f.source if f.offset == 0 else f"({f.offset:g} + {f.source})"
-            parts.append(base if f.exponent == 1 else f"{base}^{f.exponent:g}")
-        return " · ".join(parts + ["rule_weight"])
+        return " · ".join([f.term for f in self.factors] + ["rule_weight"])
 
 
 def default_factors(schema: OutputSchema) -> tuple[ResolvedFactor, ...]:

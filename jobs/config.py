@@ -162,8 +162,20 @@ def parse_config(raw: object, source: str, base: Path | None = None) -> JobConfi
 
 def load_config(path: str | Path | None = None, **overrides: object) -> JobConfig:
     """The YAML at `path` (relative paths inside resolve against its folder), or the embedded
-    default job (paths relative to the current directory). `overrides` replace top-level keys."""
+    default job (paths relative to the current directory). `overrides` replace top-level keys; a
+    relative path among them is relative to the current directory."""
     raw, source, base = read_yaml(path, "jobs", DEFAULT_JOB, "job config")
     if isinstance(raw, dict):
-        raw.update({k: v for k, v in overrides.items() if v is not None})
+        raw.update({k: _from_here(k, v) for k, v in overrides.items() if v is not None})
     return parse_config(raw, source, base)
+
+
+PATH_KEYS = ("data", "spec", "work_dir", "quarantine_dir")
+
+
+def _from_here(key: str, value: object) -> object:
+    """A path given on the command line is relative to the current directory, not to the YAML's
+    folder (where the file's own relative paths resolve)."""
+    if key in PATH_KEYS and isinstance(value, str) and not is_uri(value) and not Path(value).is_absolute():
+        return str(Path.cwd() / value)
+    return value

@@ -70,6 +70,24 @@ def test_config_errors_name_the_key(tmp_path):
     assert cfg.model.bottom == "mmoe" and cfg.train.batch_size == 4096
 
 
+
+def test_command_line_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
+    """`--data logs` from a shell means ./logs, wherever the YAML lives; the YAML's own relative
+    paths still resolve against its folder."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "job.yaml").write_text("data: logs\nwork_dir: work\n")
+    here = tmp_path / "shell"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    from_yaml = load_config(conf / "job.yaml")
+    assert (from_yaml.data, from_yaml.work_dir) == (str(conf / "logs"), str(conf / "work"))
+    given = load_config(conf / "job.yaml", data="logs", work_dir="out/w", spec="s.yaml")
+    assert (given.data, given.work_dir, given.spec) == (str(here / "logs"), str(here / "out/w"), str(here / "s.yaml"))
+    assert load_config(conf / "job.yaml", data="s3://bucket/logs").data == "s3://bucket/logs"
+    r = mtrank_in_process("train", "--config", conf / "job.yaml", "--data", "logs", "--date", "2026-11-03")
+    assert r.returncode == 2 and str(here / "logs") in r.stderr, r.stderr
+
 def test_missing_eval_day_is_a_clear_error(job):
     r = mtrank_in_process("train", "--config", job, "--date", "2026-11-04")
     assert r.returncode == 2 and "dt=2026-11-04" in r.stderr and "missing_partition" in r.stderr

@@ -9,6 +9,7 @@ model's, so "how good" has a ceiling to be read against.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -61,15 +62,29 @@ def precision_autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
+FEATURIZE_ROWS = 65_536
+
+
 def _featurize_chunks(featurizer, rows, chunk_rows: int):
     """(batch, seconds) per `chunk_rows` slice of `rows`: the one place rows become model input, so
-    the serial and the overlapped paths cut and featurize identically."""
+    the serial and the overlapped paths cut and featurize identically.
+
+    Rows are featurized FEATURIZE_ROWS at a time and the arrays sliced into forward batches (hashing
+    is row by row, so the ids are the same): the per-call cost of building and running the polars
+    query is paid once per 64k rows, not once per forward batch; in the overlapped path that is
+    Python time the background thread would otherwise hold the GIL for, next to the forward."""
     from mtrank.pipeline.batch import batch_from_arrays
 
-    for start in range(0, rows.num_rows, chunk_rows):
+    piece = max(chunk_rows, FEATURIZE_ROWS // chunk_rows * chunk_rows)
+    for lo in range(0, rows.num_rows, piece):
         t0 = time.perf_counter()
-        batch = batch_from_arrays(featurizer.transform(rows.slice(start, chunk_rows), with_labels=False))
-        yield batch, time.perf_counter() - t0
+        arrays = featurizer.transform(rows.slice(lo, piece), with_labels=False)
+        feat_s = time.perf_counter() - t0
+        for start in range(0, arrays.rows, chunk_rows):
+            t1 = time.perf_counter()
+            batch = batch_from_arrays(arrays if arrays.rows <= chunk_rows else arrays.slice(start, start + chunk_rows))
+            yield batch, feat_s + time.perf_counter() - t1
+            feat_s = 0.0
 
 
 def _forward(model, batch, device: torch.device, precision: str) -> dict[str, np.ndarray]:
@@ -106,6 +121,20 @@ def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None 
 
 
 _DONE = object()
+
+
+def overlap_pays(model: torch.nn.Module) -> bool:
+    """Whether featurizing in a background thread can hide behind the forward: on a GPU, or with a
+    CPU core the forward's torch threads leave free. On a CPU whose every core runs the forward,
+    the extra thread preempts one of torch's workers and every operator waits at its barrier
+    (measured on 2 cores: the forward slowed by more than the featurizing it hid)."""
+    if model_device(model).type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
 
 
 def predict_frames(model: MultiTaskRanker, featurizer, frames, rows_of=lambda item: item,

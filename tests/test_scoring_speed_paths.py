@@ -28,7 +28,7 @@ from mtrank.jobs.model_io import load_model, save_model
 from mtrank.jobs.score import score
 from mtrank.models import ModelConfig
 from mtrank.pipeline.batch import batch_from_arrays
-from mtrank.pipeline.evaluate import predict_frames, predict_rows
+from mtrank.pipeline.evaluate import overlap_pays, predict_frames, predict_rows
 from mtrank.pipeline.scoring import ScoringConfig
 from mtrank.pipeline.synthetic import ImpressionConfig, generate_candidates, generate_impressions
 from mtrank.pipeline.trainer import build_model
@@ -182,8 +182,10 @@ def test_one_intra_op_thread_predicts_the_same(world):
 
 def test_inference_config_validates():
     sc = ScoringConfig()
-    assert (sc.inference.precision, sc.inference.forward_rows, sc.inference.overlap) == ("fp32", 16_384, True)
+    assert (sc.inference.precision, sc.inference.forward_rows, sc.inference.overlap) == ("fp32", 16_384, "auto")
     assert ScoringConfig.model_validate({"inference": {"precision": "bf16", "forward_rows": 4096}}).inference.forward_rows == 4096
+    for ok in (True, False, "auto"):
+        assert ScoringConfig.model_validate({"inference": {"overlap": ok}}).inference.overlap == ok
     for bad in ({"precision": "fp16"}, {"forward_rows": 0}, {"overlap": "sometimes"}, {"batch": 10}):
         with pytest.raises(ValidationError):
             ScoringConfig.model_validate({"inference": bad})
@@ -225,3 +227,47 @@ def test_overlapping_small_requests_leave_torch_its_thread_count():
         assert torch.get_num_threads() == 2 and pyfunc_model._serial_requests == 0
     finally:
         torch.set_num_threads(original)
+
+
+def test_auto_overlap_only_with_a_core_the_forward_leaves_free(world, tmp_path):
+    """`overlap: auto` featurizes in the background only when torch's threads leave a core free;
+    the score summary says which path ran, and both paths write the same table."""
+    import os
+
+    root, saved, _ = world
+    cores, before = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    job = load_config(None, data=str(root / "logs"), work_dir=str(tmp_path / "work"))
+    day = DAY + dt.timedelta(days=1)
+    tables = {}
+    try:
+        for threads in sorted({cores, max(1, cores - 1)}):
+            torch.set_num_threads(threads)
+            assert overlap_pays(saved.model) == (threads < cores)
+            r = score(job, str(root / "model"), root / "cands", day, tmp_path / f"out-{threads}.parquet",
+                      track=False, progress=False)
+            assert r.summary["background_featurize"] == (threads < cores)
+            assert ("input_wait_s" in r.summary["seconds"]) == (threads < cores)
+            tables[threads] = r.table
+    finally:
+        torch.set_num_threads(before)
+    assert len({t.num_rows for t in tables.values()}) == 1
+    first, *rest = tables.values()
+    assert all(t.equals(first) for t in rest)
+
+
+def test_side_tables_are_checked_before_any_candidate_is_scored(world, tmp_path):
+    """A broken caps table fails the job naming that file, even when the candidates would fail too:
+    the side tables are read before the forward, not after minutes of it."""
+    root, _, table = world
+    bad_cands = tmp_path / "cands.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("item_id"), "item_id",
+                                    pa.array([None] * table.num_rows, table.schema.field("item_id").type)), bad_cands)
+    caps = tmp_path / "caps.parquet"
+    pq.write_table(pa.table({"item_id": pa.array([1, 2], pa.int64()), "cap": pa.array([1.5, 2.0])}), caps)
+    job = load_config(None, data=str(root / "logs"), work_dir=str(tmp_path / "work"))
+    sc = job.score.model_copy(update={"traffic_cap": job.score.traffic_cap.model_copy(
+        update={"enabled": True, "caps_file": str(caps)})})
+    with pytest.raises(BadInputError) as e:
+        score(job, str(root / "model"), bad_cands, DAY + dt.timedelta(days=1), tmp_path / "out.parquet",
+              scoring=sc, track=False, progress=False)
+    assert str(caps) in str(e.value) and "cap" in str(e.value) and "wrong_type" in str(e.value)

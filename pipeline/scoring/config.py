@@ -183,8 +183,12 @@ class InferenceConfig(_Strict):
                               description="candidate rows per forward pass (peak memory grows with it; another "
                                           "value may move a prediction by 1 ulp: the CPU's matrix kernels "
                                           "round by batch size)")
-    overlap: bool = Field(default=True, description="read, validate and featurize the next chunk in a background "
-                                                    "thread while the model runs on the current one")
+    overlap: bool | Literal["auto"] = Field(
+        default="auto", description="read, validate and featurize the next chunk in a background thread while "
+                                    "the model runs on the current one; auto: only where that thread has a core "
+                                    "the forward does not use (a GPU forward, or more cores than torch threads; "
+                                    "on a CPU whose every core runs the forward, the thread slows it by more "
+                                    "than it hides)")
 
 
 class ScoringConfig(_Strict):

@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1,000 requests, one repetition")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--bf16", action="store_true",
+                    help="also the bf16 pair each repetition: bare forward and `mtrank score` with "
+                         "score.inference.precision: bf16 (CPUs with avx512_bf16 / AMX)")
     a = ap.parse_args()
     requests = a.requests or (1_000 if a.quick else 10_000)
     reps = a.reps or (1 if a.quick else 3)
@@ -137,11 +140,20 @@ def main() -> None:
     # `mtrank score` with the background featurizing thread (the default) and without it (the serial
     # path: read, featurize, forward one chunk after another), interleaved with the bare forward
     e2e, parts, serial, serial_parts, loads = [], [], [], [], []
-    fwd = []
+    fwd, bf16_fwd, bf16_e2e, bf16_parts = [], [], [], []
+    bf16_cfg = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"precision": "bf16"})})
     for _ in range(reps):
         loads.append(round(os.getloadavg()[0], 2))
         rows, s = bare_forward(model_dir, cand_root, cfg.inference)
         fwd.append(rows / s)
+        if a.bf16:   # the bf16 pair: the job as configured otherwise (overlap: auto)
+            rows, s = bare_forward(model_dir, cand_root, bf16_cfg.inference)
+            bf16_fwd.append(rows / s)
+            t0 = time.perf_counter()
+            r = score(job, str(model_dir), cand_root, EVAL_DAY, out, exposures=str(exposures_path), scoring=bf16_cfg,
+                      track=False, progress=False)
+            bf16_e2e.append(r.summary["rows_read"] / (time.perf_counter() - t0))
+            bf16_parts.append(r.summary["seconds"])
         for overlap, rates, phases in ((True, e2e, parts), (False, serial, serial_parts)):
             sc = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"overlap": overlap})})
             t0 = time.perf_counter()
@@ -161,7 +173,9 @@ def main() -> None:
                        "phase_seconds": parts, "serial_score_per_s": serial, "serial_ratio": serial_rate / fwd_rate,
                        "serial_phase_seconds": serial_parts, "loadavg_1min_per_rep": loads,
                        "ratio_per_rep": [e / f for e, f in zip(e2e, fwd)],
-                       "serial_ratio_per_rep": [e / f for e, f in zip(serial, fwd)], "auto_overlap": auto},
+                       "serial_ratio_per_rep": [e / f for e, f in zip(serial, fwd)], "auto_overlap": auto,
+                       "bf16": {"score_per_s": bf16_e2e, "bare_forward_per_s": bf16_fwd, "phase_seconds": bf16_parts,
+                                "ratio_per_rep": [e / f for e, f in zip(bf16_e2e, bf16_fwd)]} if a.bf16 else None},
     }
     mid = parts[len(parts) // 2]
     md = [f"# Scoring: {n:,} candidates ({requests:,} requests), median of {reps}, {machine()['cores']} cores", "",
@@ -173,13 +187,19 @@ def main() -> None:
           f"background thread (`score.inference.overlap: true`) | {e2e_rate:,.0f} | "
           f"{e2e_rate / fwd_rate:.0%} of bare forward |",
           f"| same, inline (`overlap: false`) | {serial_rate:,.0f} | {serial_rate / fwd_rate:.0%} of bare forward |",
-          f"| model forward pass only (batches prepared beforehand) | {fwd_rate:,.0f} | 100% |", "",
+          f"| model forward pass only (batches prepared beforehand) | {fwd_rate:,.0f} | 100% |",
+          *([f"| `mtrank score`, `precision: bf16` | {statistics.median(bf16_e2e):,.0f} | "
+             f"{statistics.median(bf16_e2e) / statistics.median(bf16_fwd):.0%} of the bf16 bare forward |",
+             f"| bf16 forward pass only | {statistics.median(bf16_fwd):,.0f} | "
+             f"{statistics.median(bf16_fwd) / fwd_rate:.2f}x the fp32 forward |"] if a.bf16 else []), "",
           f"Loop and vectorised results identical (rank and rule flags of every candidate): **{identical}**. "
           f"Caps resolved in {res.summary['cap_rounds']} round(s); rule counts: "
           + ", ".join(f"{k} {v:,}" for k, v in res.summary["rules"].items() if v) + ".", "",
           "End-to-end phases (s, middle run): " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in mid.items()),
           "(with the overlap, read_validate and featurize run in the background thread; input_wait is the part "
           "the forward waited for them)", "",
+          *([f"bf16 phases (s, middle run): " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in
+                                                          bf16_parts[len(bf16_parts) // 2].items()), ""] if a.bf16 else []),
           f"`overlap: auto` (the default) featurizes {'in the background' if auto else 'inline'} here: "
           f"{machine()['cores']} cores, {torch.get_num_threads()} torch threads.", "",
           "Per repetition, score / bare forward (overlap, serial): "

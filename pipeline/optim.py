@@ -11,6 +11,7 @@ and a row no batch looks up is never shrunk.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Iterable, Literal
 
@@ -52,7 +53,45 @@ def with_row_l2(p: torch.Tensor, grad: torch.Tensor, l2: tuple[torch.Tensor, tor
     return torch.sparse_coo_tensor(grad.indices(), values, grad.shape, is_coalesced=True, check_invariants=False)
 
 
-class RowWiseAdagrad(torch.optim.Optimizer):
+_DISABLED = torch._disable_dynamo(lambda: None).__code__   # the code of torch's "not traced" wrapper
+
+
+def _unwrapped(fn) -> object | None:
+    """The function `torch._disable_dynamo` wrapped, or None where `fn` is not such a wrapper."""
+    inner = getattr(fn, "__wrapped__", None)
+    return inner if getattr(fn, "__code__", None) is _DISABLED and inner is not None else None
+
+
+# Optimizer methods torch wraps with `torch._disable_dynamo` (zero_grad, state_dict, ...), unwrapped
+_PLAIN_METHODS = {name: f for name, f in ((n, _unwrapped(fn)) for n, fn in vars(torch.optim.Optimizer).items()) if f}
+
+
+def _closure(fn) -> list:
+    out = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out.append(cell.cell_contents)
+        except ValueError:   # an empty cell
+            pass
+    return out
+
+
+# the disabled functional `adam` that torch's Adam.step calls (inside torch's dispatch wrapper), unwrapped
+_ADAM_INNER = [f for f in map(_unwrapped, _closure(_functional_adam)) if f]
+
+
+class _Eager:
+    """Optimizer methods without torch's dynamo wrapper, which imports torch._dynamo (1.4 s of CPU a
+    process) on its first call only to build a "not traced" copy of the method. Nothing mtrank runs
+    is traced, so the plain method is the same code. Class-local: torch's own classes, and any
+    torch.compile in the same process, keep torch's wrappers."""
+
+
+for _name, _fn in _PLAIN_METHODS.items():
+    setattr(_Eager, _name, _fn)
+
+
+class RowWiseAdagrad(_Eager, torch.optim.Optimizer):
     """Adagrad for sparse gradients with one squared-gradient accumulator per row.
 
     Duplicate ids in a batch are summed first (coalesce), so a row gets one update per step.
@@ -86,7 +125,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
         return None
 
 
-class SparseAdamL2(torch.optim.SparseAdam):
+class SparseAdamL2(_Eager, torch.optim.SparseAdam):
     """torch's SparseAdam with the per-table L2 of the touched rows added to their gradient."""
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 1e-3, row_l2: RowL2 | None = None):
@@ -110,48 +149,40 @@ def sparse_optimizer(params: list[nn.Parameter], kind: Literal["rowwise_adagrad"
     return RowWiseAdagrad(params, lr=lr, initial_accumulator=initial_accumulator, row_l2=row_l2)
 
 
-def _skip_dynamo_import() -> bool:
-    """Let torch's optimizers run eagerly without importing torch._dynamo (1.4 s of CPU per process).
-
-    Optimizer methods and the functional `adam` are wrapped by `torch._disable_dynamo`, whose wrapper
-    imports torch._dynamo on its first call only to build a "not traced" version of the function, and
-    caches it on the function as `__dynamo_disable`. Nothing here is traced by dynamo, so each
-    wrapped function is given itself as that cached version: the same code runs, without the import.
-    Done only while torch._dynamo is not loaded (once it is, torch's own path costs nothing more).
-    False where torch's layout differs (a newer torch): its own path is then used, only slower."""
-    if "torch._dynamo" in sys.modules:
-        return False
-    marker = torch._disable_dynamo(lambda: None).__code__
-    seeded = 0
-
-    def seed(fn) -> None:
-        nonlocal seeded
-        inner = getattr(fn, "__wrapped__", None)
-        if getattr(fn, "__code__", None) is marker and inner is not None:
+@contextlib.contextmanager
+def _adam_without_dynamo_import():
+    """For one step: torch's disabled functional `adam` is given itself as its cached "not traced"
+    copy (what the wrapper looks up before importing dynamo), and the cache is removed afterwards,
+    so nothing outlives the step. Skipped once torch._dynamo is loaded (its own path is then free)."""
+    seeded = []
+    if "torch._dynamo" not in sys.modules:
+        for inner in _ADAM_INNER:
             if not hasattr(inner, "__dynamo_disable"):
                 setattr(inner, "__dynamo_disable", inner)
-            seeded += 1
-
-    for fn in vars(torch.optim.Optimizer).values():
-        seed(fn)
-    for cell in getattr(_functional_adam, "__closure__", None) or ():
-        try:
-            seed(cell.cell_contents)
-        except ValueError:   # an empty cell
-            pass
-    return seeded >= 2 and hasattr(torch.optim.Adam.step, "__wrapped__")
+                seeded.append(inner)
+    try:
+        yield
+    finally:
+        for inner in seeded:
+            if getattr(inner, "__dynamo_disable", None) is inner:
+                delattr(inner, "__dynamo_disable")
 
 
-class _EagerAdam(torch.optim.Adam):
-    """torch's Adam with its step's dynamo graph breaks left out (they import torch._dynamo): the
-    same `_init_group` and functional `adam` under no_grad, as torch's step runs them when
-    `differentiable` is off (always, here)."""
-
-    step = torch.no_grad()(torch.optim.Adam.step.__wrapped__) if hasattr(torch.optim.Adam.step, "__wrapped__") \
-        else torch.optim.Adam.step
+_ADAM_STEP = getattr(torch.optim.Adam.step, "__wrapped__", None)
 
 
-_EAGER = _skip_dynamo_import()
+class _EagerAdam(_Eager, torch.optim.Adam):
+    """torch's Adam without its dynamo wrappers: the same `_init_group` and functional `adam` under
+    no_grad, as torch's step runs them when `differentiable` is off (always, here)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with _adam_without_dynamo_import():
+            return _ADAM_STEP(self, closure)
+
+
+# a torch whose layout differs (a newer one): its own Adam, which only costs the import
+_EAGER = bool(_PLAIN_METHODS) and bool(_ADAM_INNER) and _ADAM_STEP is not None
 
 
 def dense_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

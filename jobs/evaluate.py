@@ -9,7 +9,7 @@ from mtrank.features.featurize import Featurizer
 from mtrank.jobs.model_io import SavedModel
 from mtrank.jobs.report import gauc_note, write_report
 from mtrank.jobs.tracking import open_model
-from mtrank.pipeline.checkpoint import make_dirs
+from mtrank.pipeline.output_files import make_dirs
 from mtrank.pipeline.dataset import open_window
 from mtrank.pipeline.evaluate import Predictions, predict, task_curves, task_metrics
 from mtrank.pipeline.reader import ImpressionReader

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from mtrank.features import storage
 from mtrank.features.rules import (EMPTY_PARTITION, MISSING_COLUMN, MISSING_PARTITION, NULL, UNREADABLE, WRONG_TYPE,
                             BadInputError)
-from mtrank.pipeline.checkpoint import check_output, write_output
+from mtrank.pipeline.output_files import check_output, write_output
 from mtrank.pipeline.dataset import list_partitions, partition_files
 
 

@@ -17,7 +17,8 @@ import torch
 from mtrank.features.numeric import NumericStats
 from mtrank.features.spec import FeatureSpec, SpecError, load_spec
 from mtrank.models import ModelConfig, MultiTaskRanker
-from mtrank.pipeline.checkpoint import load_tensors, write_atomic
+from mtrank.pipeline.checkpoint import load_tensors
+from mtrank.pipeline.output_files import write_atomic
 
 FILES = ("weights.pt", "feature_spec.yaml", "numeric_stats.json", "model_config.json")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mtrank.jobs.svg_plot import Panel, figure, viridis
-from mtrank.pipeline.checkpoint import make_dirs, write_atomic_all
+from mtrank.pipeline.output_files import make_dirs, write_atomic_all
 
 BINARY_COLS = [("rows", "rows", "{:,}"), ("positives", "positives", "{:,}"), ("auc", "AUC", "{:.4f}"),
                ("oracle_auc", "oracle AUC", "{:.4f}"), ("gauc", "GAUC", "{:.4f}"),

@@ -32,7 +32,7 @@ from mtrank.jobs.model_io import trained_keep_rate
 from mtrank.jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
 from mtrank.pipeline.evaluate import overlap_pays, predict_frames, predict_rows
 from mtrank.pipeline.candidates import CandidateReader, candidate_files
-from mtrank.pipeline.checkpoint import check_output, write_output
+from mtrank.pipeline.output_files import check_output, write_output
 from mtrank.pipeline.progress import Progress
 from mtrank.pipeline.scoring import ScoringConfig, score_candidates
 from mtrank.pipeline.scoring.fusion import resolve

@@ -23,7 +23,8 @@ from mtrank.jobs.model_io import SavedModel, save_model
 from mtrank.jobs.paths import quarantine_dir, run_dir
 from mtrank.models.warm_start import transfer_weights
 from mtrank.jobs.report import gauc_note, strict_json, undefined_figures, write_report
-from mtrank.pipeline.checkpoint import CheckpointStore, write_atomic
+from mtrank.pipeline.checkpoint import CheckpointStore
+from mtrank.pipeline.output_files import write_atomic
 from mtrank.pipeline.dataset import check_labels, open_window
 from mtrank.pipeline.ranks import SINGLE, Dist
 from mtrank.pipeline.feature_cache import FeatureCache

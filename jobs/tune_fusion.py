@@ -27,7 +27,7 @@ from mtrank.jobs.model_io import trained_keep_rate
 from mtrank.jobs.tracking import log_tuning, model_version_of, open_model, tracking_uri
 from mtrank.jobs.model_io import SavedModel
 from mtrank.pipeline.evaluate import FORWARD_ROWS, predict_rows
-from mtrank.pipeline.checkpoint import write_atomic
+from mtrank.pipeline.output_files import write_atomic
 from mtrank.pipeline.dataset import open_window
 from mtrank.pipeline.reader import ImpressionReader
 from mtrank.pipeline.scoring import tuning

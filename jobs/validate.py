@@ -12,7 +12,7 @@ from mtrank.features import storage
 from mtrank.features.admission import IdCounts, format_summary
 from mtrank.features.hashing import table_collisions
 from mtrank.features.spec import FeatureSpec
-from mtrank.pipeline.checkpoint import check_output, write_output
+from mtrank.pipeline.output_files import check_output, write_output
 from mtrank.pipeline.dataset import open_window
 from mtrank.pipeline.reader import ImpressionReader, skipped_files
 

@@ -22,7 +22,7 @@ from mtrank.features import storage
 from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, BadInputError,
                             RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
 from mtrank.features.spec import FeatureSpec, SpecError
-from mtrank.pipeline.checkpoint import write_atomic
+from mtrank.pipeline.output_files import write_atomic
 from mtrank.pipeline.reader import RowAccounting, open_parquet
 from mtrank.pipeline.scoring.config import ScoringConfig
 

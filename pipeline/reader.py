@@ -32,12 +32,11 @@ from mtrank.features.numeric import NumericStats
 from mtrank.features.rules import (MISSING_COLUMN, NULL, REASON, UNREADABLE, BadInputError, RowRule,
                             float_columns, reject_reason_expr, row_rules)
 from mtrank.features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, SpecError
-from mtrank.models.batch import Batch
-from mtrank.pipeline.batch import batch_from_arrays
 from mtrank.pipeline.dataset import SKIP_HINT, DataWindow, RowGroup
 from mtrank.pipeline.progress import Progress
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # tensors only where batches are made: reading and validating need no torch
+    from mtrank.models.batch import Batch
     from mtrank.pipeline.feature_cache import FeatureCache
 
 log = logging.getLogger("mtrank.reader")
@@ -496,6 +495,8 @@ class ImpressionReader:
     def permuted_batches(self, arrays: FeatureArrays, epoch: int) -> Iterator[Batch]:
         """Batches from a whole featurized shard: one seeded permutation of all its rows per epoch
         (in read order without shuffling)."""
+        from mtrank.pipeline.batch import batch_from_arrays
+
         n = arrays.rows
         order = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 2])).permutation(n) \
             if self.shuffle else None
@@ -513,6 +514,8 @@ class ImpressionReader:
 
     def _emit(self, arrays: FeatureArrays, rng: np.random.Generator, final: bool):
         """Yield full batches from a buffer (shuffled first); return the rows left over."""
+        from mtrank.pipeline.batch import batch_from_arrays
+
         if self.shuffle:
             arrays = arrays.take(rng.permutation(arrays.rows))
         n = arrays.rows if final else arrays.rows - arrays.rows % self.batch_size

@@ -595,7 +595,7 @@ class Trainer:
     def _keep_best(self) -> None:
         self._best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if self.dist.is_main and self.checkpoints is not None:
-            from mtrank.pipeline.checkpoint import write_atomic
+            from mtrank.pipeline.output_files import write_atomic
 
             self.checkpoints.dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.checkpoints.dir / self.BEST, lambda f: torch.save(self._best, f))

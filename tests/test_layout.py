@@ -78,7 +78,8 @@ def test_every_user_facing_error_shares_one_base():
     from mtrank.features.spec import SpecError
     from mtrank.jobs.daily import JobLocked, TrainingFailed
     from mtrank.jobs.tracking import TrackingUnavailable
-    from mtrank.pipeline.checkpoint import CheckpointError, OutputError
+    from mtrank.pipeline.checkpoint import CheckpointError
+    from mtrank.pipeline.output_files import OutputError
     from mtrank.pipeline.scoring import ScoringError
     from mtrank.pipeline.trainer import NonFiniteLossError, ResumeMismatchError
 
@@ -136,3 +137,15 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
         assert f"mtrank/{room}/__init__.py" in names
     assert "mtrank/features/default_spec.yaml" in names and "mtrank/jobs/default_job.yaml" in names
     assert "mtrank/__init__.py" not in names   # a namespace: the rooms' own __init__ files are the package roots
+
+
+def test_data_only_commands_do_not_import_torch():
+    """`validate`, `exposures` and `report` read Parquet and write files: no model, so no torch (its
+    import is seconds of CPU on a small scheduler box)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mtrank.jobs.validate, mtrank.jobs.exposures, mtrank.jobs.report; "
+            "print(sorted(m for m in ('torch', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

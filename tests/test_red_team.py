@@ -81,7 +81,7 @@ def test_pickled_objects_in_weights_and_checkpoints_are_refused(base, tmp_path):
     manifest = json.loads((ckpt / "latest.json").read_text())
     last = ckpt / manifest["checkpoints"][-1]["file"]
     torch.save({"x": Payload()}, last)
-    from mtrank.pipeline.checkpoint import sha256
+    from mtrank.pipeline.output_files import sha256
 
     manifest["checkpoints"][-1]["sha256"] = sha256(last)
     (ckpt / "latest.json").write_text(json.dumps(manifest))

@@ -99,7 +99,7 @@ def test_storage_reads_lists_and_writes_objects(s3, spec, tmp_path, monkeypatch)
     from mtrank.features.infer_spec import InferOptions, infer_spec
     from mtrank.features.rules import BadInputError
     from mtrank.jobs.exposures import count_exposures
-    from mtrank.pipeline.checkpoint import OutputError, write_output
+    from mtrank.pipeline.output_files import OutputError, write_output
     from mtrank.pipeline.dataset import list_partitions, open_window
     from mtrank.pipeline.reader import ImpressionReader
 

@@ -31,7 +31,7 @@ from mtrank.jobs.model_io import load_model, save_model
 from mtrank.jobs.score import read_exposures, score
 from mtrank.pipeline.batch import batch_from_arrays
 from mtrank.pipeline.dataset import open_window
-from mtrank.pipeline.evaluate import eval_mode, overlap_pays, precision_autocast
+from mtrank.pipeline.evaluate import eval_mode, overlap_pays, predict_batch
 from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
 from mtrank.pipeline.scoring import score_candidates
 from mtrank.pipeline.scoring.fusion import resolve
@@ -89,9 +89,7 @@ def bare_forward(model_dir: Path, candidates: Path, inference) -> tuple[int, flo
     t0 = time.perf_counter()
     with torch.inference_mode(), eval_mode(saved.model):
         for b in batches:
-            with precision_autocast(device, inference.precision):
-                out = saved.model.predict(b)
-            {k: v.float().numpy() for k, v in out.items()}
+            predict_batch(saved.model, b, device, inference.precision)
     return sum(b.size for b in batches), time.perf_counter() - t0
 
 

@@ -87,7 +87,9 @@ def _featurize_chunks(featurizer, rows, chunk_rows: int):
             feat_s = 0.0
 
 
-def _forward(model, batch, device: torch.device, precision: str) -> dict[str, np.ndarray]:
+def predict_batch(model, batch, device: torch.device, precision: str) -> dict[str, np.ndarray]:
+    """One featurized batch through `model.predict` at `precision`, outputs as numpy: the forward of
+    scoring and serving (the caller holds eval and inference mode)."""
     with precision_autocast(device, precision):
         out = model.predict(batch.to(device))
     return {k: v.float().cpu().numpy() for k, v in out.items()}
@@ -113,7 +115,7 @@ def predict_rows(model: MultiTaskRanker, featurizer, rows, timings: dict | None 
     with eval_mode(model):
         for batch, feat_s in _featurize_chunks(featurizer, rows, chunk_rows):
             t1 = time.perf_counter()
-            for k, v in _forward(model, batch, device, precision).items():
+            for k, v in predict_batch(model, batch, device, precision).items():
                 parts.setdefault(k, []).append(v)
             _add(timings, "featurize_s", feat_s)
             _add(timings, "forward_s", time.perf_counter() - t1)
@@ -204,7 +206,7 @@ def predict_frames(model: MultiTaskRanker, featurizer, frames, rows_of=lambda it
                     break
                 if batch is not None:
                     with torch.inference_mode():
-                        out = _forward(model, batch, device, precision)
+                        out = predict_batch(model, batch, device, precision)
                     for k, v in out.items():
                         parts.setdefault(k, []).append(v)
                     _add(timings, "forward_s", time.perf_counter() - t1)

@@ -24,6 +24,7 @@ import torch
 from bench.common import CACHE, peak_rss_mb
 from mtrank.features.featurize import Featurizer
 from mtrank.features.spec import FeatureSpec, load_spec
+from mtrank.jobs.process_memory import keep_freed_memory
 from mtrank.models import ModelConfig
 from mtrank.pipeline.dataset import open_window
 from mtrank.pipeline.feature_cache import FeatureCache
@@ -112,6 +113,7 @@ def main() -> None:
     p.add_argument("--feature-cache-mb", type=int, default=2048, help="train.feature_cache_mb")
     p.add_argument("--data-workers", type=int, default=1, help="train.data_workers")
     a = p.parse_args()
+    keep_freed_memory()   # as the `mtrank` CLI does at start (MTRANK_KEEP_FREED_MEMORY=0: glibc's default)
     esmm = "none" if a.no_esmm else a.esmm
     mc = ModelConfig(bottom=a.bottom, **({} if esmm == "default" else {"esmm": esmm == "classic"}))
     tc = TrainConfig(precision=a.precision or ("bf16" if a.bf16 else "fp32"), sparse_optimizer=a.sparse_optimizer, seed=a.seed,

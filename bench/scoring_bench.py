@@ -28,6 +28,7 @@ from mtrank.features.spec import load_spec
 from mtrank.jobs.config import load_config
 from mtrank.jobs.exposures import count_exposures
 from mtrank.jobs.model_io import load_model, save_model
+from mtrank.jobs.process_memory import keep_freed_memory
 from mtrank.jobs.score import read_exposures, score
 from mtrank.pipeline.batch import batch_from_arrays
 from mtrank.pipeline.dataset import open_window
@@ -105,6 +106,7 @@ def main() -> None:
     requests = a.requests or (1_000 if a.quick else 10_000)
     reps = a.reps or (1 if a.quick else 3)
     torch.set_num_threads(2)
+    keep_freed_memory()   # as the `mtrank` CLI does at start: the bare forward and `score()` alike
     ensure_data()
     job = load_config(None, data=str(ROOT), work_dir=str(CACHE / "score-work"))
     cfg = job.score

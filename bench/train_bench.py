@@ -24,11 +24,18 @@ from bench.mtrank_run import ensure_data
 
 BENCH_PY = Path(".mtrank/bench-venv/bin/python")
 
-RUNNERS = [  # (key, python, module, extra args)
+# glibc told what `mtrank` sets with mallopt at start (jobs/process_memory.py): large blocks from the
+# heap, freed memory kept; for the reference arms that measure the same allocator setting
+KEEP_FREED = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"}
+RUNNERS = [  # (key, python, module, extra args[, extra environment])
     ("reference fp32", sys.executable, "bench.peers.reference", []),
     ("reference bf16", sys.executable, "bench.peers.reference", ["--bf16"]),
+    ("reference fp32, freed memory kept", sys.executable, "bench.peers.reference", [], KEEP_FREED),
+    ("reference bf16, freed memory kept", sys.executable, "bench.peers.reference", ["--bf16"], KEEP_FREED),
     ("mtrank fp32", sys.executable, "bench.mtrank_run", []),
     ("mtrank bf16", sys.executable, "bench.mtrank_run", ["--bf16"]),
+    ("mtrank bf16, glibc's malloc default", sys.executable, "bench.mtrank_run", ["--bf16"],
+     {"MTRANK_KEEP_FREED_MEMORY": "0"}),
     ("mtrank fp32, no ESMM", sys.executable, "bench.mtrank_run", ["--no-esmm"]),   # towers as the peers'
     ("mtrank bf16, no ESMM", sys.executable, "bench.mtrank_run", ["--bf16", "--no-esmm"]),
     ("torch-rechub 0.9.0", str(BENCH_PY), "bench.peers.rechub_mmoe", []),
@@ -37,8 +44,8 @@ RUNNERS = [  # (key, python, module, extra args)
 AUC_TASKS = ("ctr", "cvr", "ctcvr", "collect", "cart")
 
 
-def run(python: str, module: str, args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+def run(python: str, module: str, args: list[str], extra_env: dict | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), **(extra_env or {})}
     out = subprocess.run([python, "-m", module, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{module} failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -66,8 +73,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {r[0]: [] for r in runners}
     loads = []
     for rep in range(a.reps):
-        for key, py, module, extra in runners:
-            res = run(py, module, ["--rows", str(rows), *(["--eval-rows", str(eval_rows)] if "reference" not in key else []), *extra])
+        for key, py, module, extra, *env in runners:
+            res = run(py, module, ["--rows", str(rows), *(["--eval-rows", str(eval_rows)] if "reference" not in key else []), *extra],
+                      *env)
             results[key].append(res)
             loads.append(os.getloadavg()[0])
             print(f"rep {rep + 1}/{a.reps} {key}: {res['samples_per_s']:,.0f} samples/s, "

@@ -48,10 +48,13 @@ class ModelOutput:
     logits: task -> raw tower output [B] (a regression task's loss-space prediction);
     predictions: output name (schema) -> per-row value [B] (probabilities, products, regression values);
     log_products: child task -> log p(parent ∧ child) [B], finite for any logit (entire-space loss);
-    gates: task -> gate weights [B, experts] (MoE bottoms) or None.
+    gates: task -> gate weights [B, experts] (MoE bottoms) or None;
+    tower_logits: child task -> its tower's logit over the bottom's features detached (training with
+        `esmm.tower_scope: tower` only): what the child's own-logit term reads, so it trains the tower alone.
     """
 
     logits: dict[str, torch.Tensor]
     predictions: dict[str, torch.Tensor]
     log_products: dict[str, torch.Tensor]
     gates: dict[str, torch.Tensor] | None
+    tower_logits: dict[str, torch.Tensor] | None = None

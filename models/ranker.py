@@ -13,7 +13,7 @@ from torch import nn
 from mtrank.features.outputs import OutputSchema
 from mtrank.features.spec import FeatureSpec
 from mtrank.models.bottoms import MMoE, OMoE, PLE, BatchedMLP, SharedBottom
-from mtrank.models.config import ModelConfig
+from mtrank.models.config import EsmmConfig, ModelConfig
 from mtrank.models.embedding import FusedEmbeddings
 from mtrank.models.batch import Batch, ModelOutput
 
@@ -66,6 +66,11 @@ class MultiTaskRanker(nn.Module):
         # training on held-out rows (identity while training). A buffer, so it travels with the
         # weights into every place the model predicts (evaluation, scoring, the registered pyfunc).
         self.register_buffer("calibration", torch.tensor([[1.0, 0.0]] * len(self.tasks)))
+        # esmm.tower_scope: tower -- the children's own-logit term reads their towers over detached
+        # bottom features (rows appended to the raw outputs while training; `outputs` splits them off)
+        esmm = cfg.esmm
+        detach = isinstance(esmm, EsmmConfig) and esmm.tower_loss != "none" and esmm.tower_scope == "tower"
+        self._detached_towers = tuple(i for i, t in enumerate(spec.tasks) if t.parent is not None) if detach else ()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Weights saved before calibration existed load as uncalibrated (identity)."""
@@ -122,10 +127,19 @@ class MultiTaskRanker(nn.Module):
         gradients, for ~1 % of the work."""
         h, gates = self.bottom(x)                       # [T, B, H]
         with torch.autocast(x.device.type, enabled=False):   # towers in fp32 under bf16 autocast
-            return self.towers(h.float()).squeeze(-1), gates  # [T, B]
+            h = h.float()
+            raw = self.towers(h).squeeze(-1)            # [T, B]
+            if self._detached_towers and self.training:  # + [children, B]: towers over detached features
+                raw = torch.cat([raw, self.towers(h.detach()).squeeze(-1)[list(self._detached_towers)]])
+            return raw, gates
 
     def outputs(self, raw: torch.Tensor, gates: dict | None, with_log_products: bool = True) -> ModelOutput:
         """Raw tower outputs -> logits, probabilities, products, regression values (no parameters)."""
+        n = len(self.tasks)
+        tower_logits = None
+        if raw.shape[0] > n:   # training with esmm.tower_scope: tower (see `dense`)
+            tower_logits = {self.tasks[i]: raw[n + j] for j, i in enumerate(self._detached_towers)}
+            raw = raw[:n]
         logits = {t: raw[i] for i, t in enumerate(self.tasks)}
         preds: dict[str, torch.Tensor] = {}
         log_products: dict[str, torch.Tensor] = {}
@@ -145,4 +159,4 @@ class MultiTaskRanker(nn.Module):
                 preds[prod.name] = own[t.parent] * own[t.name]
                 if with_log_products:
                     log_products[t.name] = F.logsigmoid(logits[t.parent]) + F.logsigmoid(logits[t.name])
-        return ModelOutput(logits, preds, log_products, gates)
+        return ModelOutput(logits, preds, log_products, gates, tower_logits)

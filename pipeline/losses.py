@@ -95,7 +95,8 @@ def tower_loss(t: LossTerm, out: ModelOutput, batch: Batch) -> torch.Tensor:
     population (ESCM², Wang et al. 2022). p_parent is detached: the term trains the child only.
     """
     observed = batch.masks[t.task]
-    rows = F.binary_cross_entropy_with_logits(out.logits[t.task].float(), batch.labels[t.task], reduction="none")
+    z = out.tower_logits[t.task] if out.tower_logits else out.logits[t.task]   # tower_scope: tower -> detached features
+    rows = F.binary_cross_entropy_with_logits(z.float(), batch.labels[t.task], reduction="none")
     if t.tower == "clicked":
         return masked_mean(rows, observed)[0]
     propensity = torch.sigmoid(out.logits[t.population].float()).detach().clamp(min=t.ips_floor)

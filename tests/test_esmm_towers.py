@@ -128,6 +128,58 @@ def test_tower_gradient_reaches_the_child_tower_parameters(spec):
     assert extra.item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("scope", ["all", "tower"])
+def test_tower_scope_decides_what_the_extra_term_trains(spec, scope):
+    """`tower_scope: tower`: the child's own-logit term moves the child towers and nothing shared
+    (bottom, embeddings); `all` moves both. The forward, the loss value and the predictions are the
+    same either way: only where the term's gradient goes differs."""
+    from mtrank.models import MultiTaskRanker
+    from tests.test_models import TINY, make_batch
+
+    esmm = EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope=scope)
+    torch.manual_seed(0)
+    model = MultiTaskRanker(spec, ModelConfig(**TINY, esmm=esmm))
+    inputs = make_batch(spec, 32)
+    g = torch.Generator().manual_seed(1)
+    click = (torch.rand(32, generator=g) < 0.5).float()
+    labels = {t.name: click if t.name == "ctr" else click * (torch.rand(32, generator=g) < 0.5).float()
+              for t in spec.tasks}
+    masks = {t.name: torch.ones(32, dtype=torch.bool) if t.space == "all" else click > 0 for t in spec.tasks}
+    batch = Batch(32, inputs.ids, inputs.bags, inputs.dense, labels, masks, None, {})
+    model.train()
+    out = model(batch)
+    assert (out.tower_logits is not None) == (scope == "tower")
+    if scope == "tower":   # the same values as the logits, children only
+        assert set(out.tower_logits) == {t.name for t in spec.tasks if t.parent}
+        for t, z in out.tower_logits.items():
+            assert torch.equal(z, out.logits[t])
+    extra = MultiTaskLoss(spec, esmm)(out, batch)[0] - MultiTaskLoss(spec, True)(out, batch)[0]
+    shared = [p for n, p in model.named_parameters() if not n.startswith("towers.")]
+    towers = [p for n, p in model.named_parameters() if n.startswith("towers.")]
+    grads = torch.autograd.grad(extra, shared + towers, allow_unused=True)
+    moved = [gr is not None and gr.abs().sum() > 0 for gr in grads]
+    assert any(moved[len(shared):])                           # the child towers learn from it
+    assert any(moved[:len(shared)]) == (scope == "all")       # the shared layers only with scope all
+    model.eval()
+    with torch.no_grad():
+        same = MultiTaskRanker(spec, ModelConfig(**TINY, esmm=EsmmConfig(tower_loss="clicked")))
+        same.load_state_dict(model.state_dict())
+        same.eval()
+        for k, v in model.predict(batch).items():
+            assert torch.equal(v, same.predict(batch)[k])     # inference does not depend on the scope
+    assert model(batch).tower_logits is None                  # not in eval mode
+
+
+def test_tower_scope_config():
+    assert EsmmConfig(tower_loss="clicked", tower_scope="tower").model_dump() == \
+        {"tower_loss": "clicked", "tower_weight": 0.5, "tower_scope": "tower"}
+    assert "tower_scope" not in EsmmConfig(tower_loss="clicked").model_dump()   # the default dumps as before
+    with pytest.raises(ValueError, match="tower_scope needs tower_loss"):
+        EsmmConfig(tower_loss="none", tower_scope="tower")
+    with pytest.raises(ValueError):
+        EsmmConfig(tower_loss="clicked", tower_scope="bottom")
+
+
 def test_config_is_strict_and_bool_compatible():
     assert ModelConfig(esmm=True).esmm is True and ModelConfig(esmm=False).esmm is False
     m = ModelConfig(esmm={"tower_loss": "clicked", "tower_weight": 0.3})

@@ -101,19 +101,26 @@ def test_tower_term_trains_the_child_from_clicked_rows_only(spec, tower):
     assert torch.all(out.logits["ctr"].grad.abs() < 1e-7)
 
 
+def clicked_batch(spec, n: int = 32) -> Batch:
+    """A real model's inputs with about half the rows clicked and every label drawn on them."""
+    from tests.test_models import make_batch
+
+    inputs = make_batch(spec, n)
+    g = torch.Generator().manual_seed(1)
+    click = (torch.rand(n, generator=g) < 0.5).float()
+    labels = {t.name: click if t.name == "ctr" else click * (torch.rand(n, generator=g) < 0.5).float()
+              for t in spec.tasks}
+    masks = {t.name: torch.ones(n, dtype=torch.bool) if t.space == "all" else click > 0 for t in spec.tasks}
+    return Batch(n, inputs.ids, inputs.bags, inputs.dense, labels, masks, None, {})
+
+
 def test_tower_gradient_reaches_the_child_tower_parameters(spec):
     """Through a real model: the extra term moves the child's tower (and not with no clicks)."""
     from mtrank.models import MultiTaskRanker
-    from tests.test_models import TINY, make_batch
+    from tests.test_models import TINY
 
     model = MultiTaskRanker(spec, ModelConfig(**TINY))
-    inputs = make_batch(spec, 32)
-    g = torch.Generator().manual_seed(1)
-    click = (torch.rand(32, generator=g) < 0.5).float()
-    labels = {t.name: click if t.name == "ctr" else click * (torch.rand(32, generator=g) < 0.5).float()
-              for t in spec.tasks}
-    masks = {t.name: torch.ones(32, dtype=torch.bool) if t.space == "all" else click > 0 for t in spec.tasks}
-    batch = Batch(32, inputs.ids, inputs.bags, inputs.dense, labels, masks, None, {})
+    batch = clicked_batch(spec)
     out = model(batch)
     loss = MultiTaskLoss(spec, EsmmConfig(tower_loss="ips"))
     extra = loss(out, batch)[0] - MultiTaskLoss(spec, True)(out, batch)[0]
@@ -134,18 +141,12 @@ def test_tower_scope_decides_what_the_extra_term_trains(spec, scope):
     (bottom, embeddings); `all` moves both. The forward, the loss value and the predictions are the
     same either way: only where the term's gradient goes differs."""
     from mtrank.models import MultiTaskRanker
-    from tests.test_models import TINY, make_batch
+    from tests.test_models import TINY
 
     esmm = EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope=scope)
     torch.manual_seed(0)
     model = MultiTaskRanker(spec, ModelConfig(**TINY, esmm=esmm))
-    inputs = make_batch(spec, 32)
-    g = torch.Generator().manual_seed(1)
-    click = (torch.rand(32, generator=g) < 0.5).float()
-    labels = {t.name: click if t.name == "ctr" else click * (torch.rand(32, generator=g) < 0.5).float()
-              for t in spec.tasks}
-    masks = {t.name: torch.ones(32, dtype=torch.bool) if t.space == "all" else click > 0 for t in spec.tasks}
-    batch = Batch(32, inputs.ids, inputs.bags, inputs.dense, labels, masks, None, {})
+    batch = clicked_batch(spec)
     model.train()
     out = model(batch)
     assert (out.tower_logits is not None) == (scope == "tower")

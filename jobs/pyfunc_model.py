@@ -12,6 +12,10 @@ Requests of fewer than `serial_rows` rows (default 1,024; environment MTRANK_SER
 load, 0 = never) run the forward on one intra-op thread: at serving sizes the work per operator is
 tiny, and torch's thread team costs more in wake-ups and barriers than it saves (4-8x slower at
 1-1,000 rows on a busy 2-core machine, `bench/serving_bench.py`). Predictions are the same either way.
+
+Loading does not change the host process's allocator (a server, a Spark executor): with
+MTRANK_KEEP_FREED_MEMORY=1 set explicitly it keeps freed memory as the `mtrank` CLI does
+(jobs/process_memory.py), which pays for large in-process batches (tens of thousands of rows per call).
 """
 from __future__ import annotations
 
@@ -30,7 +34,10 @@ class RankerPyfunc(PythonModel):
         from mtrank.features.featurize import Featurizer
         from mtrank.features.inputs import serving_schema
         from mtrank.jobs.model_io import load_model
+        from mtrank.jobs.process_memory import ENV, keep_freed_memory
 
+        if os.environ.get(ENV) == "1":   # opt-in only: the allocator belongs to the host process
+            keep_freed_memory()
         self.saved = load_model(context.artifacts["model"])
         self.featurizer = Featurizer(self.saved.spec, self.saved.stats)
         self.schema = serving_schema(self.saved.spec, self.saved.input_schema)

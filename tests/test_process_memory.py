@@ -60,3 +60,53 @@ def test_the_cli_sets_it_at_start(tmp_path):
     assert "malloc keeps freed memory (MTRANK_KEEP_FREED_MEMORY=0 to turn off): True" in on.stderr, on.stderr[-2000:]
     assert "malloc keeps freed memory" not in off.stderr
     assert on.returncode == off.returncode == 2   # the command itself ran: the missing config is its error
+
+
+LOAD_PYFUNC = """
+import json, resource, sys, types, torch
+from mtrank.jobs.pyfunc_model import RankerPyfunc
+RankerPyfunc().load_context(types.SimpleNamespace(artifacts={"model": sys.argv[1]}))
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.empty(16 << 20).fill_(1.0)
+before = faults()
+for _ in range(10):
+    torch.empty(16 << 20).fill_(1.0)
+print(json.dumps({"faults": faults() - before}))
+"""
+
+
+def test_the_pyfunc_keeps_freed_memory_only_when_asked(tmp_path):
+    """Loading the registered model leaves the host's allocator alone unless MTRANK_KEEP_FREED_MEMORY=1."""
+    import datetime as dt
+
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from mtrank.features.numeric import NumericStats
+    from mtrank.features.spec import load_spec
+    from mtrank.jobs.model_io import save_model
+    from mtrank.models import ModelConfig
+    from mtrank.pipeline.synthetic import ImpressionConfig, generate_impressions
+    from mtrank.pipeline.trainer import build_model
+    from tests.conftest import small_spec
+
+    spec = load_spec(small_spec(tmp_path / "spec.yaml", max_buckets=256))
+    generate_impressions(tmp_path / "logs", ImpressionConfig(seed=3, start=dt.date(2026, 11, 1), days=1,
+                                                             rows_per_day=500), progress=False)
+    logs = pl.concat([pl.from_arrow(pq.read_table(f)) for f in sorted((tmp_path / "logs").rglob("*.parquet"))])
+    stats = NumericStats.of_frame(logs, spec)
+    tiny = ModelConfig(experts=2, expert_mlp=(8,), tower_mlp=(4,))
+    save_model(tmp_path / "model", build_model(spec, tiny, 0, stats), spec, stats)
+    base = {k: v for k, v in os.environ.items() if k != "MTRANK_KEEP_FREED_MEMORY"}
+
+    def faults_after_load(env: dict) -> int:
+        out = subprocess.run([sys.executable, "-c", LOAD_PYFUNC, str(tmp_path / "model")], capture_output=True,
+                             text=True, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])["faults"]
+
+    pages = 10 * (64 << 20) // 4096
+    assert faults_after_load(base) > pages // 4                                     # the host's default kept
+    assert faults_after_load({**base, "MTRANK_KEEP_FREED_MEMORY": "1"}) < pages // 50   # asked for

@@ -34,9 +34,13 @@ print(json.dumps({"applied": applied, "faults": faults() - before}))
 """
 
 
+def _env(**env: str) -> dict:
+    """This process's environment without the user's own setting of the switch, plus `env`."""
+    return {**{k: v for k, v in os.environ.items() if k != "MTRANK_KEEP_FREED_MEMORY"}, **env}
+
+
 def _probe(**env: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env})
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, env=_env(**env))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -55,8 +59,8 @@ def test_the_cli_sets_it_at_start(tmp_path):
     from tests.conftest import MTRANK
 
     args = [*MTRANK, "-v", "validate", "--data", str(tmp_path / "no-such-logs")]
-    on = subprocess.run(args, capture_output=True, text=True, env={**os.environ})
-    off = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "MTRANK_KEEP_FREED_MEMORY": "0"})
+    on = subprocess.run(args, capture_output=True, text=True, env=_env())
+    off = subprocess.run(args, capture_output=True, text=True, env=_env(MTRANK_KEEP_FREED_MEMORY="0"))
     assert "malloc keeps freed memory (MTRANK_KEEP_FREED_MEMORY=0 to turn off): True" in on.stderr, on.stderr[-2000:]
     assert "malloc keeps freed memory" not in off.stderr
     assert on.returncode == off.returncode == 2   # the command itself ran: the missing config is its error
@@ -99,7 +103,6 @@ def test_the_pyfunc_keeps_freed_memory_only_when_asked(tmp_path):
     stats = NumericStats.of_frame(logs, spec)
     tiny = ModelConfig(experts=2, expert_mlp=(8,), tower_mlp=(4,))
     save_model(tmp_path / "model", build_model(spec, tiny, 0, stats), spec, stats)
-    base = {k: v for k, v in os.environ.items() if k != "MTRANK_KEEP_FREED_MEMORY"}
 
     def faults_after_load(env: dict) -> int:
         out = subprocess.run([sys.executable, "-c", LOAD_PYFUNC, str(tmp_path / "model")], capture_output=True,
@@ -108,5 +111,5 @@ def test_the_pyfunc_keeps_freed_memory_only_when_asked(tmp_path):
         return json.loads(out.stdout.strip().splitlines()[-1])["faults"]
 
     pages = 10 * (64 << 20) // 4096
-    assert faults_after_load(base) > pages // 4                                     # the host's default kept
-    assert faults_after_load({**base, "MTRANK_KEEP_FREED_MEMORY": "1"}) < pages // 50   # asked for
+    assert faults_after_load(_env()) > pages // 4                                     # the host's default kept
+    assert faults_after_load(_env(MTRANK_KEEP_FREED_MEMORY="1")) < pages // 50        # asked for

@@ -21,12 +21,13 @@ from pathlib import Path
 
 from bench.common import machine, write_results
 from bench.mtrank_run import ensure_data
+from mtrank.jobs.process_memory import TRIM_BYTES
 
 BENCH_PY = Path(".mtrank/bench-venv/bin/python")
 
 # glibc told what `mtrank` sets with mallopt at start (jobs/process_memory.py): large blocks from the
 # heap, freed memory kept; for the reference arms that measure the same allocator setting
-KEEP_FREED = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"}
+KEEP_FREED = {"GLIBC_TUNABLES": f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={TRIM_BYTES}"}
 RUNNERS = [  # (key, python, module, extra args[, extra environment])
     ("reference fp32", sys.executable, "bench.peers.reference", []),
     ("reference bf16", sys.executable, "bench.peers.reference", ["--bf16"]),

@@ -3,8 +3,8 @@
 glibc serves an allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it
 on free, and trims the heap's free top above 128 KiB. A ranker's forward allocates activations of
 [batch, experts, width] floats (134 MB per expert layer at 16,384 rows × 8 × 256), so every batch
-maps new pages and the kernel zeroes each 4 KiB page on first touch: ~3.5 million page faults per
-million scored rows, measured, and the forward ran 10–25 % slower than on a warm heap (the same
+maps new pages and the kernel zeroes each 4 KiB page on first touch: 3.6–4.1 million page faults
+per million scored rows, measured, and the forward ran 10–25 % slower than on a warm heap (the same
 thing Intel's guidance fixes for CPU PyTorch with jemalloc or tcmalloc). Two `mallopt` calls give
 glibc that behaviour: no mmap for large blocks (they come from the heap and are reused) and a trim
 threshold high enough that the free top of the heap survives between batches.

@@ -173,6 +173,30 @@ class ResumeMismatchError(MtrankError, RuntimeError):
     pass
 
 
+def _leaves(tree, prefix: str = "") -> dict[str, object]:
+    """A nested mapping as dotted paths -> values (lists and scalars are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _short(v, width: int = 48) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def setup_differences(then: dict, now: dict, most: int = 3) -> str:
+    """What differs between two run setups (`Trainer.setup`), as `key: then -> now` for the first
+    `most` keys, so a refused resume says which setting changed instead of only that one did."""
+    a, b = _leaves(then), _leaves(now)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    named = [f"{k}: {_short(a.get(k, '<unset>'))} -> {_short(b.get(k, '<unset>'))}" for k in keys[:most]]
+    return "; ".join(named) + (f" (and {len(keys) - most} more)" if len(keys) > most else "")
+
+
 def build_model(spec: FeatureSpec, cfg: ModelConfig, seed: int, stats: NumericStats | None = None) -> MultiTaskRanker:
     """Seeded construction: the same seed gives the same initial weights in any process. With
     fitted statistics the heads start at each task's base rate / target mean."""
@@ -301,8 +325,9 @@ class Trainer:
         self.dense_params = model.dense_parameters() + list(self.loss.parameters())
         self.dense_opt = dense_optimizer(self.dense_params, cfg.lr, cfg.weight_decay)
         self.checkpoints = checkpoints   # every rank reads it on resume; rank 0 alone writes
-        self.fingerprint = self._fingerprint({**(fingerprint or {}), "precision": self.precision,
-                                              **({"world_size": dist.world_size} if dist.enabled else {})})
+        self.setup = self._setup({**(fingerprint or {}), "precision": self.precision,
+                                  **({"world_size": dist.world_size} if dist.enabled else {})})
+        self.fingerprint = hashlib.sha256(json.dumps(self.setup, sort_keys=True, default=str).encode()).hexdigest()
         self.global_step = 0
         self.rows_trained = 0
         self.validation_points: list[dict] = []   # train.validate_every_steps, checkpointed with the history
@@ -321,10 +346,11 @@ class Trainer:
     def rank_batch_size(self) -> int:
         return self.cfg.batch_size // self.dist.world_size
 
-    def _fingerprint(self, extra: dict) -> str:
-        blob = json.dumps({"spec": self.spec.fingerprint(), "model": self.model.cfg.model_dump(mode="json"),
-                           "train": self.cfg.fingerprint_fields(), **extra}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    def _setup(self, extra: dict) -> dict:
+        """Everything a checkpoint must share with the run that resumes it; its hash is the fingerprint,
+        and the checkpoint keeps it whole so a refusal can name what changed."""
+        return json.loads(json.dumps({"spec": self.spec.fingerprint(), "model": self.model.cfg.model_dump(mode="json"),
+                                      "train": self.cfg.fingerprint_fields(), **extra}, default=str))
 
     # -- one step -------------------------------------------------------------------------
     def _autocast(self):
@@ -380,7 +406,7 @@ class Trainer:
         and partial-epoch statistics) is kept per rank, so each continues exactly where it was."""
         mine = {"rng": torch.get_rng_state(), "rows_trained": self.rows_trained, "current": current.as_dict()}
         ranks = self.dist.all_gather(mine)
-        return {"fingerprint": self.fingerprint, "model": self.model.state_dict(),
+        return {"fingerprint": self.fingerprint, "setup": self.setup, "model": self.model.state_dict(),
                 "loss": self.loss.state_dict(), "sparse_opt": self.sparse_opt.state_dict(),
                 "dense_opt": self.dense_opt.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": self.global_step, "history": history, "ranks": ranks,
@@ -388,10 +414,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint:
-            raise ResumeMismatchError(
-                "checkpoint was written by a different spec, model, training config, data window or number "
-                "of ranks; "
-                "refusing to resume (start without --resume, or use a fresh checkpoint directory)")
+            what = (f"the checkpoint's settings differ from this run's (checkpoint -> now): "
+                    f"{setup_differences(state['setup'], self.setup)}" if "setup" in state else
+                    "checkpoint was written by a different spec, model, training config, data window or number "
+                    "of ranks (it predates the record of its settings)")
+            raise ResumeMismatchError(f"{what}; refusing to resume (start without --resume, or use a fresh "
+                                      "checkpoint directory)")
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
         self.sparse_opt.load_state_dict(state["sparse_opt"])

@@ -70,7 +70,7 @@ def make_frame(spec, n: int, seed: int = 0) -> pl.DataFrame:
 MTRANK = [sys.executable, "-m", "mtrank.jobs.cli"]
 
 
-def cli_generate(out, days: int, rows: int, seed: int, users: int, items: int) -> None:
+def generate_demo_logs(out, days: int, rows: int, seed: int, users: int, items: int) -> None:
     """Demo logs starting 2026-11-01, as `mtrank generate --out OUT --days .. --seed ..` writes them
     (the generator the command calls, in this process: a fixture need not pay a process start and
     its imports; `tests/test_cli.py` runs the command itself)."""
@@ -258,7 +258,7 @@ def ranker(tmp_path_factory, worker_id):
             return base
         shutil.rmtree(base, ignore_errors=True)   # what a worker that failed here left
         base.mkdir()
-        cli_generate(base / "logs", days=4, rows=20_000, seed=5, users=2000, items=800)
+        generate_demo_logs(base / "logs", days=4, rows=20_000, seed=5, users=2000, items=800)
         small_spec(base / "spec.yaml")
         demo = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "default_job.yaml").read_text())["score"]
         write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import MTRANK, cli_generate
+from tests.conftest import MTRANK, generate_demo_logs
 from mtrank.features.featurize import Featurizer
 from mtrank.features.numeric import NumericStats
 from mtrank.features.rules import EMPTY_PARTITION, MISSING_COLUMN, MISSING_PARTITION, NULL, BadInputError, check_schema
@@ -164,7 +164,7 @@ def test_cli_generate_candidates(tmp_path):
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory):
     root = tmp_path_factory.mktemp("logs")
-    cli_generate(root, days=1, rows=3_000, seed=4, users=2_000, items=1_000)
+    generate_demo_logs(root, days=1, rows=3_000, seed=4, users=2_000, items=1_000)
     return root
 
 

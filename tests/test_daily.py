@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import MTRANK, cli_daily, cli_generate, small_spec, sqlite_client, write_job
+from tests.conftest import MTRANK, cli_daily, generate_demo_logs, small_spec, sqlite_client, write_job
 
 pytestmark = pytest.mark.slow   # end to end
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow   # end to end
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp("daily")
-    cli_generate(base / "logs", days=5, rows=30_000, seed=8, users=2000, items=800)
+    generate_demo_logs(base / "logs", days=5, rows=30_000, seed=8, users=2000, items=800)
     small_spec(base / "spec.yaml")
     train = {"batch_size": 1024, "epochs": 2, "lr": 0.003}
     write_job(base / "good.yaml", "ranker", train)

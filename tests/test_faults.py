@@ -15,7 +15,7 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import MTRANK, cli_generate, mtrank_in_process, small_spec, write_job
+from tests.conftest import MTRANK, generate_demo_logs, mtrank_in_process, small_spec, write_job
 from tests.mlflow_server import MlflowServer as Server
 
 pytestmark = pytest.mark.slow   # end to end
@@ -27,7 +27,7 @@ TINY = {"experts": 2, "expert_mlp": [16], "tower_mlp": [8]}
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp("faults")
-    cli_generate(base / "logs", days=4, rows=6_000, seed=5, users=1000, items=400)
+    generate_demo_logs(base / "logs", days=4, rows=6_000, seed=5, users=1000, items=400)
     small_spec(base / "spec.yaml", max_buckets=512, dim=8)   # a model of a few hundred KB uploads in no time
     return base
 

@@ -7,7 +7,7 @@ import json
 import polars as pl
 import pytest
 
-from tests.conftest import cli_generate, mtrank_in_process, small_spec, sqlite_client, write_job
+from tests.conftest import generate_demo_logs, mtrank_in_process, small_spec, sqlite_client, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ DATE = "2026-11-04"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("live")
-    cli_generate(base / "logs", days=4, rows=6000, seed=11, users=1500, items=600)
+    generate_demo_logs(base / "logs", days=4, rows=6000, seed=11, users=1500, items=600)
     small_spec(base / "spec.yaml")
     write_job(base / "job.yaml", "live", {"batch_size": 256, "epochs": 2, "log_every_steps": 5,
                                           "validation_days": 1, "calibration": "platt",
@@ -73,7 +73,7 @@ def test_the_progress_lines_say_running_means_and_validation(trained):
 
 
 def test_a_training_that_stops_on_bad_input_ends_failed_with_the_error(tmp_path):
-    cli_generate(tmp_path / "logs", days=3, rows=3000, seed=12, users=800, items=300)
+    generate_demo_logs(tmp_path / "logs", days=3, rows=3000, seed=12, users=800, items=300)
     small_spec(tmp_path / "spec.yaml")
     # the second training day gets a row with a null label: on_bad_row fail stops training mid-window
     part = sorted((tmp_path / "logs" / "dt=2026-11-02").glob("*.parquet"))[0]

@@ -3,7 +3,7 @@ one worker, no job execution, artifacts proxied to a local folder), stopped afte
 import mlflow
 import pytest
 
-from tests.conftest import cli_generate, mtrank_in_process, small_spec, write_job
+from tests.conftest import generate_demo_logs, mtrank_in_process, small_spec, write_job
 from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow   # end to end
@@ -26,7 +26,7 @@ def test_daily_over_http_promotes_gates_and_reruns(server, tmp_path):
     """Same flow as over sqlite: first date promoted, a model that learned nothing registered but
     not promoted, a rerun of a date adds no version."""
     url, root = server
-    cli_generate(tmp_path / "logs", days=4, rows=20_000, seed=4, users=1500, items=600)
+    generate_demo_logs(tmp_path / "logs", days=4, rows=20_000, seed=4, users=1500, items=600)
     small_spec(tmp_path / "spec.yaml")
     model = {"experts": 2, "expert_mlp": [16], "tower_mlp": [8]}
     write_job(tmp_path / "good.yaml", "ranker-http", {"batch_size": 1024, "epochs": 2, "lr": 0.003}, model=model,

@@ -9,7 +9,7 @@ import pytest
 
 from mtrank.pipeline.dataset import RowGroup, open_window
 from mtrank.pipeline.reader import ImpressionReader, keep_mask
-from tests.conftest import cli_generate, make_frame, mtrank_in_process, small_spec, write_job
+from tests.conftest import generate_demo_logs, make_frame, mtrank_in_process, small_spec, write_job
 
 
 def test_the_kept_rows_depend_on_the_row_only():
@@ -52,7 +52,7 @@ def test_the_reader_keeps_every_positive_and_counts_the_negatives_it_leaves_out(
 
 @pytest.mark.slow
 def test_a_model_trained_on_a_fifth_of_the_negatives_predicts_the_true_rate(tmp_path):
-    cli_generate(tmp_path / "logs", days=3, rows=15_000, seed=21, users=1500, items=600)
+    generate_demo_logs(tmp_path / "logs", days=3, rows=15_000, seed=21, users=1500, items=600)
     small_spec(tmp_path / "spec.yaml")
     write_job(tmp_path / "job.yaml", "sampled", {"batch_size": 512, "epochs": 1, "lr": 0.003,
                                                  "negative_sampling": {"task": "ctr", "keep_rate": 0.2}})

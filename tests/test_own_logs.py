@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import SMALL_MODEL, cli_generate, mtrank_in_process, sqlite_client
+from tests.conftest import SMALL_MODEL, generate_demo_logs, mtrank_in_process, sqlite_client
 
 ADULT = Path(__file__).parents[2] / "shared" / "data" / "adult.parquet"
 DAYS = [f"2024-01-0{d}" for d in range(1, 6)]
@@ -185,7 +185,7 @@ def renamed_spec(default_spec: Path) -> dict:
 def test_renamed_generated_logs_through_the_cli(tmp_path):
     from tests.conftest import DEFAULT_SPEC
 
-    cli_generate(tmp_path / "gen", days=3, rows=6000, seed=3, users=800, items=400)
+    generate_demo_logs(tmp_path / "gen", days=3, rows=6000, seed=3, users=800, items=400)
     for f in sorted((tmp_path / "gen").rglob("*.parquet")):
         t = pl.read_parquet(f)
         t = t.drop([c for c in t.columns if c.startswith("true_")] + ["ts"]).rename(

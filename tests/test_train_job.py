@@ -14,7 +14,7 @@ import pytest
 from mtrank.jobs.config import load_config
 from mtrank.features.spec import SpecError
 
-from tests.conftest import MTRANK, cli_generate, mtrank_in_process, small_spec, write_job
+from tests.conftest import MTRANK, generate_demo_logs, mtrank_in_process, small_spec, write_job
 
 pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or ranks
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow   # end-to-end: trains models, starts servers or r
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     base = tmp_path_factory.mktemp("job")
-    cli_generate(base / "logs", days=3, rows=20_000, seed=5, users=3000, items=1000)
+    generate_demo_logs(base / "logs", days=3, rows=20_000, seed=5, users=3000, items=1000)
     small_spec(base / "spec.yaml")
     return write_job(base / "job.yaml", "t", {"batch_size": 512, "checkpoint_every": 20, "epochs": 2},
                      model={"experts": 3, "expert_mlp": [64, 32], "tower_mlp": [16]})

@@ -15,7 +15,7 @@ from mtrank.pipeline.optim import RowWiseAdagrad
 from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
 from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 from mtrank.pipeline.trainer import (NonFiniteLossError, ResumeMismatchError, TrainConfig, Trainer, bf16_supported,
-                              build_model)
+                              build_model, setup_differences)
 
 START = dt.date(2026, 11, 1)
 SMALL = ModelConfig(experts=4, expert_mlp=(32, 16), tower_mlp=(8,))
@@ -149,7 +149,7 @@ def test_resume_refuses_another_config(one_day, tmp_path):
     setup = one_day
     store = CheckpointStore(tmp_path / "ck")
     train(setup, TrainConfig(batch_size=4096, seed=1), store=store)
-    with pytest.raises(ResumeMismatchError):
+    with pytest.raises(ResumeMismatchError, match=r"train\.lr: 0\.001 -> 0\.01; refusing to resume"):
         train(setup, TrainConfig(batch_size=4096, seed=1, lr=0.01), store=store, resume=True)
     # more epochs is not a different run: it continues
     _, _, r = train(setup, TrainConfig(batch_size=4096, seed=1, epochs=2), store=store, resume=True)
@@ -370,3 +370,19 @@ def test_early_stopping_objective_auc_follows_ranking_where_the_loss_wavers(setu
     assert _early_stop(history, spec, EarlyStopping(patience=2, objective="auc")) == (4, False)
     no_auc = [{**e, "validation": {"loss": e["validation"]["loss"]}} for e in history]
     assert _early_stop(no_auc, spec, EarlyStopping(patience=2, objective="auc")) == (1, True)
+
+
+def test_a_refused_resume_names_what_changed():
+    then = {"spec": "ab12", "model": {"experts": 8, "expert_mlp": [256, 128]}, "train": {"lr": 0.001, "seed": 1},
+            "window": "2026-11-01..07"}
+    assert setup_differences(then, then) == ""
+    now = {**then, "model": {"experts": 4, "expert_mlp": [256, 128]}, "window": "2026-11-02..08"}
+    assert setup_differences(then, now) == 'model.experts: 8 -> 4; window: "2026-11-01..07" -> "2026-11-02..08"'
+    now = {**now, "train": {"lr": 0.01, "seed": 2}, "world_size": 2}
+    got = setup_differences(then, now)
+    # sorted, three named, the rest counted; a key only one side has reads <unset>
+    assert got.startswith("model.experts: 8 -> 4; train.lr: 0.001 -> 0.01; train.seed: 1 -> 2") and \
+        got.endswith("(and 2 more)"), got
+    assert '"<unset>" -> 2' in setup_differences({}, {"world_size": 2})
+    long = setup_differences({"stats": "x" * 500}, {"stats": "y" * 500})
+    assert len(long) < 120 and "..." in long

@@ -22,7 +22,7 @@ from mtrank.pipeline.evaluate import predict, task_metrics
 from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
 from mtrank.pipeline.synthetic.impressions import ImpressionConfig, generate_impressions
 from mtrank.pipeline.trainer import TrainConfig, Trainer, TrainingEvents, build_model
-from tests.conftest import cli_generate, mtrank_in_process, small_spec, sqlite_client, write_job
+from tests.conftest import generate_demo_logs, mtrank_in_process, small_spec, sqlite_client, write_job
 
 START = dt.date(2026, 11, 1)
 MODEL = ModelConfig(experts=2, expert_mlp=(16, 8), tower_mlp=(8,), dropout=0.2)   # dropout draws from the RNG
@@ -165,7 +165,7 @@ def test_a_job_writes_the_points_to_metrics_report_and_mlflow(tmp_path):
     them from metrics.json when the live run missed them."""
     from mtrank.jobs.tracking import _log_curves
 
-    cli_generate(tmp_path / "logs", days=3, rows=2000, seed=5, users=400, items=200)
+    generate_demo_logs(tmp_path / "logs", days=3, rows=2000, seed=5, users=400, items=200)
     small_spec(tmp_path / "spec.yaml", max_buckets=2048)
     write_job(tmp_path / "job.yaml", "vsteps", {"batch_size": 256, "epochs": 2, "validation_fraction": 0.2,
                                                "validate_every_steps": 4})

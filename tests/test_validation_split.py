@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from mtrank.pipeline.dataset import open_window
 from mtrank.pipeline.reader import ImpressionReader, validation_requests
 from mtrank.pipeline.trainer import TrainConfig
-from tests.conftest import cli_generate, mtrank_in_process, small_spec, write_job
+from tests.conftest import generate_demo_logs, mtrank_in_process, small_spec, write_job
 from tests.test_reader import D1, D2, unique_rows, write_day
 
 
@@ -85,7 +85,7 @@ def test_config_rules():
 
 @pytest.mark.slow
 def test_a_job_validates_and_calibrates_on_a_request_fraction(tmp_path):
-    cli_generate(tmp_path / "logs", days=3, rows=4000, seed=5, users=800, items=300)
+    generate_demo_logs(tmp_path / "logs", days=3, rows=4000, seed=5, users=800, items=300)
     small_spec(tmp_path / "spec.yaml")
     write_job(tmp_path / "job.yaml", "frac", {"batch_size": 256, "epochs": 2, "validation_fraction": 0.2,
                                              "calibration": "platt", "early_stopping": {"patience": 1}},

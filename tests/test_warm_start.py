@@ -17,7 +17,7 @@ from mtrank.pipeline.evaluate import predict, task_metrics
 from mtrank.pipeline.reader import ImpressionReader
 from mtrank.pipeline.trainer import build_model
 from mtrank.features.featurize import Featurizer
-from tests.conftest import MTRANK, cli_daily, cli_generate, small_spec, sqlite_client, write_job
+from tests.conftest import MTRANK, cli_daily, generate_demo_logs, small_spec, sqlite_client, write_job
 
 pytestmark = pytest.mark.slow   # end to end
 
@@ -85,7 +85,7 @@ def test_transfer_copies_tables_and_layers_and_reinitialises_changed_tables(spec
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     base = tmp_path_factory.mktemp("warm")
-    cli_generate(base / "logs", days=5, rows=20_000, seed=12, users=2000, items=800)
+    generate_demo_logs(base / "logs", days=5, rows=20_000, seed=12, users=2000, items=800)
     small_spec(base / "spec.yaml")
     write_job(base / "job.yaml", "inc", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
               warm_start={"from": "champion", "days": 1})

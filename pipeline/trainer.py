@@ -174,7 +174,10 @@ class ResumeMismatchError(MtrankError, RuntimeError):
 
 
 def _leaves(tree, prefix: str = "") -> dict[str, object]:
-    """A nested mapping as dotted paths -> values (lists and scalars are leaves)."""
+    """A nested mapping as dotted paths -> values; a list of named records (a spec's features, tasks)
+    is keyed by name, so a change reads `spec.features.user_id.buckets`, other lists are leaves."""
+    if isinstance(tree, list) and tree and all(isinstance(x, dict) and "name" in x for x in tree):
+        tree = {x["name"]: x for x in tree}
     if not isinstance(tree, dict):
         return {prefix: tree}
     out: dict[str, object] = {}
@@ -352,6 +355,11 @@ class Trainer:
         return json.loads(json.dumps({"spec": self.spec.fingerprint(), "model": self.model.cfg.model_dump(mode="json"),
                                       "train": self.cfg.fingerprint_fields(), **extra}, default=str))
 
+    def _record(self) -> dict:
+        """The setup as a checkpoint keeps it: the spec whole rather than hashed, so a refused resume
+        names the spec field that changed (`spec.features.user_id.buckets`)."""
+        return {**self.setup, "spec": self.spec.model_dump(mode="json")}
+
     # -- one step -------------------------------------------------------------------------
     def _autocast(self):
         return precision_autocast(self.device, self.precision)
@@ -406,7 +414,7 @@ class Trainer:
         and partial-epoch statistics) is kept per rank, so each continues exactly where it was."""
         mine = {"rng": torch.get_rng_state(), "rows_trained": self.rows_trained, "current": current.as_dict()}
         ranks = self.dist.all_gather(mine)
-        return {"fingerprint": self.fingerprint, "setup": self.setup, "model": self.model.state_dict(),
+        return {"fingerprint": self.fingerprint, "setup": self._record(), "model": self.model.state_dict(),
                 "loss": self.loss.state_dict(), "sparse_opt": self.sparse_opt.state_dict(),
                 "dense_opt": self.dense_opt.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": self.global_step, "history": history, "ranks": ranks,
@@ -415,7 +423,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.fingerprint:
             what = (f"the checkpoint's settings differ from this run's (checkpoint -> now): "
-                    f"{setup_differences(state['setup'], self.setup)}" if "setup" in state else
+                    f"{setup_differences(state['setup'], self._record())}" if "setup" in state else
                     "checkpoint was written by a different spec, model, training config, data window or number "
                     "of ranks (it predates the record of its settings)")
             raise ResumeMismatchError(f"{what}; refusing to resume (start without --resume, or use a fresh "

@@ -1,5 +1,6 @@
 """Training loop: learning on generated logs, determinism, NaN guard, checkpoints and resume."""
 import datetime as dt
+import re
 
 import numpy as np
 import pytest
@@ -386,3 +387,9 @@ def test_a_refused_resume_names_what_changed():
     assert '"<unset>" -> 2' in setup_differences({}, {"world_size": 2})
     long = setup_differences({"stats": "x" * 500}, {"stats": "y" * 500})
     assert len(long) < 120 and "..." in long
+    # what a checkpoint records: the spec whole, so a spec change is named by its field
+    records = [Trainer(build_model(spec, SMALL, 0), spec, TrainConfig(), None)._record()
+               for spec in (capped_spec(16_384), capped_spec(8_192))]
+    got = setup_differences(*records)
+    assert re.search(r"spec\.(tables|features)\.\w+\.buckets: 16384 -> 8192", got), got
+    assert "model." not in got and "train." not in got

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import logging
 import sys
@@ -93,7 +94,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.parent:
         from mtrank.jobs.daily import load_parent
         parent = load_parent(a.parent)
-    with process_group() as dist:
+    from mtrank.jobs.daily import daily_remedy
+    with process_group() as dist, daily_remedy() if a.for_daily else contextlib.nullcontext():
         out = train(cfg, a.date, resume=a.resume, dist=dist, parent=parent,
                     track=a.for_daily or not a.no_track)   # daily's ranks: rank 0 opens the live run
     if not out.written or a.for_daily:   # rank 0 writes, tracks and reports the job (or daily does)

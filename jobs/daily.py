@@ -24,6 +24,7 @@ from mtrank.jobs.promote import Decision, promote
 from mtrank.jobs.model_io import load_model
 from mtrank.jobs.paths import run_dir
 from mtrank.jobs.train import Parent, train
+from mtrank.pipeline.trainer import ResumeMismatchError
 
 
 log = logging.getLogger("mtrank.daily")
@@ -73,6 +74,18 @@ def _parent(cfg: JobConfig, dst: Path) -> Parent | None:
     return Parent(str(v.version), load_model(path, with_optimizer=True),
                   root_version=v.tags.get("mtrank.root_version", str(v.version)),
                   depth=int(v.tags.get("mtrank.depth", 0)), source=cfg.warm_start.source, path=Path(path))
+
+
+@contextmanager
+def daily_remedy():
+    """A checkpoint the daily's own resume may not continue from: the remedy is `--force`, since the
+    daily, not the user, asked to resume (`mtrank train`'s advice, "start without --resume", does
+    not apply to it)."""
+    try:
+        yield
+    except ResumeMismatchError as e:
+        raise ResumeMismatchError(e.problem, "refusing to resume (a daily resumes its date's interrupted "
+                                  "training by itself; rerun it with --force to train the date from scratch)") from None
 
 
 def _train_ranks(cfg: JobConfig, date: dt.date, parent: Parent | None, resume: bool, nproc: int, tmp: Path) -> None:
@@ -132,7 +145,8 @@ def run_daily(cfg: JobConfig, date: dt.date, force: bool = False, wait: bool = F
                     if nproc > 1:
                         _train_ranks(cfg, date, parent, not force, nproc, Path(tmp))
                     else:
-                        train(cfg, date, resume=not force, parent=parent, track=True, command="daily")
+                        with daily_remedy():
+                            train(cfg, date, resume=not force, parent=parent, track=True, command="daily")
                 failpoint("after_training")
             found = None if known else tracking.find_version(cfg, date.isoformat())  # ask again before registering
             if found is not None:  # the registry had this date after all: never a second version

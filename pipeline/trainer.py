@@ -170,7 +170,12 @@ class DivergedError(MtrankError, RuntimeError):
 
 
 class ResumeMismatchError(MtrankError, RuntimeError):
-    pass
+    """A checkpoint this run may not continue from: `problem` says why, `remedy` what to do, which
+    depends on the command (`mtrank train --resume` vs a daily that resumes by itself)."""
+
+    def __init__(self, problem: str, remedy: str):
+        super().__init__(f"{problem}; {remedy}")
+        self.problem, self.remedy = problem, remedy
 
 
 def _leaves(tree, prefix: str = "") -> dict[str, object]:
@@ -426,8 +431,8 @@ class Trainer:
                     f"{setup_differences(state['setup'], self._record())}" if "setup" in state else
                     "checkpoint was written by a different spec, model, training config, data window or number "
                     "of ranks (it predates the record of its settings)")
-            raise ResumeMismatchError(f"{what}; refusing to resume (start without --resume, or use a fresh "
-                                      "checkpoint directory)")
+            raise ResumeMismatchError(what, "refusing to resume (start without --resume, or use a fresh checkpoint "
+                                            "directory)")
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
         self.sparse_opt.load_state_dict(state["sparse_opt"])
@@ -642,7 +647,7 @@ class Trainer:
             best = self.checkpoints.load(self.checkpoints.dir / self.BEST)
         if best is None:
             raise ResumeMismatchError(f"early stopping chose epoch {epoch + 1}, whose weights are gone "
-                                      f"({self.BEST} missing); retrain without --resume")
+                                      f"({self.BEST} missing)", "retrain without --resume")
         self.model.load_state_dict(best)
         if self.dist.is_main:
             log.info("the model is epoch %d's weights (best validation objective)", epoch + 1)

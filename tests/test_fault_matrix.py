@@ -82,6 +82,16 @@ def test_kill_9_in_a_daily_then_rerun(pristine, tmp_path, stage):
     run_dir = base / "work" / "runs" / NAME / D2
     if stage == "training":
         assert not (run_dir / "metrics.json").exists()   # killed mid-training: no outcome yet
+        # the job edited before the rerun: the daily's own resume is refused, naming the change and
+        # the daily's remedy (--force), not `mtrank train`'s ("start without --resume")
+        job = base / "job.yaml"
+        kept = job.read_text()
+        job.write_text(kept.replace("lr: 0.003", "lr: 0.004"))
+        r = run(base, "daily", "--config", "job.yaml", "--date", D2)
+        assert r.returncode == 2 and "train.lr: 0.003 -> 0.004" in r.stderr and "--force" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and "without --resume" not in r.stderr
+        assert len(date_versions(base, D2)) == 0
+        job.write_text(kept)
 
     r = run(base, "daily", "--config", "job.yaml", "--date", D2)
     assert r.returncode == 0, r.stderr[-3000:]

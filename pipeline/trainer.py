@@ -177,6 +177,9 @@ class ResumeMismatchError(MtrankError, RuntimeError):
         super().__init__(f"{problem}; {remedy}")
         self.problem, self.remedy = problem, remedy
 
+    def __reduce__(self):   # picklable (a worker's error re-raised elsewhere) despite two arguments
+        return type(self), (self.problem, self.remedy)
+
 
 def _leaves(tree, prefix: str = "") -> dict[str, object]:
     """A nested mapping as dotted paths -> values; a list of named records (a spec's features, tasks)

@@ -1,5 +1,6 @@
 """Training loop: learning on generated logs, determinism, NaN guard, checkpoints and resume."""
 import datetime as dt
+import pickle
 import re
 
 import numpy as np
@@ -385,6 +386,8 @@ def test_a_refused_resume_names_what_changed():
     assert got.startswith("model.experts: 8 -> 4; train.lr: 0.001 -> 0.01; train.seed: 1 -> 2") and \
         got.endswith("(and 2 more)"), got
     assert '"<unset>" -> 2' in setup_differences({}, {"world_size": 2})
+    e = pickle.loads(pickle.dumps(ResumeMismatchError("why", "what to do")))
+    assert (str(e), e.problem, e.remedy) == ("why; what to do", "why", "what to do")
     long = setup_differences({"stats": "x" * 500}, {"stats": "y" * 500})
     assert len(long) < 120 and "..." in long
     # what a checkpoint records: the spec whole, so a spec change is named by its field

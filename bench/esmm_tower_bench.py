@@ -48,10 +48,13 @@ ARMS = {  # label -> ModelConfig.esmm
     "clicked x0.5": EsmmConfig(tower_loss="clicked", tower_weight=0.5),
     "ips x0.5": EsmmConfig(tower_loss="ips", tower_weight=0.5),
     "tower-only": EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="tower"),
+    "dense": EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense"),
+    "dense x0.5": EsmmConfig(tower_loss="clicked", tower_weight=0.5, tower_scope="dense"),
 }
 LABEL = {"plain": "plain multi-task", "esmm": "classic ESMM", "clicked": "ESMM + clicked BCE",
          "ips": "ESMM + IPS", "clicked x0.5": "ESMM + 0.5 clicked BCE", "ips x0.5": "ESMM + 0.5 IPS",
-         "tower-only": "ESMM + clicked BCE on the tower only"}
+         "tower-only": "ESMM + clicked BCE on the tower only",
+         "dense": "ESMM + clicked BCE on the dense layers", "dense x0.5": "ESMM + 0.5 clicked BCE on the dense layers"}
 
 
 def expected_aucs(pred, spec) -> dict[str, float]:

@@ -49,8 +49,10 @@ class ModelOutput:
     predictions: output name (schema) -> per-row value [B] (probabilities, products, regression values);
     log_products: child task -> log p(parent ∧ child) [B], finite for any logit (entire-space loss);
     gates: task -> gate weights [B, experts] (MoE bottoms) or None;
-    tower_logits: child task -> its tower's logit over the bottom's features detached (training with
-        `esmm.tower_scope: tower` only): what the child's own-logit term reads, so it trains the tower alone.
+    tower_logits: child task -> its tower's logit as the child's own-logit term reads it (training with
+        `esmm.tower_scope` tower or dense only): over the bottom's features detached (tower: the term
+        trains the tower alone), or over the bottom run again on detached embeddings of the rows of
+        the children's spaces, 0 elsewhere (dense: the term trains no embedding row).
     """
 
     logits: dict[str, torch.Tensor]

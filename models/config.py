@@ -24,11 +24,13 @@ class EsmmConfig(StrictConfig):
                                 "relative to the task's entire-space term (only with tower_loss clicked | ips)")
     ips_floor: float = Field(default=0.01, gt=0.0, lt=1.0, description="ips: p_parent is clipped below at "
                              "this value, so no row weighs more than 1/ips_floor (only with tower_loss: ips)")
-    tower_scope: Literal["all", "tower"] = Field(
+    tower_scope: Literal["all", "tower", "dense"] = Field(
         default="all", description="what the extra term trains: all (the child's tower, the bottom and the "
-        "embeddings, like any loss) | tower (the child's tower only: the term reads the bottom's features "
-        "detached, so the shared layers learn from the entire-space term alone; measured: classic ESMM's "
-        "pCVR bias and real-data AUC with slightly stronger towers, bench/README.md)")
+        "embeddings, like any loss) | dense (the tower and the bottom, not the embeddings: the term reads "
+        "the bottom run again on detached embeddings of its rows, so id rows learn from the entire-space "
+        "term alone) | tower (the child's tower only: the term reads the bottom's features detached, so "
+        "the shared layers learn from the entire-space term alone; measured: classic ESMM's pCVR bias and "
+        "real-data AUC with slightly stronger towers, bench/README.md)")
 
     @model_validator(mode="after")
     def _combinations(self):

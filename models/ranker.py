@@ -37,8 +37,8 @@ class DenseStage(nn.Module):
         self.bottom, self.towers = ranker.bottom, ranker.towers
         self._dense = ranker.dense
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
-        return self._dense(x)
+    def forward(self, x: torch.Tensor, tower_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
+        return self._dense(x, tower_rows)
 
 
 class MultiTaskRanker(nn.Module):
@@ -66,11 +66,13 @@ class MultiTaskRanker(nn.Module):
         # training on held-out rows (identity while training). A buffer, so it travels with the
         # weights into every place the model predicts (evaluation, scoring, the registered pyfunc).
         self.register_buffer("calibration", torch.tensor([[1.0, 0.0]] * len(self.tasks)))
-        # esmm.tower_scope: tower -- the children's own-logit term reads their towers over detached
-        # bottom features (rows appended to the raw outputs while training; `outputs` splits them off)
+        # esmm.tower_scope tower | dense -- the children's own-logit term reads their towers over detached
+        # bottom features (tower) or over the bottom run again on detached embeddings (dense): rows
+        # appended to the raw outputs while training; `outputs` splits them off
         esmm = cfg.esmm
-        detach = isinstance(esmm, EsmmConfig) and esmm.tower_loss != "none" and esmm.tower_scope == "tower"
-        self._detached_towers = tuple(i for i, t in enumerate(spec.tasks) if t.parent is not None) if detach else ()
+        self._scope = esmm.tower_scope if isinstance(esmm, EsmmConfig) and esmm.tower_loss != "none" else "all"
+        self._detached_towers = tuple(i for i, t in enumerate(spec.tasks) if t.parent is not None) \
+            if self._scope != "all" else ()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Weights saved before calibration existed load as uncalibrated (identity)."""
@@ -112,25 +114,47 @@ class MultiTaskRanker(nn.Module):
         return [p for p in self.parameters() if id(p) not in sparse]
 
     def forward(self, batch: Batch) -> ModelOutput:
-        return self.outputs(*self.dense(self.embeddings(batch)))
+        return self.outputs(*self.dense(self.embeddings(batch), self.tower_rows(batch)))
+
+    def tower_rows(self, batch: Batch) -> torch.Tensor | None:
+        """Rows the children's own-logit term reads (the union of their spaces) with
+        `esmm.tower_scope: dense`, which runs the bottom a second time on those rows alone; else None."""
+        if self._scope != "dense" or not self.training:
+            return None
+        masks = [batch.masks[self.tasks[i]] for i in self._detached_towers if self.tasks[i] in batch.masks]
+        if len(masks) < len(self._detached_towers):
+            return None    # a child without its mask: every row (the term then picks its own)
+        return torch.stack(masks).any(0)
 
     def predict(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The named predictions alone (scoring, serving): no log-products, which only a loss reads."""
         raw, gates = self.dense(self.embeddings(batch))
         return self.outputs(raw, gates, with_log_products=False).predictions
 
-    def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+    def dense(self, x: torch.Tensor, tower_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
         """[B, in] -> raw tower outputs [T, B] and gates: everything whose gradients are dense.
 
         Under mixed precision only the bottom (where ~99 % of the FLOPs are) runs in bf16: a bf16
         head rounds logits to 3 significant digits, which ties rare-task scores and perturbs their
-        gradients, for ~1 % of the work."""
+        gradients, for ~1 % of the work. Training with `esmm.tower_scope` tower | dense appends
+        [children, B] rows: the towers' logits as the children's own-logit term reads them."""
         h, gates = self.bottom(x)                       # [T, B, H]
+        extra = self._detached_towers and self.training
+        if extra and self._scope == "dense":   # the bottom again, on detached embeddings: the term
+            rows = tower_rows if tower_rows is not None else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            h_rows = self.bottom(x.detach()[rows])[0] if bool(rows.any()) else None   # trains no id row
         with torch.autocast(x.device.type, enabled=False):   # towers in fp32 under bf16 autocast
             h = h.float()
             raw = self.towers(h).squeeze(-1)            # [T, B]
-            if self._detached_towers and self.training:  # + [children, B]: towers over detached features
-                raw = torch.cat([raw, self.towers(h.detach()).squeeze(-1)[list(self._detached_towers)]])
+            if extra:
+                children = list(self._detached_towers)
+                if self._scope == "tower":              # towers over detached features
+                    own = self.towers(h.detach()).squeeze(-1)[children]
+                else:                                   # zeros outside the rows: no term reads them
+                    own = raw.new_zeros(len(children), raw.shape[1])
+                    if h_rows is not None:
+                        own[:, rows] = self.towers(h_rows.float()).squeeze(-1)[children]
+                raw = torch.cat([raw, own])
             return raw, gates
 
     def outputs(self, raw: torch.Tensor, gates: dict | None, with_log_products: bool = True) -> ModelOutput:

@@ -375,7 +375,7 @@ class Trainer:
     def _forward(self, batch) -> "ModelOutput":
         if self.ddp is None:
             return self.model(batch)
-        return self.model.outputs(*self.ddp(self.model.embeddings(batch)))
+        return self.model.outputs(*self.ddp(self.model.embeddings(batch), self.model.tower_rows(batch)))
 
     def _idle_loss(self) -> torch.Tensor:
         """A rank out of rows still steps with the others: a zero loss over an empty batch gives

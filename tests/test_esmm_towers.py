@@ -135,11 +135,11 @@ def test_tower_gradient_reaches_the_child_tower_parameters(spec):
     assert extra.item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("scope", ["all", "tower"])
+@pytest.mark.parametrize("scope", ["all", "dense", "tower"])
 def test_tower_scope_decides_what_the_extra_term_trains(spec, scope):
-    """`tower_scope: tower`: the child's own-logit term moves the child towers and nothing shared
-    (bottom, embeddings); `all` moves both. The forward, the loss value and the predictions are the
-    same either way: only where the term's gradient goes differs."""
+    """The child's own-logit term moves the child towers always; the bottom (experts, gates) with
+    `all` and `dense`; the embedding tables with `all` only. The forward, the loss value and the
+    predictions are the same whichever the scope: only where the term's gradient goes differs."""
     from mtrank.models import MultiTaskRanker
     from tests.test_models import TINY
 
@@ -149,18 +149,27 @@ def test_tower_scope_decides_what_the_extra_term_trains(spec, scope):
     batch = clicked_batch(spec)
     model.train()
     out = model(batch)
-    assert (out.tower_logits is not None) == (scope == "tower")
-    if scope == "tower":   # the same values as the logits, children only
+    assert (out.tower_logits is not None) == (scope != "all")
+    if scope != "all":   # the same values as the logits on the rows the term reads, children only
         assert set(out.tower_logits) == {t.name for t in spec.tasks if t.parent}
         for t, z in out.tower_logits.items():
-            assert torch.equal(z, out.logits[t])
+            rows = batch.masks[t]
+            assert 0 < int(rows.sum()) < batch.size
+            assert torch.allclose(z[rows], out.logits[t][rows], atol=1e-6)
+        plain = MultiTaskRanker(spec, ModelConfig(**TINY, esmm=EsmmConfig(tower_loss="clicked", tower_weight=1.0)))
+        plain.load_state_dict(model.state_dict())
+        plain.train()
+        same = MultiTaskLoss(spec, EsmmConfig(tower_loss="clicked", tower_weight=1.0))(plain(batch), batch)[0]
+        assert torch.allclose(MultiTaskLoss(spec, esmm)(out, batch)[0], same, atol=1e-5)
     extra = MultiTaskLoss(spec, esmm)(out, batch)[0] - MultiTaskLoss(spec, True)(out, batch)[0]
-    shared = [p for n, p in model.named_parameters() if not n.startswith("towers.")]
-    towers = [p for n, p in model.named_parameters() if n.startswith("towers.")]
-    grads = torch.autograd.grad(extra, shared + towers, allow_unused=True)
-    moved = [gr is not None and gr.abs().sum() > 0 for gr in grads]
-    assert any(moved[len(shared):])                           # the child towers learn from it
-    assert any(moved[:len(shared)]) == (scope == "all")       # the shared layers only with scope all
+    groups = {g: [p for n, p in model.named_parameters() if n.startswith(g + ".")]
+              for g in ("embeddings", "bottom", "towers")}
+    assert all(groups.values())
+    moved = {}
+    for g, params in groups.items():
+        grads = torch.autograd.grad(extra, params, allow_unused=True, retain_graph=True)
+        moved[g] = any(gr is not None and gr.abs().sum() > 0 for gr in grads)
+    assert moved == {"towers": True, "bottom": scope in ("all", "dense"), "embeddings": scope == "all"}
     model.eval()
     with torch.no_grad():
         same = MultiTaskRanker(spec, ModelConfig(**TINY, esmm=EsmmConfig(tower_loss="clicked")))

@@ -50,11 +50,14 @@ ARMS = {  # label -> ModelConfig.esmm
     "tower-only": EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="tower"),
     "dense": EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense"),
     "dense x0.5": EsmmConfig(tower_loss="clicked", tower_weight=0.5, tower_scope="dense"),
+    **{f"id bias {s}": EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense", id_bias=s)
+       for s in (0.1, 0.2, 0.5)},
 }
 LABEL = {"plain": "plain multi-task", "esmm": "classic ESMM", "clicked": "ESMM + clicked BCE",
          "ips": "ESMM + IPS", "clicked x0.5": "ESMM + 0.5 clicked BCE", "ips x0.5": "ESMM + 0.5 IPS",
          "tower-only": "ESMM + clicked BCE on the tower only",
-         "dense": "ESMM + clicked BCE on the dense layers", "dense x0.5": "ESMM + 0.5 clicked BCE on the dense layers"}
+         "dense": "ESMM + clicked BCE on the dense layers", "dense x0.5": "ESMM + 0.5 clicked BCE on the dense layers",
+         **{f"id bias {s}": f"dense + private id biases x{s}" for s in (0.1, 0.2, 0.5)}}
 
 
 def expected_aucs(pred, spec) -> dict[str, float]:

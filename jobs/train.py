@@ -118,7 +118,7 @@ def _admission(spec: FeatureSpec, reader: ImpressionReader, model, parent: Paren
             before = parent.saved.model.embeddings.admitted(t)
             if before is not None and before.numel() == ok.size:
                 ok |= before.cpu().numpy()
-    model.embeddings.set_admission(admitted)
+    model.set_admission(admitted)
     summary = counts.summary(spec)
     if dist.is_main:
         log.info("id admission on the training window (ids under min_count share the rare row):\n%s",

@@ -31,6 +31,12 @@ class EsmmConfig(StrictConfig):
         "term alone) | tower (the child's tower only: the term reads the bottom's features detached, so "
         "the shared layers learn from the entire-space term alone; measured: classic ESMM's pCVR bias and "
         "real-data AUC with slightly stronger towers, bench/README.md)")
+    id_bias: float = Field(
+        default=0.0, ge=0.0, le=10.0, description="with tower_scope dense: each child also gets one private "
+        "scalar per id of every embedding table (same hashed rows and admission, zero at start), times this "
+        "scale, added to its logit; the own-logit term trains them, the entire-space term reads them "
+        "detached, so the child learns id effects from its labelled rows without the shared id rows "
+        "learning the clicked term. 0 = off")
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -40,6 +46,9 @@ class EsmmConfig(StrictConfig):
                              "`esmm: true` is classic ESMM)")
         if self.tower_loss == "none" and "tower_scope" in given:
             raise ValueError("tower_scope needs tower_loss: clicked or ips")
+        if self.id_bias > 0 and self.tower_scope != "dense":
+            raise ValueError("id_bias needs tower_scope: dense (the own-logit term trains the private biases "
+                             "in place of the shared id rows)")
         if self.tower_loss != "ips" and "ips_floor" in given:
             raise ValueError(f"ips_floor applies to tower_loss: ips only, not {self.tower_loss!r}")
         return self
@@ -54,6 +63,8 @@ class EsmmConfig(StrictConfig):
             out.pop("ips_floor", None)
         if self.tower_scope == "all":   # the default: dumps (and fingerprints) as before the option
             out.pop("tower_scope", None)
+        if self.id_bias == 0:
+            out.pop("id_bias", None)
         return out
 
 

@@ -19,18 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtrank.features.spec import FeatureSpec
+from mtrank.features.spec import EmbeddingTable, FeatureSpec
 from mtrank.models.batch import Batch
 
 
 class FusedEmbeddings(nn.Module):
     """Batch -> [B, output_dim]: all id-field embeddings, pooled bags (flattened), then dense."""
 
-    def __init__(self, spec: FeatureSpec, init_std: float = 0.01, initialise: bool = True):
+    def __init__(self, spec: FeatureSpec, init_std: float = 0.01, initialise: bool = True,
+                 width: int | None = None, with_dense: bool = True):
         """`initialise=False` leaves the tables' memory as allocated: for a model whose weights are
-        loaded next (drawing ~10^8 normals costs seconds at every scoring start)."""
+        loaded next (drawing ~10^8 normals costs seconds at every scoring start). `width`: every table
+        `width` wide instead of its own dim, same rows, admission and L2, no dropout (a ranker's per-id biases);
+        `with_dense=False`: the output holds the lookups alone."""
         super().__init__()
         tables = spec.embedding_tables
+        if width is not None:
+            tables = {name: EmbeddingTable(name, t.buckets, width, t.fields, t.min_count, t.l2)   # no dropout
+                      for name, t in tables.items()}
         dims = sorted({t.dim for t in tables.values()})
         self.dims = tuple(dims)
         base: dict[str, int] = {}
@@ -53,7 +59,8 @@ class FusedEmbeddings(nn.Module):
                 self.register_buffer(f"admit{gi}", torch.ones(rows[d], dtype=torch.bool))
                 self._admit[gi] = f"admit{gi}"
         self.weights = nn.ParameterList(
-            nn.Parameter(torch.empty(rows[d], d).normal_(0.0, init_std) if initialise else torch.empty(rows[d], d))
+            nn.Parameter(torch.empty(rows[d], d).normal_(0.0, init_std) if initialise and init_std > 0
+                         else torch.zeros(rows[d], d) if initialise else torch.empty(rows[d], d))
             for d in dims)  # in place: no 2nd copy
         # Id columns grouped by dim: which columns of Batch.ids, and the row base to add to each.
         self._id_groups: list[tuple[int, str, str]] = []  # (dim index, cols buffer, base buffer)
@@ -73,7 +80,7 @@ class FusedEmbeddings(nn.Module):
             self.register_buffer(f"_dropp{gi}", torch.tensor([self.table_dropout.get(t, 0.0) for t in tabs]),
                                  persistent=False)
         self.bag_tables = {name: len(fields) for name, fields in spec.bag_tables.items()}
-        self.n_dense = sum(f.dense_width for f in spec.dense)   # piecewise-linear features are several columns
+        self.n_dense = sum(f.dense_width for f in spec.dense) if with_dense else 0   # piecewise-linear features are several columns
         # Where each field lands in the output row (same order as forward concatenates).
         self.field_slices: dict[str, slice] = {}
         pos = 0

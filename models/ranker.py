@@ -73,6 +73,10 @@ class MultiTaskRanker(nn.Module):
         self._scope = esmm.tower_scope if isinstance(esmm, EsmmConfig) and esmm.tower_loss != "none" else "all"
         self._detached_towers = tuple(i for i, t in enumerate(spec.tasks) if t.parent is not None) \
             if self._scope != "all" else ()
+        # esmm.id_bias -- per child, one private scalar per id row (see EsmmConfig.id_bias)
+        self._id_bias_scale = esmm.id_bias if self._scope == "dense" else 0.0
+        self.id_biases = FusedEmbeddings(spec, init_std=0.0, initialise=initialise, width=len(self._detached_towers),
+                                         with_dense=False) if self._id_bias_scale > 0 and self._detached_towers else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Weights saved before calibration existed load as uncalibrated (identity)."""
@@ -105,8 +109,28 @@ class MultiTaskRanker(nn.Module):
             bias[i].fill_(v)
 
     def sparse_parameters(self) -> list[nn.Parameter]:
-        """Embedding tables (sparse grads -> SparseAdam)."""
-        return self.embeddings.sparse_parameters()
+        """Embedding tables and the per-id biases (sparse grads -> SparseAdam / row-wise Adagrad)."""
+        return self.embeddings.sparse_parameters() + (self.id_biases.sparse_parameters() if self.id_biases else [])
+
+    def row_l2(self) -> dict[nn.Parameter, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-row L2 of every sparse weight (FusedEmbeddings.row_l2): a table's L2 covers its biases too."""
+        return {**self.embeddings.row_l2(), **(self.id_biases.row_l2() if self.id_biases else {})}
+
+    def set_admission(self, admitted: dict[str, object]) -> None:
+        """Frequency admission (FusedEmbeddings.set_admission) of the tables and of their per-id biases."""
+        for e in self.lookups():
+            e.set_admission(admitted)
+
+    def lookups(self) -> list[FusedEmbeddings]:
+        """Every module whose rows are ids of the spec's tables: the embeddings, then the per-id biases."""
+        return [self.embeddings] + ([self.id_biases] if self.id_biases is not None else [])
+
+    def id_bias(self, batch: Batch) -> torch.Tensor | None:
+        """[B, children] the children's per-id biases summed over the row's ids, scaled; None when off."""
+        if self.id_biases is None:
+            return None
+        b = self.id_biases(batch)
+        return b.reshape(b.shape[0], -1, len(self._detached_towers)).sum(1) * self._id_bias_scale
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Everything else (dense grads -> Adam/AdamW)."""
@@ -114,7 +138,7 @@ class MultiTaskRanker(nn.Module):
         return [p for p in self.parameters() if id(p) not in sparse]
 
     def forward(self, batch: Batch) -> ModelOutput:
-        return self.outputs(*self.dense(self.embeddings(batch), self.tower_rows(batch)))
+        return self.outputs(*self.dense(self.embeddings(batch), self.tower_rows(batch)), id_bias=self.id_bias(batch))
 
     def tower_rows(self, batch: Batch) -> torch.Tensor | None:
         """Rows the children's own-logit term reads (the union of their spaces) with
@@ -129,7 +153,7 @@ class MultiTaskRanker(nn.Module):
     def predict(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The named predictions alone (scoring, serving): no log-products, which only a loss reads."""
         raw, gates = self.dense(self.embeddings(batch))
-        return self.outputs(raw, gates, with_log_products=False).predictions
+        return self.outputs(raw, gates, with_log_products=False, id_bias=self.id_bias(batch)).predictions
 
     def dense(self, x: torch.Tensor, tower_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
         """[B, in] -> raw tower outputs [T, B] and gates: everything whose gradients are dense.
@@ -157,11 +181,20 @@ class MultiTaskRanker(nn.Module):
                 raw = torch.cat([raw, own])
             return raw, gates
 
-    def outputs(self, raw: torch.Tensor, gates: dict | None, with_log_products: bool = True) -> ModelOutput:
-        """Raw tower outputs -> logits, probabilities, products, regression values (no parameters)."""
+    def outputs(self, raw: torch.Tensor, gates: dict | None, with_log_products: bool = True,
+                id_bias: torch.Tensor | None = None) -> ModelOutput:
+        """Raw tower outputs (and the children's per-id biases, `id_bias`) -> logits, probabilities,
+        products, regression values (no parameters)."""
         n = len(self.tasks)
+        if id_bias is not None:   # the own-logit rows read them, the logits everything else reads detached
+            rows = torch.tensor(self._detached_towers, device=raw.device)
+            bias = id_bias.T.to(raw.dtype)                                       # [children, B]
+            if raw.shape[0] > n:
+                raw = torch.cat([raw[:n].index_add(0, rows, bias.detach()), raw[n:] + bias])
+            else:
+                raw = raw.index_add(0, rows, bias)
         tower_logits = None
-        if raw.shape[0] > n:   # training with esmm.tower_scope: tower (see `dense`)
+        if raw.shape[0] > n:   # training with esmm.tower_scope: tower | dense (see `dense`)
             tower_logits = {self.tasks[i]: raw[n + j] for j, i in enumerate(self._detached_towers)}
             raw = raw[:n]
         logits = {t: raw[i] for i, t in enumerate(self.tasks)}

@@ -332,7 +332,7 @@ class Trainer:
         self.model, self.spec, self.cfg, self.dist = model.to(self.device), spec, cfg, dist
         self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting).to(self.device)
         self.sparse_opt = sparse_optimizer(model.sparse_parameters(), cfg.sparse_optimizer, cfg.sparse_lr,
-                                           cfg.sparse_initial_accumulator, row_l2=model.embeddings.row_l2())
+                                           cfg.sparse_initial_accumulator, row_l2=model.row_l2())
         self.dense_params = model.dense_parameters() + list(self.loss.parameters())
         self.dense_opt = dense_optimizer(self.dense_params, cfg.lr, cfg.weight_decay)
         self.checkpoints = checkpoints   # every rank reads it on resume; rank 0 alone writes
@@ -375,7 +375,8 @@ class Trainer:
     def _forward(self, batch) -> "ModelOutput":
         if self.ddp is None:
             return self.model(batch)
-        return self.model.outputs(*self.ddp(self.model.embeddings(batch), self.model.tower_rows(batch)))
+        return self.model.outputs(*self.ddp(self.model.embeddings(batch), self.model.tower_rows(batch)),
+                                  id_bias=self.model.id_bias(batch))
 
     def _idle_loss(self) -> torch.Tensor:
         """A rank out of rows still steps with the others: a zero loss over an empty batch gives

@@ -12,6 +12,7 @@ import torch
 from mtrank.features.featurize import Featurizer
 from mtrank.features.spec import load_spec
 from mtrank.models import ModelConfig
+from mtrank.models.config import EsmmConfig
 from mtrank.pipeline.dataset import open_window
 from mtrank.pipeline.distributed import GradientSync, process_group
 from mtrank.pipeline.reader import ImpressionReader, fit_numeric_stats
@@ -24,7 +25,9 @@ def main(logs: str, out: str) -> None:
     stats = fit_numeric_stats(ImpressionReader(window, spec, progress=False))
     tc = TrainConfig(batch_size=256, loss_weighting="uncertainty", shuffle=True, seed=3)
     with process_group() as d:
-        model = build_model(spec, ModelConfig(experts=2, expert_mlp=(16,), tower_mlp=(8,)), tc.seed, stats)
+        # the widest DDP forward: the bottom again on the children's rows, and their per-id biases
+        esmm = EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense", id_bias=0.2)
+        model = build_model(spec, ModelConfig(experts=2, expert_mlp=(16,), tower_mlp=(8,), esmm=esmm), tc.seed, stats)
         trainer = Trainer(model, spec, tc, dist=d)
         reader = ImpressionReader(window, spec, Featurizer(spec, stats), batch_size=trainer.rank_batch_size,
                                   shuffle=True, seed=tc.seed, rank=d.rank, world_size=d.world_size, progress=False)

@@ -104,6 +104,7 @@ def test_ranks_with_uneven_shards_stay_identical_and_table_gradients_stay_sparse
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs between ranks"
+    assert a["model"]["id_biases.weights.0"].any()   # the children's per-id biases trained (from zero), in sync
 
 
 def test_two_ranks_match_one_rank_and_account_for_every_row(base):

@@ -180,6 +180,68 @@ def test_tower_scope_decides_what_the_extra_term_trains(spec, scope):
     assert model(batch).tower_logits is None                  # not in eval mode
 
 
+def test_id_biases_learn_from_the_own_logit_term_alone(spec):
+    """`esmm.id_bias`: each child's private per-id scalars start at zero (the model predicts as without
+    them), get sparse gradients from the child's own-logit term and none from the entire-space term,
+    shift the child's logit (and nothing else) by scale x their sum over the row's ids at inference,
+    and follow the tables' admission."""
+    from mtrank.models import MultiTaskRanker
+    from tests.test_models import TINY
+
+    esmm = EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense", id_bias=0.5)
+    torch.manual_seed(0)
+    model = MultiTaskRanker(spec, ModelConfig(**TINY, esmm=esmm))
+    without = MultiTaskRanker(spec, ModelConfig(**TINY, esmm=esmm.model_copy(update={"id_bias": 0.0})))
+    assert without.id_biases is None
+    missing, unexpected = without.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("id_biases.") for k in unexpected)
+    children = [t.name for t in spec.tasks if t.parent]
+    assert model.id_biases.weights[0].shape[1] == len(children) and not model.id_biases.weights[0].any()
+    batch = clicked_batch(spec)
+    model.eval(), without.eval()
+    with torch.no_grad():
+        assert all(torch.equal(v, without.predict(batch)[k]) for k, v in model.predict(batch).items())
+
+    model.train()
+    out = model(batch)
+    classic = MultiTaskLoss(spec, True)(out, batch)[0]
+    extra = MultiTaskLoss(spec, esmm)(out, batch)[0] - classic
+    biases = model.id_biases.weights[0]
+    g = torch.autograd.grad(classic, biases, allow_unused=True, retain_graph=True)[0]
+    assert g is None or not g.coalesce().values().any()
+    g = torch.autograd.grad(extra, biases, retain_graph=True)[0]
+    assert g.is_sparse and g.coalesce().values().abs().sum() > 0
+    assert any(p is biases for p in model.sparse_parameters())
+    assert all(p is not biases for p in model.dense_parameters())
+
+    with torch.no_grad():
+        biases.normal_(0.0, 1.0)
+    model.eval(), without.eval()
+    with torch.no_grad():
+        shift = model.id_bias(batch)                                  # [B, children]
+        assert shift.abs().sum() > 0
+        a, b = model(batch).logits, without(batch).logits
+        for t in spec.tasks:
+            want = b[t.name] + shift[:, children.index(t.name)] if t.parent else b[t.name]
+            assert torch.allclose(a[t.name], want, atol=1e-5), t.name
+        assert torch.allclose(model.predict(batch)[spec.outputs.own(children[0]).name],
+                              torch.sigmoid(a[children[0]]), atol=1e-6)
+
+
+
+def test_id_bias_config():
+    with pytest.raises(ValueError, match="id_bias needs tower_scope: dense"):
+        EsmmConfig(tower_loss="clicked", id_bias=0.2)
+    with pytest.raises(ValueError, match="id_bias needs tower_scope: dense"):
+        EsmmConfig(tower_loss="clicked", tower_scope="tower", id_bias=0.2)
+    with pytest.raises(ValueError):
+        EsmmConfig(tower_loss="clicked", tower_scope="dense", id_bias=-1)
+    m = ModelConfig(esmm={"tower_loss": "clicked", "tower_scope": "dense", "id_bias": 0.2})
+    assert m.model_dump()["esmm"]["id_bias"] == 0.2
+    assert ModelConfig.model_validate_json(m.model_dump_json()) == m
+    assert "id_bias" not in EsmmConfig(tower_loss="clicked", tower_scope="dense").model_dump()
+
+
 def test_tower_scope_config():
     assert EsmmConfig(tower_loss="clicked", tower_scope="tower").model_dump() == \
         {"tower_loss": "clicked", "tower_weight": 0.5, "tower_scope": "tower"}

@@ -262,3 +262,41 @@ def test_init_spec_proposes_admission_for_high_cardinality_ids_only(tmp_path):
     by = spec.feature_by_name
     assert {k: getattr(by["user_id"], k) for k in ID_OPTIONS} == ID_OPTIONS
     assert by["item_id"].min_count == 1 and "min_count" not in got.text.split("item_id")[-1].split("\n")[0]
+
+
+def test_id_biases_share_the_tables_admission_and_warm_start():
+    """`esmm.id_bias`: the children's per-id biases use the tables' rows and admission (a rare id reads
+    the rare row's bias), and a warm start copies them table by table (a re-initialised table's
+    biases start again at zero)."""
+    from mtrank.models.warm_start import transfer_weights
+
+    raw = spec_dict()
+    raw["tasks"] = [{"name": "click", "label": "click", "type": "binary"},
+                    {"name": "buy", "label": "click", "type": "binary", "parent": "click", "space": "click"}]
+    spec = parse_spec(raw)
+    cfg = ModelConfig(**SMALL, esmm={"tower_loss": "clicked", "tower_scope": "dense", "id_bias": 0.5})
+    torch.manual_seed(0)
+    model = MultiTaskRanker(spec, cfg)
+    model.set_admission(IdCounts.of_arrays(Featurizer(spec).transform(frame()), spec).admitted(spec))
+    for name in ("user", "shared"):
+        assert torch.equal(model.id_biases.admitted(name), model.embeddings.admitted(name))
+    assert not bool(model.id_biases.admitted("user")[hash_value("u3", "user", 7, 4096)])
+    with torch.no_grad():
+        model.id_biases.weights[0].normal_()
+    test = batch_from_arrays(Featurizer(spec).transform(
+        frame(users=["u3", "never-seen", "u1"], tags=[None] * 3, cats=[None] * 3)))
+    model.eval()
+    e = model.id_biases
+    b = model.id_bias(test)[:, 0]
+    assert torch.equal(b[0], b[1])                    # both users read the rare row's bias
+    w = e.weights[0][:, 0]
+    u1 = e.table_base["user"] + hash_value("u1", "user", 7, 4096)
+    assert float(b[2] - b[0]) == pytest.approx(0.5 * float(w[u1] - w[e.rare_row["user"]]), abs=1e-6)
+
+    child = MultiTaskRanker(spec, cfg)
+    transfer_weights(model, child, frozenset(["shared"]))
+    ce = child.id_biases
+    u = slice(e.table_base["user"], e.table_base["user"] + spec.embedding_tables["user"].rows)
+    s = slice(ce.table_base["shared"], ce.table_base["shared"] + spec.embedding_tables["shared"].rows)
+    assert torch.equal(ce.weights[0][u], e.weights[0][u])
+    assert not ce.weights[0][s].any() and e.weights[0][s].any()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtrank.features.outputs import OutputSchema
-from mtrank.features.spec import FeatureSpec
+from mtrank.features.spec import FeatureSpec, SpecError
 from mtrank.models.bottoms import MMoE, OMoE, PLE, BatchedMLP, SharedBottom
 from mtrank.models.config import EsmmConfig, ModelConfig
 from mtrank.models.embedding import FusedEmbeddings
@@ -73,10 +73,28 @@ class MultiTaskRanker(nn.Module):
         self._scope = esmm.tower_scope if isinstance(esmm, EsmmConfig) and esmm.tower_loss != "none" else "all"
         self._detached_towers = tuple(i for i, t in enumerate(spec.tasks) if t.parent is not None) \
             if self._scope != "all" else ()
+        # esmm.detach_tables -- the embedding columns the dense scope's second bottom pass reads detached
+        # (None: every column)
+        self.register_buffer("_detach_cols", self._detached_columns(spec, esmm) if self._scope == "dense" else None,
+                             persistent=False)
         # esmm.id_bias -- per child, one private scalar per id row (see EsmmConfig.id_bias)
         self._id_bias_scale = esmm.id_bias if self._scope == "dense" else 0.0
         self.id_biases = FusedEmbeddings(spec, init_std=0.0, initialise=initialise, width=len(self._detached_towers),
                                          with_dense=False) if self._id_bias_scale > 0 and self._detached_towers else None
+
+    def _detached_columns(self, spec: FeatureSpec, esmm: EsmmConfig) -> torch.Tensor | None:
+        """bool [input columns]: True where the column is an embedding of a table in `detach_tables`."""
+        if esmm.detach_tables is None:
+            return None
+        unknown = sorted(set(esmm.detach_tables) - set(spec.embedding_tables))
+        if unknown:
+            raise SpecError(f"model.esmm.detach_tables: {', '.join(map(repr, unknown))} is not an embedding table "
+                            f"of the spec (its tables: {', '.join(spec.embedding_tables)})")
+        table_of = dict(spec.id_fields) | {f: t for t, fields in spec.bag_tables.items() for f in fields}
+        cols = torch.zeros(self.embeddings.output_dim, dtype=torch.bool)
+        for field, where in self.embeddings.field_slices.items():
+            cols[where] = table_of[field] in esmm.detach_tables
+        return cols
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Weights saved before calibration existed load as uncalibrated (identity)."""
@@ -166,7 +184,10 @@ class MultiTaskRanker(nn.Module):
         extra = self._detached_towers and self.training
         if extra and self._scope == "dense":   # the bottom again, on detached embeddings: the term
             rows = tower_rows if tower_rows is not None else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-            h_rows = self.bottom(x.detach()[rows])[0] if bool(rows.any()) else None   # trains no id row
+            x_rows = x[rows]
+            x_rows = x_rows.detach() if self._detach_cols is None else \
+                torch.where(self._detach_cols, x_rows.detach(), x_rows)       # the tables it must not train
+            h_rows = self.bottom(x_rows)[0] if bool(rows.any()) else None
         with torch.autocast(x.device.type, enabled=False):   # towers in fp32 under bf16 autocast
             h = h.float()
             raw = self.towers(h).squeeze(-1)            # [T, B]

@@ -229,6 +229,42 @@ def test_id_biases_learn_from_the_own_logit_term_alone(spec):
 
 
 
+def test_detach_tables_keep_the_own_logit_term_out_of_those_tables_only(spec):
+    """`tower_scope: dense` with `detach_tables`: the extra term trains every embedding table but the
+    listed ones (all of them stay out without the list); the forward is unchanged."""
+    from mtrank.models import MultiTaskRanker
+    from tests.test_models import TINY
+
+    def trained_tables(esmm) -> set[str]:
+        torch.manual_seed(0)
+        model = MultiTaskRanker(spec, ModelConfig(**TINY, esmm=esmm)).train()
+        batch = clicked_batch(spec)
+        out = model(batch)
+        extra = MultiTaskLoss(spec, esmm)(out, batch)[0] - MultiTaskLoss(spec, True)(out, batch)[0]
+        e, tables = model.embeddings, set()
+        for gi, g in enumerate(torch.autograd.grad(extra, list(e.weights), allow_unused=True)):
+            if g is None:
+                continue
+            g = g.coalesce()
+            for row in g.indices()[0][g.values().abs().sum(1) > 0].tolist():
+                tables.add(max((b, n) for n, b in e.table_base.items() if e.table_dim[n] == e.dims[gi] and b <= row)[1])
+        return tables
+
+    dense = EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense")
+    ids = ("user_id", "item_id")
+    assert trained_tables(dense) == set()
+    some = trained_tables(dense.model_copy(update={"detach_tables": ids}))
+    assert some and not some & set(ids)
+    assert some >= {"category", "brand_id", "query_topic"}
+    with pytest.raises(SpecError, match="model.esmm.detach_tables: 'nope' is not an embedding table"):
+        MultiTaskRanker(spec, ModelConfig(**TINY, esmm=dense.model_copy(update={"detach_tables": ("nope",)})))
+    with pytest.raises(ValueError, match="detach_tables needs tower_scope: dense"):
+        EsmmConfig(tower_loss="clicked", detach_tables=ids)
+    m = ModelConfig(esmm={"tower_loss": "clicked", "tower_scope": "dense", "detach_tables": list(ids)})
+    assert m.model_dump()["esmm"]["detach_tables"] == ids and "detach_tables" not in dense.model_dump()
+    assert ModelConfig.model_validate_json(m.model_dump_json()) == m
+
+
 def test_id_bias_config():
     with pytest.raises(ValueError, match="id_bias needs tower_scope: dense"):
         EsmmConfig(tower_loss="clicked", id_bias=0.2)

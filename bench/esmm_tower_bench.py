@@ -34,6 +34,7 @@ from bench.common import RESULTS, machine, write_results
 from bench.mtrank_run import train_eval
 from bench.quality_bench import cvr_bias, selection_data
 from mtrank.features.spec import load_spec
+from mtrank.jobs.config import load_config
 from mtrank.models.config import EsmmConfig, ModelConfig
 from mtrank.pipeline.evaluate import binary_sets
 from mtrank.pipeline.metrics import expected_auc
@@ -52,12 +53,14 @@ ARMS = {  # label -> ModelConfig.esmm
     "dense x0.5": EsmmConfig(tower_loss="clicked", tower_weight=0.5, tower_scope="dense"),
     **{f"id bias {s}": EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense", id_bias=s)
        for s in (0.1, 0.2, 0.5)},
+    "demo": load_config().model.esmm,   # the demo job's setting (its id tables named in its YAML)
 }
 LABEL = {"plain": "plain multi-task", "esmm": "classic ESMM", "clicked": "ESMM + clicked BCE",
          "ips": "ESMM + IPS", "clicked x0.5": "ESMM + 0.5 clicked BCE", "ips x0.5": "ESMM + 0.5 IPS",
          "tower-only": "ESMM + clicked BCE on the tower only",
          "dense": "ESMM + clicked BCE on the dense layers", "dense x0.5": "ESMM + 0.5 clicked BCE on the dense layers",
-         **{f"id bias {s}": f"dense + private id biases x{s}" for s in (0.1, 0.2, 0.5)}}
+         **{f"id bias {s}": f"dense + private id biases x{s}" for s in (0.1, 0.2, 0.5)},
+         "demo": "the demo job's ESMM (id tables kept out, id biases)"}
 
 
 def expected_aucs(pred, spec) -> dict[str, float]:

@@ -80,7 +80,8 @@ class FusedEmbeddings(nn.Module):
             self.register_buffer(f"_dropp{gi}", torch.tensor([self.table_dropout.get(t, 0.0) for t in tabs]),
                                  persistent=False)
         self.bag_tables = {name: len(fields) for name, fields in spec.bag_tables.items()}
-        self.n_dense = sum(f.dense_width for f in spec.dense) if with_dense else 0   # piecewise-linear features are several columns
+        # piecewise-linear features are several columns
+        self.n_dense = sum(f.dense_width for f in spec.dense) if with_dense else 0
         # Where each field lands in the output row (same order as forward concatenates).
         self.field_slices: dict[str, slice] = {}
         pos = 0

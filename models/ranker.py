@@ -80,7 +80,8 @@ class MultiTaskRanker(nn.Module):
         # esmm.id_bias -- per child, one private scalar per id row (see EsmmConfig.id_bias)
         self._id_bias_scale = esmm.id_bias if self._scope == "dense" else 0.0
         self.id_biases = FusedEmbeddings(spec, init_std=0.0, initialise=initialise, width=len(self._detached_towers),
-                                         with_dense=False) if self._id_bias_scale > 0 and self._detached_towers else None
+                                         with_dense=False) \
+            if self._id_bias_scale > 0 and self._detached_towers else None
 
     def _detached_columns(self, spec: FeatureSpec, esmm: EsmmConfig) -> torch.Tensor | None:
         """bool [input columns]: True where the column is an embedding of a table in `detach_tables`."""

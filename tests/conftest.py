@@ -248,7 +248,8 @@ def shared_dir(tmp_path_factory, worker_id: str, name: str) -> Path:
 def ranker(tmp_path_factory, worker_id):
     """One trained and registered ranker shared by the job tests (built once per run, under a file
     lock, whichever worker asks first):
-    4 days of generated logs (2026-11-01 .. 04), the small default spec, a job `ranker` whose score
+    4 days of generated logs (2026-11-01 .. 04), the small default spec, the demo's ESMM setting (per-id
+    biases: saved, registered and loaded with the model), a job `ranker` whose score
     section is the demo's formula and tuning objective, and `mtrank daily` for 2026-11-03 in a sqlite
     store under work/ (v1, champion). Treat it as read-only: a test that changes the registry or the
     files works on a copy (`shutil.copytree`) or writes its own job config pointing here."""
@@ -260,9 +261,10 @@ def ranker(tmp_path_factory, worker_id):
         base.mkdir()
         generate_demo_logs(base / "logs", days=4, rows=20_000, seed=5, users=2000, items=800)
         small_spec(base / "spec.yaml")
-        demo = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "default_job.yaml").read_text())["score"]
+        demo = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "default_job.yaml").read_text())
         write_job(base / "job.yaml", "ranker", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
-                  score={"fusion": demo["fusion"], "tune": demo["tune"]})
+                  model={**SMALL_MODEL, "esmm": demo["model"]["esmm"]},   # the demo's ESMM: biases in every load
+                  score={"fusion": demo["score"]["fusion"], "tune": demo["score"]["tune"]})
         r = cli_daily(base, "job.yaml", RANKER_DATE)
         assert r.returncode == 0, r.stderr
         (base / ".built").touch()

@@ -21,6 +21,7 @@ from mtrank.jobs.config import JobConfig
 from mtrank.jobs.live_run import LiveRun
 from mtrank.jobs.model_io import SavedModel, save_model
 from mtrank.jobs.paths import quarantine_dir, run_dir
+from mtrank.models.ranker import check_tables
 from mtrank.models.warm_start import transfer_weights
 from mtrank.jobs.report import gauc_note, strict_json, undefined_figures, write_report
 from mtrank.pipeline.checkpoint import CheckpointStore
@@ -185,6 +186,7 @@ def train(cfg: JobConfig, date: dt.date, resume: bool = False, progress: bool | 
     its shard, and only rank 0 writes the run directory (the outcome it returns is the whole job's).
     `track`: rank 0 keeps an MLflow run open while training (`jobs.live_run`)."""
     spec = load_spec(cfg.spec)
+    check_tables(spec, cfg.model)
     reinit = check_warm_start(parent, spec, cfg) if parent is not None else frozenset()
     first = date - dt.timedelta(days=cfg.warm_start.days if parent is not None else cfg.window_days)
     held = validation_days(cfg, parent)

@@ -28,6 +28,16 @@ def build_bottom(cfg: ModelConfig, tasks: tuple[str, ...], in_dim: int) -> nn.Mo
     return PLE(tasks, in_dim, cfg.experts, cfg.ple_task_experts, cfg.ple_levels, cfg.expert_mlp, cfg.dropout)
 
 
+def check_tables(spec: FeatureSpec, cfg: ModelConfig) -> None:
+    """The model config's table names against the spec: a job calls it before reading any data."""
+    esmm = cfg.esmm
+    if isinstance(esmm, EsmmConfig) and esmm.detach_tables is not None:
+        unknown = sorted(set(esmm.detach_tables) - set(spec.embedding_tables))
+        if unknown:
+            raise SpecError(f"model.esmm.detach_tables: {', '.join(map(repr, unknown))} is not an embedding table "
+                            f"of the spec (its tables: {', '.join(spec.embedding_tables)})")
+
+
 class DenseStage(nn.Module):
     """A ranker's bottom + towers as one module, sharing its parameters: the part a data-parallel
     trainer hands to DDP (the tables' sparse gradients are synchronised on their own)."""
@@ -87,10 +97,7 @@ class MultiTaskRanker(nn.Module):
         """bool [input columns]: True where the column is an embedding of a table in `detach_tables`."""
         if esmm.detach_tables is None:
             return None
-        unknown = sorted(set(esmm.detach_tables) - set(spec.embedding_tables))
-        if unknown:
-            raise SpecError(f"model.esmm.detach_tables: {', '.join(map(repr, unknown))} is not an embedding table "
-                            f"of the spec (its tables: {', '.join(spec.embedding_tables)})")
+        check_tables(spec, self.cfg)
         table_of = dict(spec.id_fields) | {f: t for t, fields in spec.bag_tables.items() for f in fields}
         cols = torch.zeros(self.embeddings.output_dim, dtype=torch.bool)
         for field, where in self.embeddings.field_slices.items():

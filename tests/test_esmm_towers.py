@@ -357,3 +357,13 @@ def test_defaults_of_the_model_config_and_of_the_demo_job():
     assert EsmmConfig() == ModelConfig().esmm
     assert load_config().model.esmm == EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense",
                                                   detach_tables=("user_id", "item_id"), id_bias=0.2)
+
+
+def test_an_unknown_detach_table_fails_the_job_before_any_data_is_read(tmp_path):
+    from mtrank.jobs.train import train
+
+    esmm = {"tower_loss": "clicked", "tower_scope": "dense", "detach_tables": ["user_id", "itemid"]}
+    cfg = parse_config({"data": str(tmp_path / "no-logs-here"), "work_dir": str(tmp_path / "work"),
+                        "model": {"esmm": esmm}}, "job.yaml")
+    with pytest.raises(SpecError, match="model.esmm.detach_tables: 'itemid' is not an embedding table"):
+        train(cfg, date(2026, 11, 8))

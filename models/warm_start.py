@@ -2,8 +2,8 @@
 
 Tables named in `reinit` keep the child's fresh initialisation (their ids now mean something else);
 every other table's rows are copied from wherever the parent stacked them, and so are its per-id
-biases (`esmm.id_bias`). Dense layers are copied
-as they are: the caller has checked that inputs and architecture did not change.
+biases (`esmm.id_bias`). Dense layers are copied as they are: the caller has checked that inputs and
+architecture did not change.
 """
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ class MultiTaskRanker(nn.Module):
         if esmm.detach_tables is None:
             return None
         check_tables(spec, self.cfg)
-        table_of = dict(spec.id_fields) | {f: t for t, fields in spec.bag_tables.items() for f in fields}
+        table_of = {f: t.name for t in spec.embedding_tables.values() for f in t.fields}
         cols = torch.zeros(self.embeddings.output_dim, dtype=torch.bool)
         for field, where in self.embeddings.field_slices.items():
             cols[where] = table_of[field] in esmm.detach_tables

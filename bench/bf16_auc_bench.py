@@ -19,10 +19,10 @@ fp32 throughout: a perturbation of bf16's size that involves no bf16 arithmetic 
 differences from fp32 show how far one rounding-sized nudge moves each task's AUC by itself.
 `--model` picks the model: `default` (ModelConfig's defaults: ESMM whose post-click towers also
 learn from clicked rows, the model a user trains without settings), `classic` (`esmm: true`) or
-`plain` (post-click towers trained on clicked rows only; `--no-esmm` is the same) or `clicked1` (the
-default's clicked-row term at weight 1.0).
+`plain` (post-click towers trained on clicked rows only; `--no-esmm` is the same), `clicked1` (the
+default's clicked-row term at weight 1.0) or `demo` (the demo job's model, `jobs/default_job.yaml`).
 
-    .venv/bin/python -m bench.bf16_auc_bench [--seeds 5] [--control] [--model default|classic|plain|clicked1] [--quick]
+    .venv/bin/python -m bench.bf16_auc_bench [--seeds 5] [--control] [--model default|classic|plain|clicked1|demo] [--quick]
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from scipy import stats
 from bench.common import machine, write_results
 from bench.mtrank_run import train_eval
 from mtrank.features.spec import load_spec
+from mtrank.jobs.config import load_config
 from mtrank.models import ModelConfig
 from mtrank.pipeline.evaluate import Predictions, binary_sets
 from mtrank.pipeline.metrics import auc, expected_auc
@@ -45,7 +46,8 @@ MARGIN = 0.002
 HEAD_ROWS = 200_000
 MEASURES = ("expected_auc", "auc", "auc_head")
 MODELS = {"default": ModelConfig, "classic": lambda: ModelConfig(esmm=True), "plain": lambda: ModelConfig(esmm=False),
-          "clicked1": lambda: ModelConfig(esmm={"tower_loss": "clicked", "tower_weight": 1.0})}
+          "clicked1": lambda: ModelConfig(esmm={"tower_loss": "clicked", "tower_weight": 1.0}),
+          "demo": lambda: load_config().model}
 
 
 def head(pred: Predictions, n: int) -> Predictions:
@@ -127,7 +129,8 @@ def main() -> None:
                          for t in tasks} for m in MEASURES} for arm in arms if arm != "fp32"}
 
     model = {"default": "MMoE + ESMM, clicked-row tower term (the default model)", "classic": "MMoE + classic ESMM",
-             "plain": "plain multi-task (no ESMM)", "clicked1": "MMoE + ESMM, clicked-row tower term at weight 1.0"}[kind]
+             "plain": "plain multi-task (no ESMM)", "clicked1": "MMoE + ESMM, clicked-row tower term at weight 1.0",
+             "demo": "the demo job's model"}[kind]
     md = [f"## bf16 vs fp32 AUC, paired by seed (standard workload, {model})", "",
           f"machine: {machine()}; {rows:,} training rows, scored on {runs[0]['eval_rows']:,} rows of the next "
           f"day; {seeds} seeds; 1-min load average {min(loads):.2f}-{max(loads):.2f}", "",
@@ -146,7 +149,7 @@ def main() -> None:
             label = "all rows" if m == "auc" else f"first {HEAD_ROWS // 1000}k rows"
             md.append(f"| {t} | {label} | {per} | {e['mean']:+.4f} | {e['ci90'][0]:+.4f} .. {e['ci90'][1]:+.4f} | "
                       f"{e['max_abs']:.4f} |")
-    name = "bf16_auc" + {"default": "", "classic": "-classic", "plain": "-plain", "clicked1": "-clicked1"}[kind] + ("-quick" if a.quick else "")
+    name = "bf16_auc" + {"default": "", "classic": "-classic", "plain": "-plain", "clicked1": "-clicked1", "demo": "-demo"}[kind] + ("-quick" if a.quick else "")
     write_results(name, {"machine": machine(), "rows": rows, "seeds": seeds, "model": kind,
                          "model_config": MODELS[kind]().model_dump(mode="json"),
                          "runs": runs, "summary": summary}, "\n".join(md) + "\n")

@@ -467,6 +467,8 @@ def main() -> None:
     ap.add_argument("--numeric", default="spec", metavar="V[,V..]",
                     help="mtrank variants by numeric encoding (a method each): spec (as init-spec proposes), "
                          "scalar, ple:N, ple:N+value (default: spec)")
+    ap.add_argument("--no-noid", action="store_true", help="skip the runs without id features (e.g. a model "
+                    "setting that names the id tables)")
     ap.add_argument("--no-gbdt", action="store_true", help="skip LightGBM (e.g. a study of mtrank settings)")
     ap.add_argument("--model-set", default=None, metavar="JSON", help="overrides of mtrank's model config")
     ap.add_argument("--train-set", default=None, metavar="JSON", help="overrides of mtrank's train config")
@@ -492,7 +494,7 @@ def main() -> None:
         if a.from_partial:
             continue
         specs[n] = {"ids": make_spec(sets[n], ids=True)}
-        if sets[n].ids:
+        if sets[n].ids and not a.no_noid:
             specs[n]["noid"] = make_spec(sets[n], ids=False)
         print(f"{n}: {sets[n].note}", flush=True)
 

@@ -33,9 +33,10 @@ class EsmmConfig(StrictConfig):
         "real-data AUC with slightly stronger towers, bench/README.md)")
     detach_tables: tuple[str, ...] | None = Field(
         default=None, description="with tower_scope dense: the embedding tables whose rows the own-logit term "
-        "does not train (null: every table). Listing only the id tables (user, item) lets the term train the "
-        "small vocabularies' rows (measured: better towers, and better real-data AUC without ids, but the "
-        "selection study's advantage of ESMM is lost when the selecting feature is not listed)")
+        "does not train (null: every table). List the id tables (user, item), whose rows memorise clicked rows, "
+        "and any feature that drives both the click and the conversion (a query's intent): measured, ESMM's pCVR "
+        "bias and products under selection and the best real-data AUC, while the other tables' rows learn from "
+        "the term (better towers than with every table kept out)")
     id_bias: float = Field(
         default=0.0, ge=0.0, le=10.0, description="with tower_scope dense: each child also gets one private "
         "scalar per id of every embedding table (same hashed rows and admission, zero at start), times this "

@@ -352,11 +352,16 @@ def test_short_training_tower_variant_is_not_worse_than_classic_esmm(logs, spec)
 
 def test_defaults_of_the_model_config_and_of_the_demo_job():
     """The spec-agnostic default (ESMM + 0.5 x clicked BCE on everything) and the demo job's, chosen by
-    bench/README.md's studies: the term kept out of the demo's id tables, per-id biases at 0.2."""
+    bench/README.md's studies: the term kept out of the id tables and of the table of the feature that
+    drives both the click and the purchase (the generated logs' query intent), per-id biases at 0.2."""
+    from mtrank.models.ranker import check_tables
+
     assert ModelConfig().esmm == EsmmConfig(tower_loss="clicked", tower_weight=0.5)
     assert EsmmConfig() == ModelConfig().esmm
-    assert load_config().model.esmm == EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense",
-                                                  detach_tables=("user_id", "item_id"), id_bias=0.2)
+    demo = load_config().model
+    assert demo.esmm == EsmmConfig(tower_loss="clicked", tower_weight=1.0, tower_scope="dense",
+                                   detach_tables=("user_id", "item_id", "query_topic"), id_bias=0.2)
+    check_tables(load_spec(), demo)   # the demo job's table names are the embedded spec's
 
 
 def test_an_unknown_detach_table_fails_the_job_before_any_data_is_read(tmp_path):

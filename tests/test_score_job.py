@@ -66,6 +66,13 @@ def test_score_ranks_with_the_champion_and_logs_a_run(base):
     alloc = shown.group_by("item_id").len().join(seen, on="item_id", how="left").fill_null(0)
     assert (alloc["len"] + alloc["exposures"]).max() <= CAP
     assert ranked.filter(pl.col("rules").cast(pl.String).str.contains("capped")).height > 0
+    # outputs and factors written at the model's float32 (half the bytes), the score that ranks in float64;
+    # the factors still multiply to the score
+    factors = [c for c in ranked.columns if c.startswith("factor_")]
+    assert ranked.schema["p_ctr"] == pl.Float32 and ranked.schema["score"] == pl.Float64
+    assert factors and all(ranked.schema[c] == pl.Float32 for c in factors)
+    product = ranked.select(pl.fold(pl.col("rule_weight"), lambda a, b: a * b.cast(pl.Float64), factors)).to_series()
+    np.testing.assert_allclose(product.to_numpy(), ranked["score"].to_numpy(), rtol=1e-5)
     summary = json.loads((out.parent / "out.parquet.summary.json").read_text())
     assert summary["balanced"] and summary["rows_read"] == cand.num_rows and summary["model_version"] == "1"
     assert summary["seconds"]["forward_s"] > 0

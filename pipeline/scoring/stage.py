@@ -179,10 +179,12 @@ def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: Sc
         "rank": pa.array(rank[order], mask=~shown[order]),
         "score": pa.array(cols["score"][order]),
     }
-    for name, values in outputs.items():
-        out[name] = pa.array(np.asarray(values, dtype=np.float64)[order])
-    for name in (*plan.factor_columns, "rule_weight"):
-        out[name] = pa.array(cols[name][order])
+    for name, values in outputs.items():   # at the model's own precision (float32): half the write of float64
+        values = np.asarray(values)
+        out[name] = pa.array(values[order] if values.dtype.kind == "f" else values.astype(np.float64)[order])
+    for name in plan.factor_columns:   # diagnostics: float32 keeps 7 digits at half the write
+        out[name] = pa.array(cols[name][order].astype(np.float32))
+    out["rule_weight"] = pa.array(cols["rule_weight"][order])
     out["rules"] = describe(flags[order])
     out["rule_flags"] = pa.array(flags[order])
     result = pa.table(out)

@@ -135,7 +135,8 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     assert {"p_high_income", "p_never_married", "factor_p_high_income", "factor_p_never_married"} <= set(ranked.columns)
     shown = ranked.filter(pl.col("rank").is_not_null())
     assert shown.group_by("request_id").agg(pl.col("rank").max())["rank"].max() == 10
-    expect = shown["p_high_income"] * (0.1 + shown["p_never_married"]) ** 0.5
+    p = shown.select(pl.col("p_high_income", "p_never_married").cast(pl.Float64))   # written as float32
+    expect = p["p_high_income"] * (0.1 + p["p_never_married"]) ** 0.5
     np.testing.assert_allclose(shown["score"].to_numpy(), expect.to_numpy(), rtol=1e-9)
 
     out = ok(run("tune-fusion", "--config", "job.yaml", "--model", "models:/adult@champion", "--data", "logs",

@@ -174,6 +174,7 @@ def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, 
                 "requests with no positive are excluded from the NDCG mean (ndcg_excluded_requests)",
         "value": (f"value@K: sum over the top K of {tc.value_column} where {tc.value_task} is positive"
                   if has_value else "not configured (score.tune.value_column / value_task)"),
+        "value_configured": has_value,
         "search_bounds": {p: list(b) for p, b in plan.bounds().items()},
         "start": {"params": start, **report["start"]},
         "best": {"params": best, "trial": found.best, "phase": found.best_trial.phase, **report["best"]},
@@ -214,11 +215,14 @@ def format_result(r: dict) -> str:
     for name in r["search_bounds"]:
         lines.append(f"  {name:<24} {p0[name]:>10.4g} {p1[name]:>10.4g}")
     lines += ["", f"  {'half':<8} {'metric':<9} {'start':>12} {'best':>12} {'change':>9}"]
+    # without a value column value@K is undefined: its rows would read nan
+    metrics = (("value", f"value@{k}"), ("ndcg", f"NDCG@{k}")) if r["value_configured"] else (("ndcg", f"NDCG@{k}"),)
     for half in ("tune", "holdout"):
-        for o, label in (("value", f"value@{k}"), ("ndcg", f"NDCG@{k}")):
+        for o, label in metrics:
             lines.append(f"  {half:<8} {label:<9} {r['start'][half][o]:>12.4f} {r['best'][half][o]:>12.4f} "
                          f"{_pct(r['change'][half][o]):>9}")
     lines += ["",
+              *([] if r["value_configured"] else [f"value@{k}: {r['value']}"]),
               f"NDCG excludes requests with no positive: {sp['tune']['ndcg_excluded_requests']:,} tune, "
               f"{sp['holdout']['ndcg_excluded_requests']:,} holdout. The holdout rows are the claim: the "
               f"search never saw them.",

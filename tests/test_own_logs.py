@@ -145,6 +145,8 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     assert res["objective"] == "ndcg" and set(res["search_bounds"]) == {"p_never_married.offset",
                                                                           "p_never_married.exponent"}
     assert res["best"]["tune"]["ndcg"] >= res["start"]["tune"]["ndcg"]
+    # no value column in this job: the table shows NDCG only and says why, no rows of nan
+    assert "NDCG@10" in out and "value@10: not configured" in out and " nan " not in out and not res["value_configured"]
 
     job = yaml.safe_load((base / "job.yaml").read_text())         # a factor this model cannot feed
     job["score"]["fusion"] = {"factors": [{"output": "p_ctr"}]}

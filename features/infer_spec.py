@@ -17,7 +17,7 @@ Kinds (Arrow type of the first file that has the column):
   floating -> numeric;  list<string | integer> -> multi_hot
   boolean -> not a feature: the reader hashes strings and integers only (features/rules.py); cast to int8
   timestamp / date / time / duration, decimal, binary, struct, map -> not features
-Never features: labels, the request id, the timestamp, `--exclude`d columns, constant columns,
+Never features: labels, the request id (unless `--categorical` names it too), the timestamp, `--exclude`d columns, constant columns,
 `true_*` columns (a generator's hidden truth; `true_p_<label>` / `true_<label>` become ground_truth),
 strings that are all YYYY-MM-DD dates (a partition column), and numbers that are non-zero only on
 rows where a binary label is 1 (an outcome observed after that label: a leak; `--label` trains it).
@@ -616,8 +616,8 @@ class _Inference:
         truth = {v: k for k, v in self.gt_cols.items()}
         if c in opt.exclude:
             return "--exclude"
-        if c == self.request_id:
-            return "request id"
+        if c == self.request_id and forced is None:   # an explicit --categorical keeps it a feature too
+            return "request id (--categorical also hashes it as a feature: a user id that groups the lists)"
         if c == self.timestamp:
             return "timestamp"
         if c in truth:

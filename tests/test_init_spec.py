@@ -174,3 +174,25 @@ def test_bucket_sizing_rule():
         lost.append(1 - len(counts) / n)
     assert abs(np.mean(shared) - expected_collision_rate(n, b)) < 0.01
     assert abs(np.mean(lost) - expected_lost_rate(n, b)) < 0.005
+
+
+def test_a_request_id_named_categorical_stays_a_feature(tmp_path, capsys):
+    """Lists grouped by user (`--request-id user_id`): the user id is no feature by default, but an
+    explicit `--categorical user_id` keeps it one instead of being overruled in silence."""
+    logs = tmp_path / "logs"
+    rc, _, err = mtrank_here(capsys, "generate", "--out", logs, "--days", 1, "--rows-per-day", 1000, "--seed", 2,
+                             "--users", 200, "--items", 100)
+    assert rc == 0, err
+    for forced, path in ((False, tmp_path / "plain.yaml"), (True, tmp_path / "forced.yaml")):
+        extra = ["--categorical", "user_id"] if forced else []
+        rc, _, err = mtrank_here(capsys, "init-spec", "--data", logs, "--label", "click", "--request-id", "user_id",
+                                 *extra, "--out", path)
+        assert rc == 0, err
+        spec = load_spec(path)
+        assert spec.request_id == "user_id"
+        assert ("user_id" in spec.feature_by_name) is forced
+        assert not forced or isinstance(spec.feature_by_name["user_id"], CategoricalFeature)
+        text = path.read_text()
+        assert forced or "#   user_id: request id (--categorical also hashes it" in text, text[-800:]
+    rc, out, err = mtrank_here(capsys, "validate", "--data", logs, "--spec", tmp_path / "forced.yaml")
+    assert rc == 0, err

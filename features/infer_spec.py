@@ -17,10 +17,11 @@ Kinds (Arrow type of the first file that has the column):
   floating -> numeric;  list<string | integer> -> multi_hot
   boolean -> not a feature: the reader hashes strings and integers only (features/rules.py); cast to int8
   timestamp / date / time / duration, decimal, binary, struct, map -> not features
-Never features: labels, the request id (unless `--categorical` names it too), the timestamp, `--exclude`d columns, constant columns,
-`true_*` columns (a generator's hidden truth; `true_p_<label>` / `true_<label>` become ground_truth),
-strings that are all YYYY-MM-DD dates (a partition column), and numbers that are non-zero only on
-rows where a binary label is 1 (an outcome observed after that label: a leak; `--label` trains it).
+Never features: labels, the request id (unless `--categorical` names it too), the timestamp,
+`--exclude`d columns, constant columns, `true_*` columns (a generator's hidden truth;
+`true_p_<label>` / `true_<label>` become ground_truth), strings that are all YYYY-MM-DD dates (a
+partition column), and numbers that are non-zero only on rows where a binary label is 1 (an outcome
+observed after that label: a leak; `--label` trains it).
 """
 from __future__ import annotations
 

@@ -404,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     isp.add_argument("--categorical", action="append", metavar="COL", help="hash this column (overrides the kind)")
     isp.add_argument("--numeric", action="append", metavar="COL", help="scale this column (overrides the kind)")
     isp.add_argument("--group-key", default=None, metavar="COL", help="GAUC groups, e.g. the user (default: none)")
-    isp.add_argument("--request-id", default=None, metavar="COL", help="default: a column named request_id; not a feature unless --categorical names it too")
+    isp.add_argument("--request-id", default=None, metavar="COL",
+                     help="default: a column named request_id; not a feature unless --categorical names it too")
     isp.add_argument("--timestamp", default=None, metavar="COL", help="default: a timestamp-typed column")
     isp.add_argument("--collision-target", type=float, default=0.01, metavar="F",
                      help="expected share of a table's values that share an id (default 0.01)")

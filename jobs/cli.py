@@ -239,7 +239,7 @@ def _cmd_tune_fusion(a: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"tracking_uri": a.tracking_uri})
     if not a.no_track:
         require_store(tracking_uri(cfg), "mtrank tune-fusion (it logs a run; --no-track does not)")
-    out = tune_fusion(cfg, a.model, a.data, a.date, k=a.k, trials=a.trials, objective=a.objective,
+    out = tune_fusion(cfg, a.model, cfg.data, a.date, k=a.k, trials=a.trials, objective=a.objective,
                       max_rows=a.max_rows, seed=a.seed, json_path=a.json, track=not a.no_track)
     print(format_result(out.result))
     if out.json_path:
@@ -275,7 +275,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if uri:   # before the report folder is made: a command that cannot run leaves nothing behind
         require_store(uri, a.model)
     out = a.out or Path(cfg.work_dir) / "reports" / str(a.date)
-    html, ev, base = evaluate(a.model, a.data, a.date, out, a.baseline, a.max_rows, uri,
+    html, ev, base = evaluate(a.model, cfg.data, a.date, out, a.baseline, a.max_rows, uri,
                               quarantine_dir=a.quarantine_dir or quarantine_dir(cfg, "evaluate"))
     print(format_metrics(ev.metrics))
     if base is not None:
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "work_dir/mlflow.db) and work_dir (default: the embedded demo job)")
     e.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ references (overrides the "
                    "config; default: the config's, else $MLFLOW_TRACKING_URI)")
-    e.add_argument("--data", required=True, help="root of the day partitions")
+    e.add_argument("--data", default=None, help="root of the day partitions (default: the config's data)")
     e.add_argument("--date", type=_date, required=True, help="the day evaluated (DATA/dt=DATE/)")
     e.add_argument("--baseline", default=None, help="second model to compare against (same forms as --model)")
     e.add_argument("--out", default=None, help="report directory (default: WORK_DIR/reports/DATE)")
@@ -468,7 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "logged day (value@K or NDCG@K; tune/holdout split by request)")
     tf.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION, runs:/ID/model, "
                     "or a saved model directory")
-    tf.add_argument("--data", required=True, help="root of the day partitions (impression logs with labels)")
+    tf.add_argument("--data", default=None, help="root of the day partitions, impression logs with labels "
+                    "(default: the config's data)")
     tf.add_argument("--date", type=_date, required=True, help="the logged day D; reads DATA/dt=D/")
     tf.add_argument("--config", default=None, help="job YAML: the store, and score.fusion as the starting "
                     "point (default: the embedded demo job)")

@@ -411,17 +411,18 @@ def format_metrics(metrics: dict) -> str:
     def num(v, fmt: str) -> str:
         return "-" if v is None or v != v else fmt.format(v)
 
-    lines = [f"{'task':<10} {'population':<10} {'rows':>9} {'AUC':>7} {'95% CI':>17} {'oracle':>7}  other"]
+    w = max([4, *map(len, metrics)])   # a task named anything keeps the columns aligned
+    wp = max([10, *(len(str(m["population"])) for m in metrics.values())])
+    lines = [f"{'task':<{w}} {'population':<{wp}} {'rows':>9} {'AUC':>7} {'95% CI':>17} {'oracle':>7}  other"]
     for name, m in metrics.items():
+        head = f"{name:<{w}} {m['population']:<{wp}} {m['rows']:>9,}"
         if "auc" in m:
             ci = f"[{num(m.get('auc_lo'), '{:.4f}')}, {num(m.get('auc_hi'), '{:.4f}')}]" if "auc_lo" in m else "-"
             other = (f"logloss {num(m['logloss'], '{:.4f}')}  pred {num(m['mean_pred'], '{:.4f}')} / "
                      f"obs {num(m['observed_rate'], '{:.4f}')}  PCOC {num(m.get('pcoc'), '{:.3f}')}"
                      + (f" [{num(m['pcoc_lo'], '{:.2f}')}, {num(m['pcoc_hi'], '{:.2f}')}]" if "pcoc_lo" in m else ""))
-            lines.append(f"{name:<10} {m['population']:<10} {m['rows']:>9,} {num(m['auc'], '{:>7.4f}'):>7} {ci:>17} "
-                         f"{num(m.get('oracle_auc'), '{:.4f}'):>7}  {other}")
+            lines.append(f"{head} {num(m['auc'], '{:>7.4f}'):>7} {ci:>17} {num(m.get('oracle_auc'), '{:.4f}'):>7}  {other}")
         else:
-            lines.append(f"{name:<10} {m['population']:<10} {m['rows']:>9,} {'':>7} {'':>17} {'':>7}  "
-                         f"RMSE {num(m['rmse'], '{:.2f}')}  R2 {num(m['r2'], '{:.4f}')}")
+            lines.append(f"{head} {'':>7} {'':>17} {'':>7}  RMSE {num(m['rmse'], '{:.2f}')}  R2 {num(m['r2'], '{:.4f}')}")
     return "\n".join(lines)
 

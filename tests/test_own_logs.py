@@ -122,11 +122,13 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     champion = str(c.get_model_version_by_alias("adult", "champion").version)
     assert champion in ("1", "2")
 
-    uri = f"sqlite:///{base / 'work' / 'mlflow.db'}"
-    ok(run("evaluate", "--model", "models:/adult@champion", "--tracking-uri", uri, "--data", "logs",
-           "--date", DAYS[4], "--out", "eval", cwd=base))
+    # the job config names the store and the data: neither needs repeating
+    out = ok(run("evaluate", "--config", "job.yaml", "--model", "models:/adult@champion", "--date", DAYS[4],
+                 "--out", "eval", cwd=base))
     ev = json.loads((base / "eval" / "metrics.json").read_text())["tasks"]
     assert ev["high_income"]["auc"] > 0.85
+    table = out.splitlines()[:3]   # task names longer than the header's column stay aligned
+    assert [line.index(" all ") for line in table[1:]] == [table[0].index(" population")] * 2, table
 
     out = ok(run("score", "--config", "job.yaml", "--model", "models:/adult@champion", "--candidates",
                  f"logs/dt={DAYS[4]}", "--date", DAYS[4], "--out", "ranked.parquet", "--no-track", cwd=base))
@@ -139,8 +141,7 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     expect = p["p_high_income"] * (0.1 + p["p_never_married"]) ** 0.5
     np.testing.assert_allclose(shown["score"].to_numpy(), expect.to_numpy(), rtol=1e-9)
 
-    out = ok(run("tune-fusion", "--config", "job.yaml", "--model", "models:/adult@champion", "--data", "logs",
-                 "--date", DAYS[4], "--trials", "20", "--json", "tune.json", "--no-track", cwd=base))
+    out = ok(run("tune-fusion", "--config", "job.yaml", "--model", "models:/adult@champion", "--date", DAYS[4], "--trials", "20", "--json", "tune.json", "--no-track", cwd=base))
     res = json.loads((base / "tune.json").read_text())
     assert res["objective"] == "ndcg" and set(res["search_bounds"]) == {"p_never_married.offset",
                                                                           "p_never_married.exponent"}

@@ -34,11 +34,14 @@ class ExposureSummary:
 
 
 def _id_type(t: pa.DataType) -> pa.DataType:
-    """The plain Arrow type of an id column (dictionary decoded, large/view strings as string)."""
+    """The plain Arrow type of an id column (dictionary decoded, large/view strings as string, integers
+    as int64: a writer's int32 on one file and int64 on the next are the same ids)."""
     if pa.types.is_dictionary(t):
         t = t.value_type
     if pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return pa.string()
+    if pa.types.is_integer(t) and t != pa.uint64():
+        return pa.int64()
     return t
 
 
@@ -80,7 +83,7 @@ def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
         check_output(out)   # a missing bucket fails before the logs are read
     files, item_type = _partition_files(data_dir, day, item_column)
     part = storage.parent(files[0])
-    counts = (storage.scan_parquet(files).select(pl.col(item_column).alias("item_id"))
+    counts = (storage.scan_parquet_files(files).select(pl.col(item_column).alias("item_id"))
               .group_by("item_id").agg(pl.len().alias("exposures")).collect())
     rows = int(counts["exposures"].sum()) if counts.height else 0
     if rows == 0:

@@ -32,6 +32,7 @@ from mtrank.jobs.model_io import trained_keep_rate
 from mtrank.jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
 from mtrank.pipeline.evaluate import overlap_pays, predict_frames, predict_rows
 from mtrank.pipeline.candidates import CandidateReader, candidate_files
+from mtrank.pipeline.reader import stack_batches
 from mtrank.pipeline.output_files import check_output, write_output
 from mtrank.pipeline.progress import Progress
 from mtrank.pipeline.scoring import ScoringConfig, score_candidates
@@ -183,7 +184,7 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
     if not sides:
         raise BadInputError(str(candidates), None, "no_rows", "no candidate row passed validation", count=acc.rows_read)
     t_assemble = time.perf_counter()
-    side_table = pa.Table.from_batches(sides)
+    side_table = stack_batches(sides, str(candidates))
     preds = {k: np.concatenate(v) for k, v in outputs.items()}
     keep = reader.drop_duplicates(side_table)
     if not keep.all():

@@ -29,7 +29,7 @@ from mtrank.jobs.model_io import SavedModel
 from mtrank.pipeline.evaluate import FORWARD_ROWS, predict_rows
 from mtrank.pipeline.output_files import write_atomic
 from mtrank.pipeline.dataset import open_window
-from mtrank.pipeline.reader import ImpressionReader
+from mtrank.pipeline.reader import ImpressionReader, stack_batches
 from mtrank.pipeline.scoring import tuning
 from mtrank.pipeline.scoring.fusion import FusionPlan, resolve
 from mtrank.pipeline.scoring.stage import dense_codes
@@ -42,7 +42,8 @@ class TuneOutcome:
     json_path: Path | None = None
 
 
-def _capped(frames: Iterator[pa.RecordBatch], max_rows: int | None, rid: str) -> Iterator[pa.RecordBatch]:
+def _capped(frames: Iterator[pa.RecordBatch], max_rows: int | None, rid: str,
+            source: str) -> Iterator[pa.RecordBatch]:
     """The first `max_rows` rows, less the request the cut would split (unless that leaves none)."""
     if max_rows is None:
         yield from frames
@@ -55,7 +56,7 @@ def _capped(frames: Iterator[pa.RecordBatch], max_rows: int | None, rid: str) ->
             break
     if not held:
         return
-    t = pa.Table.from_batches(held)
+    t = stack_batches(held, source)
     if t.num_rows > max_rows:
         cut = t[rid][max_rows - 1]
         split = cut == t[rid][max_rows]
@@ -95,7 +96,7 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, plan: FusionP
     need = set(plan.required_outputs(searching=True))
     outputs: dict[str, list[np.ndarray]] = {}
     sides: list[pa.RecordBatch] = []
-    for rb in _capped(reader.frames(), max_rows, spec.request_id):
+    for rb in _capped(reader.frames(), max_rows, spec.request_id, f"{data}/dt={day}"):
         for k, v in predict_rows(saved.model, featurizer, rb).items():
             if k in need:
                 outputs.setdefault(k, []).append(v)
@@ -104,7 +105,7 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, plan: FusionP
     if not sides:
         raise BadInputError(f"{data}/dt={day}", None, "no_rows", "no logged row passed validation",
                             count=acc.rows_read)
-    side = pa.Table.from_batches(sides)
+    side = stack_batches(sides, f"{data}/dt={day}")
     floats = lambda c: pc.cast(side[c], pa.float64()).to_numpy(zero_copy_only=False)  # noqa: E731
     cols = {"outputs": {k: np.concatenate(v) for k, v in outputs.items()},
             "columns": {c: floats(c) for c in plan.columns},

@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mtrank.features import storage
-from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, BadInputError,
-                            RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
+from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, WRONG_TYPE,
+                            BadInputError, RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
 from mtrank.features.spec import FeatureSpec, SpecError
 from mtrank.pipeline.output_files import write_atomic
 from mtrank.pipeline.reader import RowAccounting, open_parquet
@@ -117,8 +117,31 @@ class CandidateReader:
         side = [c for c in self.side_columns if c in schema.names]
         return pf, [c for c in cols if c in schema.names], side
 
+    def _check_side_types(self) -> None:
+        """Before any forward: each side column (keys, rule inputs) holds one kind of value across the
+        files. Widths may differ (int32 ids in one file, int64 in the next: widened when the chunks
+        are stacked); kinds may not (ids as strings in one file, integers in another)."""
+        first: dict[str, tuple[pa.DataType, str]] = {}
+        for file in self.files:
+            try:
+                schema = storage.read_schema(file)
+            except (OSError, pa.ArrowException):
+                continue   # reported, naming the file, when it is read
+            for c in self.side_columns:
+                if c not in schema.names:
+                    continue
+                t = schema.field(c).type
+                seen, where = first.setdefault(c, (t, file))
+                try:
+                    pa.unify_schemas([pa.schema([pa.field(c, seen)]), pa.schema([pa.field(c, t)])],
+                                     promote_options="permissive")
+                except (pa.ArrowTypeError, pa.ArrowInvalid):
+                    raise BadInputError(file, c, WRONG_TYPE, f"{t} here but {seen} in {where}: the candidate "
+                                        "files must agree on a column's kind") from None
+
     def frames(self) -> Iterator[tuple[pa.RecordBatch, list[str]]]:
         """(accepted rows, names of the side columns present) per chunk, files in order."""
+        self._check_side_types()
         acc = self.accounting = RowAccounting()
         for file in self.files:
             pf, cols, side = self._open(file)

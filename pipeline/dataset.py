@@ -213,7 +213,7 @@ def check_labels(window: DataWindow, spec: FeatureSpec, min_rows: int) -> dict[s
     cols = list(dict.fromkeys([*labels, *(spec.space_label(t) for t in binary if t.space != "all")]))
 
     def scan(files: list[str]) -> dict:
-        return storage.scan_parquet(files, missing_columns="insert", extra_columns="ignore").select(cols) \
+        return storage.scan_parquet_files(files).select(cols) \
             .select(exprs).collect().row(0, named=True)
 
     try:

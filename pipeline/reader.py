@@ -139,6 +139,17 @@ def read_columns(spec: FeatureSpec, schema: pa.Schema, with_eval: bool) -> list[
     return cols
 
 
+def stack_batches(batches: Sequence[pa.RecordBatch], source: str) -> pa.Table:
+    """The batches a reader yielded, as one table. Files of one day may differ in width (an id
+    written as int32 in one file and int64 in the next, a string as large_string): such columns are
+    widened to one type; kinds that cannot be (ids as strings in one file and integers in another)
+    are a clear error naming the column, not a traceback."""
+    try:
+        return pa.concat_tables([pa.Table.from_batches([b]) for b in batches], promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        raise BadInputError(source, None, "wrong_type", f"the files disagree on a column's type ({e})") from None
+
+
 def open_parquet(path: str, spec: FeatureSpec) -> pq.ParquetFile:
     """Open for reading with the string id columns decoded as Arrow dictionaries (hash once per value).
 

@@ -300,12 +300,12 @@ def test_max_rows_keeps_whole_requests():
     rid = ["a"] * 3 + ["b"] * 4 + ["c"] * 3
     frames = iter([pa.record_batch({"request_id": rid[:5], "x": list(range(5))}),
                    pa.record_batch({"request_id": rid[5:], "x": list(range(5, 10))})])
-    out = pa.Table.from_batches(list(_capped(frames, 5, "request_id")))
+    out = pa.Table.from_batches(list(_capped(frames, 5, "request_id", "logs")))
     assert out["request_id"].to_pylist() == ["a"] * 3  # "b" would be cut: left out whole
     frames = iter([pa.record_batch({"request_id": rid, "x": list(range(10))})])
-    assert pa.Table.from_batches(list(_capped(frames, 7, "request_id"))).num_rows == 7  # a cut on a boundary
+    assert pa.Table.from_batches(list(_capped(frames, 7, "request_id", "logs"))).num_rows == 7  # a cut on a boundary
     frames = iter([pa.record_batch({"request_id": ["a"] * 10, "x": list(range(10))})])
-    assert pa.Table.from_batches(list(_capped(frames, 4, "request_id"))).num_rows == 4  # one big request: cut
+    assert pa.Table.from_batches(list(_capped(frames, 4, "request_id", "logs"))).num_rows == 4  # one big request: cut
 
 
 def test_reader_keeps_extra_columns_and_names_a_missing_one(tmp_path, spec):

@@ -55,13 +55,16 @@ def _generate_candidates(a: argparse.Namespace, cfg) -> int:
 
 
 def _cmd_exposures(a: argparse.Namespace) -> int:
+    from mtrank.jobs.config import load_config
     from mtrank.jobs.exposures import count_exposures
 
+    cfg = load_config(a.config, data=a.data)
+    item_column = a.item_column or cfg.score.item_column
     if a.spec:
         spec = load_spec(a.spec)
-        if a.item_column not in {f.name for f in spec.categorical}:
-            raise SpecError(f"{a.spec}: item column {a.item_column!r} is not a categorical feature of the spec")
-    s = count_exposures(a.data, a.date, a.out, item_column=a.item_column)
+        if item_column not in {f.name for f in spec.categorical}:
+            raise SpecError(f"{a.spec}: item column {item_column!r} is not a categorical feature of the spec")
+    s = count_exposures(cfg.data, a.date, a.out, item_column=item_column)
     print(f"wrote exposures of {s.items:,} items ({s.rows:,} exposures) on {s.day} to {s.path}")
     return 0
 
@@ -369,10 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     x = sub.add_parser("exposures", help="count each item's exposures on one day of the logs (traffic caps)")
-    x.add_argument("--data", required=True, help="root of the day partitions")
+    x.add_argument("--config", default=None, help="job YAML: its data and score.item_column are the defaults "
+                   "(default: the embedded demo job)")
+    x.add_argument("--data", default=None, help="root of the day partitions (default: the config's data)")
     x.add_argument("--date", type=_date, required=True, help="the day D; reads DATA/dt=D/*.parquet")
     x.add_argument("--out", required=True, help="output Parquet file: item_id, dt, exposures")
-    x.add_argument("--item-column", default="item_id", help="item id column of the logs")
+    x.add_argument("--item-column", default=None, help="item id column of the logs (default: the config's "
+                   "score.item_column)")
     x.add_argument("--spec", default=None, help="FeatureSpec YAML; if given, the item column must be one of "
                    "its categorical features")
     x.set_defaults(func=_cmd_exposures)

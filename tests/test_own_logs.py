@@ -128,7 +128,8 @@ def test_days_written_with_other_column_widths_read_as_one_window(adult, tmp_pat
                            spec, 1) for logs in (base / "logs", mixed)]
     assert counts[0] == counts[1]
     for logs, out in ((base / "logs", tmp_path / "a.parquet"), (mixed, tmp_path / "b.parquet")):
-        ok(run("exposures", "--data", logs, "--date", DAYS[2], "--item-column", "person_id", "--out", out, cwd=base))
+        # the job names the item column (score.item_column: person_id); --data overrides its data
+        ok(run("exposures", "--config", "job.yaml", "--data", logs, "--date", DAYS[2], "--out", out, cwd=base))
     a, b = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
     assert a.num_rows == b.num_rows > 0 and a.column("exposures").equals(b.column("exposures"))
 

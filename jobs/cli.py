@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the embedded demo job)")
     x.add_argument("--data", default=None, help="root of the day partitions (default: the config's data)")
     x.add_argument("--date", type=_date, required=True, help="the day D; reads DATA/dt=D/*.parquet")
-    x.add_argument("--out", required=True, help="output Parquet file: item_id, dt, exposures")
+    x.add_argument("--out", required=True, help="output Parquet file: the item column, dt, exposures")
     x.add_argument("--item-column", default=None, help="item id column of the logs (default: the config's "
                    "score.item_column)")
     x.add_argument("--spec", default=None, help="FeatureSpec YAML; if given, the item column must be one of "

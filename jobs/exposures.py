@@ -1,7 +1,7 @@
 """`mtrank exposures`: how often each item was shown on one day, for the scoring stage's traffic cap.
 
 Every row of the impression logs is one exposure. Input: the Hive partition DATA/dt=DAY/*.parquet.
-Output: one Parquet file (item_id, dt, exposures), sorted by item_id, written atomically. DATA and
+Output: one Parquet file (the item column, dt, exposures), sorted by item, written atomically. DATA and
 the output may be object-store URIs (s3://...; features/storage.py).
 """
 from __future__ import annotations
@@ -72,10 +72,10 @@ def _partition_files(data_dir: str | Path, day: dt.date, item_column: str) -> tu
 
 def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
                     item_column: str = "item_id") -> ExposureSummary:
-    """Count rows per item in DATA/dt=DAY and write (item_id, dt, exposures) sorted by item_id.
+    """Count rows per item in DATA/dt=DAY and write (ITEM_COLUMN, dt, exposures) sorted by item.
 
-    The output column is named `item_id` whatever `item_column` is, with the logs' id type (string
-    or int64). Raises BadInputError for a missing or empty partition, a file without the item
+    The item column keeps its name (the scoring stage's `score.item_column` reads it back: a job
+    whose items are `sku` reads a `sku` column) and the logs' id type (string or int64). Raises BadInputError for a missing or empty partition, a file without the item
     column, or null item ids (with their count). The file appears atomically (temporary name,
     fsync, rename): a reader sees the previous file or the complete new one.
     """
@@ -84,7 +84,7 @@ def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
     files, item_type = _partition_files(data_dir, day, item_column)
     part = storage.parent(files[0])
     counts = (storage.scan_parquet_files(files).select(pl.col(item_column).alias("item_id"))
-              .group_by("item_id").agg(pl.len().alias("exposures")).collect())
+              .group_by("item_id").agg(pl.len().alias("exposures")).collect())   # renamed back when written
     rows = int(counts["exposures"].sum()) if counts.height else 0
     if rows == 0:
         raise BadInputError(part, None, EMPTY_PARTITION, "partition holds no rows")
@@ -94,7 +94,7 @@ def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
                             count=int(nulls["exposures"][0]))
     counts = counts.sort("item_id").with_columns(pl.lit(day, dtype=pl.Date).alias("dt"))
     table = pa.table({
-        "item_id": counts["item_id"].to_arrow().cast(item_type),
+        item_column: counts["item_id"].to_arrow().cast(item_type),
         "dt": counts["dt"].to_arrow().cast(pa.date32()),
         "exposures": counts["exposures"].to_arrow().cast(pa.int64()),
     })

@@ -186,6 +186,19 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     expect = p["p_high_income"] * (0.1 + p["p_never_married"]) ** 0.5
     np.testing.assert_allclose(shown["score"].to_numpy(), expect.to_numpy(), rtol=1e-9)
 
+    # traffic caps from `mtrank exposures` of a job whose items are `person_id`: the counts come back
+    # under that name, so score reads them (every person was shown once that day: a cap of 1 is spent)
+    ok(run("exposures", "--config", "job.yaml", "--date", DAYS[4], "--out", "exposures.parquet", cwd=base))
+    assert pq.read_schema(base / "exposures.parquet").names == ["person_id", "dt", "exposures"]
+    job = yaml.safe_load((base / "job.yaml").read_text())
+    job["score"]["traffic_cap"] = {"enabled": True, "default_cap": 1}
+    (base / "capped.yaml").write_text(yaml.safe_dump(job))
+    ok(run("score", "--config", "capped.yaml", "--model", "models:/adult@champion", "--candidates",
+           f"logs/dt={DAYS[4]}", "--date", DAYS[4], "--exposures", "exposures.parquet", "--out", "capped.parquet",
+           "--no-track", cwd=base))
+    summary = json.loads((base / "capped.parquet.summary.json").read_text())
+    assert summary["rules"]["capped"] == summary["rows_in"] == ranked.height and summary["rows_shown"] == 0
+
     # the same candidates in two files whose writers disagree on widths (int32 ids and integers in the
     # second): the same lists; ids as strings in one file and integers in the other: one clear line
     day = pq.read_table(next((base / "logs" / f"dt={DAYS[4]}").glob("*.parquet")))

@@ -137,8 +137,8 @@ class TrafficCap(_Strict):
     enabled: bool = Field(default=True, description="false: no exposure caps")
     default_cap: int | None = Field(default=2_000, ge=0, description="cap of items without their own; "
                                                                      "null = uncapped")
-    caps_file: str | None = Field(default=None, description="Parquet (item_id, cap) overriding default_cap")
-    exposures_file: str | None = Field(default=None, description="Parquet (item_id, dt, exposures) from "
+    caps_file: str | None = Field(default=None, description="Parquet (item column, cap) overriding default_cap")
+    exposures_file: str | None = Field(default=None, description="Parquet (item column, dt, exposures) from "
                                                                  "`mtrank exposures`; rows of the scored date count")
 
 
@@ -152,7 +152,7 @@ class NewItemBoost(_Strict):
 class CampaignBoost(_Strict):
     enabled: bool = Field(default=True, description="false: no campaign boost")
     column: str | None = Field(default="in_campaign", description="boolean candidate column")
-    items_file: str | None = Field(default=None, description="Parquet (item_id, start_dt, end_dt): items "
+    items_file: str | None = Field(default=None, description="Parquet (item column, start_dt, end_dt): items "
                                                              "active on the scored date are in the campaign")
     multiplier: float = Field(default=1.3, gt=0, description="rule_weight factor of a campaign item")
 

@@ -75,9 +75,10 @@ def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
     """Count rows per item in DATA/dt=DAY and write (ITEM_COLUMN, dt, exposures) sorted by item.
 
     The item column keeps its name (the scoring stage's `score.item_column` reads it back: a job
-    whose items are `sku` reads a `sku` column) and the logs' id type (string or int64). Raises BadInputError for a missing or empty partition, a file without the item
-    column, or null item ids (with their count). The file appears atomically (temporary name,
-    fsync, rename): a reader sees the previous file or the complete new one.
+    whose items are `sku` reads a `sku` column) and the logs' id type (string or int64). Raises
+    BadInputError for a missing or empty partition, a file without the item column, or null item
+    ids (with their count). The file appears atomically (temporary name, fsync, rename): a reader
+    sees the previous file or the complete new one.
     """
     if storage.is_uri(out):
         check_output(out)   # a missing bucket fails before the logs are read

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -155,10 +156,24 @@ class NumericFeature(_Strict):
 Feature = Annotated[Union[CategoricalFeature, MultiHotFeature, NumericFeature], Field(discriminator="kind")]
 
 
+# A task's name names MLflow metrics and tags (which allow letters, digits, '_', '-', '.', ' ', ':'
+# and '/'), the outputs p_<name> and the report's rows: the characters all of them take.
+TASK_NAME = re.compile(r"\w[\w\-. ]*")
+TASK_NAME_RULE = "letters, digits, '_', '-', '.' and spaces, starting with a letter, digit or '_'"
+
+
+def task_name_for(label: str) -> str:
+    """A valid task name for a label column (init-spec): other characters become '_'."""
+    name = re.sub(r"[^\w\-. ]", "_", label).rstrip()
+    return name if TASK_NAME.fullmatch(name) else f"_{name}"
+
+
 class TaskSpec(_Strict):
     """One record per task: everything the trainer and evaluator need, no model-type branches."""
 
-    name: str = Field(description="task name: names its output (p_<name> or <name>), metrics and tolerances")
+    name: str = Field(description="task name: names its output (p_<name> or <name>), metrics and tolerances; "
+                                  "letters, digits, '_', '-', '.' and spaces (init-spec maps a label's other "
+                                  "characters to '_')")
     label: str = Field(description="label column: 0/1 or booleans for binary tasks, numbers for regression")
     type: Literal["binary", "regression"] = Field(description="binary: a probability; regression: a value in "
                                                                "label units")
@@ -169,6 +184,14 @@ class TaskSpec(_Strict):
     parent: str | None = Field(default=None, description="entire-space product: p(this & parent) = p_parent * p_this")
     product: str | None = Field(default=None, description="name of the entire-space product (default "
                                 "'<parent>_<name>'); only with a parent")
+
+    @field_validator("name", "product")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and not TASK_NAME.fullmatch(v):
+            raise ValueError(f"{v!r} is not a task name: {TASK_NAME_RULE} (it names MLflow metrics, outputs "
+                             "and report rows; the label column may be named anything)")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":

@@ -301,7 +301,9 @@ def _cmd_init_spec(a: argparse.Namespace) -> int:
             out.append((left, right))
         return out
 
-    tasks = [(c, c) if kind == "label" else pairs([c], "--task")[0] for kind, c in a.labels or []]
+    from mtrank.features.spec import task_name_for
+
+    tasks = [(task_name_for(c), c) if kind == "label" else pairs([c], "--task")[0] for kind, c in a.labels or []]
     if a.out and not a.force:
         from pathlib import Path
         if Path(a.out).exists():

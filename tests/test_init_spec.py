@@ -110,6 +110,25 @@ def test_missing_label_fails_in_one_line_naming_it(adult, capsys):
     assert "'no_such_label'" in line and "missing_column" in line and "part-00000.parquet" in line
 
 
+def test_a_label_named_with_other_characters_gets_a_task_name_mlflow_takes(adult, tmp_path, capsys):
+    """A label column `rich?` (MLflow metric names take no '?'): the task is named `rich_`, its label
+    stays `rich?`, and the spec validates; the daily job's metrics then log (a spec naming the
+    task `rich?` fails at load: tests/test_spec.py)."""
+    base, _, _ = adult
+    logs = tmp_path / "logs"
+    for part in sorted((base / "logs").iterdir()):
+        (logs / part.name).mkdir(parents=True)
+        pl.read_parquet(part / "part-00000.parquet").rename({"high_income": "rich?"}) \
+            .write_parquet(logs / part.name / "part-00000.parquet")
+    rc, out, err = mtrank_here(capsys, "init-spec", "--data", logs, "--label", "rich?", "--exclude", "income",
+                               "--out", tmp_path / "spec.yaml")
+    assert rc == 0, err
+    spec = load_spec(str(tmp_path / "spec.yaml"))
+    assert [(t.name, t.label) for t in spec.tasks] == [("rich_", "rich?")]
+    rc, out, err = mtrank_here(capsys, "validate", "--data", logs, "--spec", tmp_path / "spec.yaml")
+    assert rc == 0, err
+
+
 def test_string_label_fails_naming_column_and_rule(adult, capsys):
     base, _, _ = adult
     rc, out, err = mtrank_here(capsys, "init-spec", "--data", base / "logs", "--label", "income")

@@ -158,9 +158,22 @@ def flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+_NOT_IN_KEY = re.compile(r"[^\w\-. :/]")
+
+
+def _key(name: str) -> str:
+    """MLflow takes letters, digits, '_', '-', '.', ' ', ':' and '/' in metric and parameter names;
+    a key built from a user's column name (`missing_values.age (years)`) becomes `..age _years_`."""
+    return _NOT_IN_KEY.sub("_", name)
+
+
 def _finite(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
+    return {_key(k): float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")}
+
+
+def _params(params: dict) -> dict[str, str]:
+    return {_key(k): str(v)[:500] for k, v in params.items()}
 
 
 @dataclass(frozen=True)
@@ -211,7 +224,7 @@ def _log_curves(client, run_id: str, summary: dict) -> None:
     # train.validate_every_steps: the points inside the epochs, under the epoch ends' names
     points += [(epoch_metrics({"loss": {}, "validation": p}), p["step"])
                for p in history.get("validation_steps") or []]
-    keys = {k for values, _ in points for k in values}
+    keys = {_key(k) for values, _ in points for k in values}
     last = {k: max((h.step for h in client.get_metric_history(run_id, k)), default=-1) for k in keys}
     ts = int(time.time() * 1000)
     missing = [Metric(k, float(v), ts, step) for values, step in points for k, v in _finite(values).items()
@@ -279,7 +292,7 @@ def log_training(cfg: JobConfig, run_dir: Path, new_generation: bool = False, co
     with mlflow.start_run(run_id=live, experiment_id=None if live else exp_id, run_name=None if live else run_name,
                           tags=tags) as run:
         params = flatten("", cfg.model_dump(mode="json"), {})
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_params(_params(params))
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
         mlflow.log_text(spec.to_yaml(), "feature_spec.yaml")
         mlflow.log_dict({k: summary[k] for k in ("train_window", "eval_window", "rows")}, "data.json")
@@ -447,7 +460,7 @@ def log_scoring(cfg: JobConfig, date: str, model_ref: str, summary: dict, summar
     if summary.get("model_version"):
         tags["mtrank.model_version"] = str(summary["model_version"])
     with mlflow.start_run(experiment_id=exp_id, run_name=f"score-{date}", tags=tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten("score", cfg.score.model_dump(mode="json"), {}).items()})
+        mlflow.log_params(_params(flatten("score", cfg.score.model_dump(mode="json"), {})))
         flat = flatten("", {k: v for k, v in summary.items() if k not in ("model_version", "files", "output")}, {})
         mlflow.log_metrics(_finite(flat))
         mlflow.log_artifact(str(summary_path))
@@ -468,7 +481,7 @@ def log_tuning(cfg: JobConfig, date: str, model_ref: str, result: dict, json_pat
         params = {**{f"start.{k}": v for k, v in result["start"]["params"].items()},
                   **{f"best.{k}": v for k, v in result["best"]["params"].items()},
                   **{k: result[k] for k in ("objective", "k", "trials", "trial_budget", "seed", "max_rows")}}
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_params(_params(params))
         flat = flatten("", {"start": {h: result["start"][h] for h in ("tune", "holdout")},
                             "best": {h: result["best"][h] for h in ("tune", "holdout")},
                             "change": result["change"], "rows": result["rows"],

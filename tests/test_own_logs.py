@@ -199,6 +199,20 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     summary = json.loads((base / "capped.parquet.summary.json").read_text())
     assert summary["rules"]["capped"] == summary["rows_in"] == ranked.height and summary["rows_shown"] == 0
 
+    # a rule column named with characters MLflow keys do not take: the ranked file and the run are
+    # written (the summary's missing_values.<column> metric failed the job after the file was written)
+    (base / "aged").mkdir()
+    aged = pl.from_arrow(pq.read_table(next((base / "logs" / f"dt={DAYS[4]}").glob("*.parquet"))))
+    aged.with_columns(pl.col("age").cast(pl.Float64).alias("age (years)")).write_parquet(base / "aged" / "part-0.parquet")
+    job = yaml.safe_load((base / "job.yaml").read_text())
+    job["score"]["new_item"] = {"enabled": True, "column": "age (years)", "max_age_days": 30}
+    (base / "aged.yaml").write_text(yaml.safe_dump(job))
+    out = ok(run("score", "--config", "aged.yaml", "--model", "models:/adult@champion", "--candidates", "aged",
+                 "--date", DAYS[4], "--out", "aged.parquet", cwd=base))
+    scored = c.get_run(re.search(r"MLflow run ([0-9a-f]{32})", out).group(1)).data
+    assert scored.metrics["missing_values.age _years_"] == 0 and scored.params["score.new_item.column"] == "age (years)"
+    assert scored.metrics["rules.boosted_new"] == pl.read_parquet(base / "aged.parquet")["rules"].cast(pl.String).str.contains("boosted_new").sum() > 0
+
     # the same candidates in two files whose writers disagree on widths (int32 ids and integers in the
     # second): the same lists; ids as strings in one file and integers in the other: one clear line
     day = pq.read_table(next((base / "logs" / f"dt={DAYS[4]}").glob("*.parquet")))

@@ -165,6 +165,11 @@ class NonFiniteLossError(MtrankError, RuntimeError):
     pass
 
 
+class TrainSettingError(MtrankError, ValueError):
+    """A `train` setting this run cannot honour: on this machine (bf16 without the instructions) or
+    with this many ranks (a global batch that does not divide). One line, exit 2, like bad input."""
+
+
 class DivergedError(MtrankError, RuntimeError):
     """Training ended with a model that cannot rank: non-finite or constant predictions."""
 
@@ -225,7 +230,7 @@ def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "
     if precision == "auto":
         return "bf16" if device.type == "cpu" and bf16_supported() else "fp32"
     if precision == "bf16" and device.type == "cpu" and not bf16_supported():
-        raise ValueError("precision: bf16 needs a CPU with avx512_bf16 or AMX; use fp32 (or auto)")
+        raise TrainSettingError("train.precision: bf16 needs a CPU with avx512_bf16 or AMX; use fp32 (or auto)")
     return precision
 
 
@@ -327,7 +332,7 @@ class Trainer:
         if cfg.precision == "auto" and dist.is_main:
             log.info("precision auto: %s on %s", self.precision, self.device)
         if cfg.batch_size % dist.world_size:
-            raise ValueError(f"train.batch_size {cfg.batch_size} is the global batch and must divide evenly "
+            raise TrainSettingError(f"train.batch_size {cfg.batch_size} is the global batch and must divide evenly "
                              f"over {dist.world_size} ranks")
         self.model, self.spec, self.cfg, self.dist = model.to(self.device), spec, cfg, dist
         self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting).to(self.device)

@@ -134,6 +134,21 @@ def test_days_written_with_other_column_widths_read_as_one_window(adult, tmp_pat
     assert a.num_rows == b.num_rows > 0 and a.column("exposures").equals(b.column("exposures"))
 
 
+def test_a_bf16_job_on_a_cpu_without_bf16_is_one_line(adult):
+    from mtrank.pipeline.trainer import bf16_supported
+
+    if bf16_supported():
+        pytest.skip("this CPU trains bf16")
+    base, _ = adult
+    job = yaml.safe_load((base / "job.yaml").read_text())
+    job["train"]["precision"] = "bf16"
+    (base / "bf16.yaml").write_text(yaml.safe_dump(job))
+    r = run("train", "--config", "bf16.yaml", "--date", DAYS[2], "--no-track", cwd=base)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == ("mtrank train: error: train.precision: bf16 needs a CPU with "
+                                                 "avx512_bf16 or AMX; use fp32 (or auto)")
+
+
 @pytest.mark.slow
 def test_adult_daily_gate_evaluate_score_tune(adult):
     base, rows = adult
@@ -245,6 +260,15 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     assert res["best"]["tune"]["ndcg"] >= res["start"]["tune"]["ndcg"]
     # no value column in this job: the table shows NDCG only and says why, no rows of nan
     assert "NDCG@10" in out and "value@10: not configured" in out and " nan " not in out and not res["value_configured"]
+
+    job = yaml.safe_load((base / "job.yaml").read_text())         # a gain for a task the model does not have
+    job["score"]["tune"]["gains"] = {"high_incom": 2}
+    (base / "typo.yaml").write_text(yaml.safe_dump(job))
+    r = run("tune-fusion", "--config", "typo.yaml", "--model", "models:/adult@champion", "--date", DAYS[4],
+            "--no-track", cwd=base)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("mtrank tune-fusion: error: score.tune.gains: 'high_incom' "
+                                                        "is not a binary task of the model")
 
     job = yaml.safe_load((base / "job.yaml").read_text())         # a factor this model cannot feed
     job["score"]["fusion"] = {"factors": [{"output": "p_ctr"}]}

@@ -28,7 +28,7 @@ import polars_hash  # noqa: F401  (registers the `nchash` expression namespace)
 
 from mtrank.features.outputs import OutputKind, OutputSchema
 from mtrank.pipeline.scoring.config import TuneConfig
-from mtrank.pipeline.scoring.fusion import FusionPlan, fuse
+from mtrank.pipeline.scoring.fusion import FusionPlan, ScoringError, fuse
 
 OBJECTIVES = ("value", "ndcg")
 SPLIT_SEED = 0x6D7472616E6B  # "mtrank": fixed, so every run splits a day the same way
@@ -66,7 +66,7 @@ def check_tune(cfg: TuneConfig, schema: OutputSchema) -> dict[str, float]:
                                                                  [cfg.value_task] if cfg.value_task else [])):
         for t in names:
             if t not in binary:
-                raise ValueError(f"{where}: {t!r} is not a binary task of the model; its binary tasks are: "
+                raise ScoringError(f"{where}: {t!r} is not a binary task of the model; its binary tasks are: "
                                  f"{', '.join(sorted(binary))}")
     return dict(cfg.gains) if cfg.gains else default_gains(schema)
 

@@ -130,7 +130,11 @@ def _cmd_promote(a: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"tracking_uri": a.tracking_uri})
     require_store(tracking_uri(cfg), "mtrank promote")
     d = promote(cfg, a.date)
-    print(f"{cfg.name} v{d.version}: {'PROMOTED to champion' if d.promoted else 'not promoted'} ({d.reason})")
+    if d.decided_before:   # say so: "PROMOTED" would read as a gate run on --date just now
+        print(f"{cfg.name} v{d.version} (challenger): decided before, {'promoted' if d.promoted else 'not promoted'} "
+              f"({d.reason}); nothing evaluated on {a.date}: the gate runs once per challenger")
+    else:
+        print(f"{cfg.name} v{d.version}: {'PROMOTED to champion' if d.promoted else 'not promoted'} ({d.reason})")
     return 0
 
 

@@ -219,6 +219,7 @@ class Decision:
     reason: str
     champion_before: str | None
     gate: Gate | None = None
+    decided_before: bool = False   # the challenger's decision was recorded by an earlier run: nothing evaluated
 
 
 def _write_gate_json(cfg: JobConfig, challenger, payload: dict, evals: dict[str, Evaluation] | None = None,
@@ -254,7 +255,7 @@ def promote(cfg: JobConfig, date: dt.date) -> Decision:
                         "`mtrank daily` or `mtrank train` first)")
     if challenger.tags.get("promotion.decision"):
         return Decision(challenger.version, challenger.tags["promotion.decision"] == "promoted",
-                        challenger.tags.get("promotion.reason", ""), None)  # decided before: idempotent
+                        challenger.tags.get("promotion.reason", ""), None, decided_before=True)  # idempotent
     champion = tracking.alias_version(cfg, tracking.CHAMPION)
     head = {"date": date.isoformat(), "challenger_version": str(challenger.version)}
     if champion is None:

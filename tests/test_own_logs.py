@@ -179,6 +179,10 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     page = (base / "work" / "runs" / "adult" / DAYS[4] / "report" / "report.html").read_text()
     assert "Promotion gate: not promoted" in page and page.count("<section id='gate'>") == 1
     assert "report/gate.json" in {a.path for a in c.list_artifacts(v3.run_id, "report")}
+    # `promote` on a challenger the daily already decided reports that decision as such, evaluating nothing
+    out = ok(run("promote", "--config", "job.yaml", "--date", DAYS[4], cwd=base))
+    assert out.startswith("adult v3 (challenger): decided before, not promoted (on 2024-01-05 vs champion") and \
+        f"nothing evaluated on {DAYS[4]}" in out and "PROMOTED" not in out, out
     champion = str(c.get_model_version_by_alias("adult", "champion").version)
     assert champion in ("1", "2")
 

@@ -37,7 +37,8 @@ import pyarrow as pa
 import yaml
 
 from mtrank.features import storage
-from mtrank.features.rules import MISSING_COLUMN, MISSING_PARTITION, UNREADABLE, WRONG_TYPE, BadInputError
+from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, UNREADABLE, WRONG_TYPE, BadInputError,
+                                   day_folder_hint)
 from mtrank.features.spec import SpecError, parse_spec
 
 DEFAULT_HASH_SEED = 20261121
@@ -170,9 +171,10 @@ def find_files(root: str | Path) -> InputFiles:
     else:
         raise BadInputError(str(p), None, MISSING_PARTITION, "no such file or directory")
     if not files:
+        hint = day_folder_hint([d.name for d in p.iterdir() if d.is_dir()]) if p.is_dir() else ""
         raise BadInputError(str(root).rstrip("/") if storage.is_uri(root) else str(p), None, MISSING_PARTITION,
                             "no Parquet files: expected DIR/dt=YYYY-MM-DD/*.parquet, "
-                            "a folder of .parquet files, or one .parquet file")
+                            f"a folder of .parquet files, or one .parquet file{hint}")
     rows = []
     for f in files:
         try:

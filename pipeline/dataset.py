@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from mtrank.features import storage
 from mtrank.features.rules import (EMPTY_PARTITION, MISSING_PARTITION, UNREADABLE, BadInputError,
-                            check_schema)
+                            check_schema, day_folder_hint)
 from mtrank.features.spec import FeatureSpec
 
 _PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
@@ -107,6 +107,16 @@ def partition_files(part: str | Path) -> list[str]:
         raise BadInputError(str(part), None, UNREADABLE, f"cannot list the partition ({storage.one_line(e)})") from None
 
 
+def _folder_names(root: str | Path) -> list[str]:
+    """Names of the folders directly under `root` (for an error's hint; empty when unlistable)."""
+    try:
+        if storage.is_uri(root):
+            return [storage.name(u) for u, is_dir in storage.list_dir(str(root).rstrip("/")) if is_dir]
+        return [p.name for p in Path(root).iterdir() if p.is_dir()]
+    except OSError:
+        return []
+
+
 def list_partitions(root: str | Path) -> dict[dt.date, Path | str]:
     """date -> partition folder (a Path, or a URI for an object-store root)."""
     if storage.is_uri(root):
@@ -150,8 +160,9 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
                                         "(set allow_empty_partitions: true to train without it)")
                 empty.append(f"dt={d}")
     if not days and not empty:
+        hint = "" if parts else day_folder_hint(_folder_names(root))
         raise BadInputError(str(root), None, MISSING_PARTITION,
-                            f"no dt=YYYY-MM-DD partitions between {start or '-inf'} and {end or '+inf'}")
+                            f"no dt=YYYY-MM-DD partitions between {start or '-inf'} and {end or '+inf'}{hint}")
     remote = storage.is_uri(root)
     if remote:
         root = str(root).rstrip("/")

@@ -134,6 +134,21 @@ def test_days_written_with_other_column_widths_read_as_one_window(adult, tmp_pat
     assert a.num_rows == b.num_rows > 0 and a.column("exposures").equals(b.column("exposures"))
 
 
+def test_a_warehouse_layout_of_day_folders_is_named_with_the_rename(adult, tmp_path):
+    """Days exported as ds=YYYYMMDD (a common warehouse layout): mtrank reads dt=YYYY-MM-DD, and the
+    one-line error says which folders it found and what to rename them to."""
+    base, _ = adult
+    for day in DAYS[:2]:
+        shutil.copytree(base / "logs" / f"dt={day}", tmp_path / "ds" / f"ds={day.replace('-', '')}")
+    for args in (("validate", "--data", tmp_path / "ds", "--spec", base / "spec.yaml"),
+                 ("init-spec", "--data", tmp_path / "ds", "--label", "high_income")):
+        r = run(*args, cwd=base)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        err = r.stderr.strip().splitlines()[-1]
+        assert "rule missing_partition" in err and "found day folders such as 'ds=20240101'" in err \
+            and "dt=2024-01-01" in err, err
+
+
 def test_a_bf16_job_on_a_cpu_without_bf16_is_one_line(adult):
     from mtrank.pipeline.trainer import bf16_supported
 

@@ -119,22 +119,23 @@ def scan_parquet(sources: str | Path | list[str], **kw):
     return pl.scan_parquet(sources, **kw) if opts is None else pl.scan_parquet(sources, storage_options=opts, **kw)
 
 
-def scan_parquet_files(files: list[str]):
+def scan_parquet_files(files: list[str], schemas: list[pa.Schema] | None = None):
     """One lazy frame over many files whose column types may differ between files (an id written as
     int32 one day and int64 the next, a price as float32 then float64). polars' multi-file scan
     takes the first file's types as the target and fails on any other, so files that disagree are
     scanned one by one and stacked with each column widened to the types' common supertype (a
     column missing from a file is null there). Files that agree are one scan, as before. Each
     file's types were already checked against the spec by `open_window`; hashing reads integers
-    and strings as the same text, so widening changes no id."""
+    and strings as the same text, so widening changes no id. `schemas`: the files' schemas where the
+    caller has read the footers already (`DataWindow.file_schemas`), else they are read here."""
     import polars as pl
 
-    schemas: list[pa.Schema] = []
-    if len(files) > 1:
+    if schemas is None and len(files) > 1:
         try:
             schemas = [read_schema(f) for f in files]
         except (OSError, pa.ArrowException):   # an unreadable file: the scan fails on it, for the caller
-            schemas = []
+            schemas = None
+    schemas = schemas or []
     if all(s.equals(schemas[0]) for s in schemas[1:]):
         return scan_parquet(files, missing_columns="insert", extra_columns="ignore")
     return pl.concat([scan_parquet(f) for f in files], how="diagonal_relaxed")

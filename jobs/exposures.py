@@ -45,7 +45,8 @@ def _id_type(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def _partition_files(data_dir: str | Path, day: dt.date, item_column: str) -> tuple[list[str], pa.DataType]:
+def _partition_files(data_dir: str | Path, day: dt.date,
+                     item_column: str) -> tuple[list[str], list[pa.Schema], pa.DataType]:
     parts = list_partitions(data_dir)
     part = parts.get(day)
     if part is None:
@@ -54,9 +55,11 @@ def _partition_files(data_dir: str | Path, day: dt.date, item_column: str) -> tu
     if not files:
         raise BadInputError(str(part), None, EMPTY_PARTITION, "partition holds no Parquet files")
     item_type: pa.DataType | None = None
+    schemas = []
     for f in files:
         try:
             schema = storage.read_schema(f)
+            schemas.append(schema)
         except (OSError, pa.ArrowException) as e:
             raise BadInputError(f, None, UNREADABLE, f"not a readable Parquet file ({e})") from None
         if item_column not in schema.names:
@@ -67,7 +70,7 @@ def _partition_files(data_dir: str | Path, day: dt.date, item_column: str) -> tu
         if item_type is not None and t != item_type:
             raise BadInputError(f, item_column, WRONG_TYPE, f"item ids are {t} here but {item_type} in {files[0]}")
         item_type = t
-    return files, item_type
+    return files, schemas, item_type
 
 
 def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
@@ -82,9 +85,9 @@ def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
     """
     if storage.is_uri(out):
         check_output(out)   # a missing bucket fails before the logs are read
-    files, item_type = _partition_files(data_dir, day, item_column)
+    files, schemas, item_type = _partition_files(data_dir, day, item_column)
     part = storage.parent(files[0])
-    counts = (storage.scan_parquet_files(files).select(pl.col(item_column).alias("item_id"))
+    counts = (storage.scan_parquet_files(files, schemas).select(pl.col(item_column).alias("item_id"))
               .group_by("item_id").agg(pl.len().alias("exposures")).collect())   # renamed back when written
     rows = int(counts["exposures"].sum()) if counts.height else 0
     if rows == 0:

@@ -33,11 +33,11 @@ def validate(data: str | Path, spec: FeatureSpec, start: dt.date | None = None, 
               "skipped_files": skipped, "spec_fingerprint": spec.fingerprint()}
     readable = [f for f in window.files if f not in {u["file"] for u in skipped}]
     if readable:   # exact copies of an earlier row (a logging retry, a double write): counted, kept
-        lf = storage.scan_parquet_files(readable)
+        lf = storage.scan_parquet_files(readable, [window.file_schemas[f] for f in readable])
         report["duplicate_rows"] = int(lf.select(pl.len() - pl.struct(pl.all()).n_unique()).collect().item())
         report["duplicate_rows_policy"] = spec.duplicate_rows
     if collisions and readable:
-        lf = storage.scan_parquet_files(readable)
+        lf = storage.scan_parquet_files(readable, [window.file_schemas[f] for f in readable])
         report["collisions"] = {k: v.as_dict() for k, v in table_collisions(lf, spec).items()}
         # lookups per hashed id: how many ids (rows of the table) and lookups fall under each table's
         # min_count (frequency admission: they would share the rare row); every row read, as collisions

@@ -50,6 +50,7 @@ class DataWindow:
     schema: pa.Schema | None  # of the first file; every file is checked against the spec
     on_unreadable: str = "fail"  # "skip": unreadable files / row groups are skipped, counted, reported
     unreadable: list[dict] = field(default_factory=list)  # files skipped here: footer unreadable
+    file_schemas: dict[str, pa.Schema] = field(default_factory=dict)  # of every file in `files`, as read here
 
     @property
     def rows(self) -> int:
@@ -170,6 +171,7 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
     groups: list[RowGroup] = []
     files: list[str] = []
     schema: pa.Schema | None = None
+    schemas: dict[str, pa.Schema] = {}
     unreadable: list[dict] = []
     for d in days:
         part = parts[d]
@@ -192,6 +194,7 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
             check_schema(file_schema, spec, str(f))
             schema = schema or file_schema
             files.append(str(f))
+            schemas[str(f)] = file_schema
             for i in range(meta.num_row_groups):
                 n = meta.row_group(i).num_rows
                 part_rows += n
@@ -203,7 +206,7 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
                 raise BadInputError(str(part), None, EMPTY_PARTITION,
                                     f"partition holds no{why} rows (set allow_empty_partitions: true to allow)")
             empty.append(storage.name(part))
-    return DataWindow(str(root), start, end, groups, files, sorted(empty), schema, on_unreadable, unreadable)
+    return DataWindow(str(root), start, end, groups, files, sorted(empty), schema, on_unreadable, unreadable, schemas)
 
 
 def check_labels(window: DataWindow, spec: FeatureSpec, min_rows: int) -> dict[str, dict[str, int]]:
@@ -224,7 +227,7 @@ def check_labels(window: DataWindow, spec: FeatureSpec, min_rows: int) -> dict[s
     cols = list(dict.fromkeys([*labels, *(spec.space_label(t) for t in binary if t.space != "all")]))
 
     def scan(files: list[str]) -> dict:
-        return storage.scan_parquet_files(files).select(cols) \
+        return storage.scan_parquet_files(files, [window.file_schemas[f] for f in files]).select(cols) \
             .select(exprs).collect().row(0, named=True)
 
     try:

@@ -29,7 +29,7 @@ from mtrank.features import storage
 from mtrank.features.featurize import FeatureArrays, Featurizer
 from mtrank.features.hashing import hash_expr
 from mtrank.features.numeric import NumericStats
-from mtrank.features.rules import (MISSING_COLUMN, NULL, REASON, UNREADABLE, BadInputError, RowRule,
+from mtrank.features.rules import (MISSING_COLUMN, NULL, REASON, UNREADABLE, WRONG_TYPE, BadInputError, RowRule,
                             float_columns, reject_reason_expr, row_rules)
 from mtrank.features.spec import CategoricalFeature, FeatureSpec, MultiHotFeature, SpecError
 from mtrank.pipeline.dataset import SKIP_HINT, DataWindow, RowGroup
@@ -147,7 +147,7 @@ def stack_batches(batches: Sequence[pa.RecordBatch], source: str) -> pa.Table:
     try:
         return pa.concat_tables([pa.Table.from_batches([b]) for b in batches], promote_options="permissive")
     except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
-        raise BadInputError(source, None, "wrong_type", f"the files disagree on a column's type ({e})") from None
+        raise BadInputError(source, None, WRONG_TYPE, f"the files disagree on a column's type ({e})") from None
 
 
 def open_parquet(path: str, spec: FeatureSpec) -> pq.ParquetFile:

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 
 from mtrank.features import storage
 from mtrank.features.rules import (EMPTY_PARTITION, MISSING_COLUMN, MISSING_PARTITION, NULL, UNREADABLE, WRONG_TYPE,
-                            BadInputError)
+                            BadInputError, day_folder_hint)
 from mtrank.pipeline.output_files import check_output, write_output
-from mtrank.pipeline.dataset import list_partitions, partition_files
+from mtrank.pipeline.dataset import folder_names, list_partitions, partition_files
 
 
 @dataclass
@@ -50,7 +50,8 @@ def _partition_files(data_dir: str | Path, day: dt.date,
     parts = list_partitions(data_dir)
     part = parts.get(day)
     if part is None:
-        raise BadInputError(f"{data_dir}/dt={day}", None, MISSING_PARTITION, "no partition for this day")
+        hint = "" if parts else day_folder_hint(folder_names(data_dir))   # ds=20240101/ and the like
+        raise BadInputError(f"{data_dir}/dt={day}", None, MISSING_PARTITION, f"no partition for this day{hint}")
     files = partition_files(part)
     if not files:
         raise BadInputError(str(part), None, EMPTY_PARTITION, "partition holds no Parquet files")

@@ -108,7 +108,7 @@ def partition_files(part: str | Path) -> list[str]:
         raise BadInputError(str(part), None, UNREADABLE, f"cannot list the partition ({storage.one_line(e)})") from None
 
 
-def _folder_names(root: str | Path) -> list[str]:
+def folder_names(root: str | Path) -> list[str]:
     """Names of the folders directly under `root` (for an error's hint; empty when unlistable)."""
     try:
         if storage.is_uri(root):
@@ -161,7 +161,7 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
                                         "(set allow_empty_partitions: true to train without it)")
                 empty.append(f"dt={d}")
     if not days and not empty:
-        hint = "" if parts else day_folder_hint(_folder_names(root))
+        hint = "" if parts else day_folder_hint(folder_names(root))
         raise BadInputError(str(root), None, MISSING_PARTITION,
                             f"no dt=YYYY-MM-DD partitions between {start or '-inf'} and {end or '+inf'}{hint}")
     remote = storage.is_uri(root)

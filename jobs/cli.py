@@ -86,10 +86,11 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 def _cmd_train(a: argparse.Namespace) -> int:
     from mtrank.pipeline.ranks import under_torchrun
 
-    if a.nproc > 1 and not under_torchrun():   # this process only launches the ranks: no torch here
-        from mtrank.jobs.launch import torchrun
-        return torchrun(a.nproc, a.argv)
     from mtrank.jobs.config import load_config
+    if a.nproc > 1 and not under_torchrun():   # this process only launches the ranks
+        from mtrank.jobs.launch import torchrun
+        load_config(a.config, data=a.data, work_dir=a.work_dir).train.check_ranks(a.nproc)  # once, before any rank
+        return torchrun(a.nproc, a.argv)
     from mtrank.jobs.train import format_metrics, train
     from mtrank.pipeline.distributed import process_group
     cfg = load_config(a.config, data=a.data, work_dir=a.work_dir)

@@ -124,6 +124,7 @@ def run_daily(cfg: JobConfig, date: dt.date, force: bool = False, wait: bool = F
               full: bool = False, nproc: int = 1) -> DailyOutcome:
     """`full`: retrain from scratch on the window even where the config warm-starts (e.g. weekly).
     `nproc` > 1: the training step runs as that many data-parallel ranks (torchrun)."""
+    cfg.train.check_ranks(nproc)   # before the lock, the registry and any rank
     with job_lock(cfg, wait=wait):
         out_dir = run_dir(cfg, date)
         known = True

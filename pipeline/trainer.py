@@ -63,6 +63,11 @@ class EarlyStopping(StrictConfig):
         "still wavers, calibration fixes the level afterwards); auc without a binary task falls back to loss")
 
 
+class TrainSettingError(MtrankError, ValueError):
+    """A `train` setting this run cannot honour: on this machine (bf16 without the instructions) or
+    with this many ranks (a global batch that does not divide). One line, exit 2, like bad input."""
+
+
 class TrainConfig(StrictConfig):
     """Optimisation knobs; strict so that a misspelt key in a job config is an error."""
 
@@ -152,6 +157,13 @@ class TrainConfig(StrictConfig):
                              "validation_fraction)")
         return self
 
+    def check_ranks(self, world_size: int) -> None:
+        """The global batch splits evenly over the ranks. Checked by the launcher before any rank
+        starts (one line, not one traceback per rank) and again by each rank's Trainer."""
+        if self.batch_size % world_size:
+            raise TrainSettingError(f"train.batch_size {self.batch_size} is the global batch and must divide evenly "
+                                    f"over {world_size} ranks")
+
     def fingerprint_fields(self) -> dict:
         """What must not change between a checkpoint and its resume (epochs may grow). Knobs that
         leave the weights bit-identical stay out: checkpoint and curve cadence, devices, validation
@@ -163,11 +175,6 @@ class TrainConfig(StrictConfig):
 
 class NonFiniteLossError(MtrankError, RuntimeError):
     pass
-
-
-class TrainSettingError(MtrankError, ValueError):
-    """A `train` setting this run cannot honour: on this machine (bf16 without the instructions) or
-    with this many ranks (a global batch that does not divide). One line, exit 2, like bad input."""
 
 
 class DivergedError(MtrankError, RuntimeError):
@@ -331,9 +338,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.precision == "auto" and dist.is_main:
             log.info("precision auto: %s on %s", self.precision, self.device)
-        if cfg.batch_size % dist.world_size:
-            raise TrainSettingError(f"train.batch_size {cfg.batch_size} is the global batch and must divide evenly "
-                             f"over {dist.world_size} ranks")
+        cfg.check_ranks(dist.world_size)
         self.model, self.spec, self.cfg, self.dist = model.to(self.device), spec, cfg, dist
         self.loss = MultiTaskLoss(spec, esmm=model.cfg.esmm, weighting=cfg.loss_weighting).to(self.device)
         self.sparse_opt = sparse_optimizer(model.sparse_parameters(), cfg.sparse_optimizer, cfg.sparse_lr,

@@ -141,7 +141,9 @@ def test_a_warehouse_layout_of_day_folders_is_named_with_the_rename(adult, tmp_p
     for day in DAYS[:2]:
         shutil.copytree(base / "logs" / f"dt={day}", tmp_path / "ds" / f"ds={day.replace('-', '')}")
     for args in (("validate", "--data", tmp_path / "ds", "--spec", base / "spec.yaml"),
-                 ("init-spec", "--data", tmp_path / "ds", "--label", "high_income")):
+                 ("init-spec", "--data", tmp_path / "ds", "--label", "high_income"),
+                 ("exposures", "--config", "job.yaml", "--data", tmp_path / "ds", "--date", DAYS[0],
+                  "--out", tmp_path / "exposures.parquet")):
         r = run(*args, cwd=base)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         err = r.stderr.strip().splitlines()[-1]
@@ -162,6 +164,18 @@ def test_a_bf16_job_on_a_cpu_without_bf16_is_one_line(adult):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == ("mtrank train: error: train.precision: bf16 needs a CPU with "
                                                  "avx512_bf16 or AMX; use fp32 (or auto)")
+
+
+def test_a_batch_the_ranks_cannot_split_is_one_line_before_any_rank_starts(adult):
+    """512 rows per step over 3 ranks: the launcher says so once (train and daily), instead of
+    starting torchrun and three ranks that each die with the same error."""
+    base, _ = adult
+    for cmd in (("train", "--no-track"), ("daily",)):
+        r = run(cmd[0], "--config", "job.yaml", "--date", DAYS[2], "--nproc", "3", *cmd[1:], cwd=base)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "launching" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1] == (f"mtrank {cmd[0]}: error: train.batch_size 512 is the global "
+                                                     "batch and must divide evenly over 3 ranks")
 
 
 @pytest.mark.slow

@@ -24,9 +24,10 @@ class SpecChanges:
 
 def _feature_shape(f) -> dict:
     """A feature's definition minus its table's rows and id options (compared per table: a bucket or
-    rare-row change is a table change; l2 and dropout only change how training goes on)."""
+    rare-row change is a table change; l2 and dropout only change how training goes on) and its
+    serving value (which training never reads)."""
     d = f.model_dump(mode="json")
-    for k in ("buckets", "min_count", "l2", "dropout"):
+    for k in ("buckets", "min_count", "l2", "dropout", "serve_value"):
         d.pop(k, None)
     return d
 

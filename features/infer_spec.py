@@ -68,6 +68,8 @@ _ID_NAME = re.compile(r"(?:^|[_\-. ])(?:id|ids|key|code|hash|uuid|guid|sku|type|
                       r"category|cat|group|segment|zip|zipcode|postcode|index|idx)$")
 _CAMEL_ID = re.compile(r"[a-z0-9](?:Id|ID|Key|Code|Type)$")
 _TIMESTAMP_NAMES = ("ts", "timestamp", "event_time", "event_ts", "time")
+# Integer columns holding the slot an item was shown in: hashed, and served at the top slot.
+_SLOT_NAME = re.compile(r"^(?:position|pos|slot|display_position|rank_position|item_position)$", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,8 +646,9 @@ class _Inference:
             return self._hashed(c, distinct, "multi_hot", f"{t}, {_g(distinct)} distinct elements, "
                                 f"{s['mean_len']:.2f} per row on average, "
                                 f"{_nulls(nulls, n).replace('nulls', 'null lists')}")
+        slot = cls == "int" and forced is None and _SLOT_NAME.match(c) is not None and s.get("min") is not None
         numeric = forced == "numeric" or (forced is None and (cls == "float" or (
-            cls == "int" and not looks_like_id(c) and distinct > 2)))
+            cls == "int" and not looks_like_id(c) and not slot and distinct > 2)))
         if distinct <= 1 and (numeric or not nulls):
             only = f" ({_g(s['min'])})" if s.get("min") is not None else ""
             return f"constant{only}{' apart from nulls (a 0/1 presence flag would carry it)' if nulls else ''}"
@@ -667,6 +670,13 @@ class _Inference:
             detail = f"{t}, {_g(distinct)} distinct, {_nulls(nulls, n)}"
             if s.get("markers"):
                 detail += f"; {_pct(s['markers'], n)} are '?', '', 'NA'-like missing markers (hashed as a value)"
+        elif slot:   # position bias: learnt from the logged slots, held at the top slot when ranking
+            top = int(s["min"])
+            kind, comment, d = self._hashed(c, distinct, "categorical", f"{t} (the slot an item was shown in), "
+                                            f"{_g(distinct)} distinct, {_nulls(nulls, n)}")
+            d["serve_value"] = top
+            return kind, (f"{comment}; serve_value {top}: scoring ranks every candidate as if shown in the top "
+                          "slot (position bias learnt in training only; candidates need no such column)"), d
         else:
             why = "--categorical" if forced else "id-like name" if looks_like_id(c) else "at most two values: a flag"
             detail = f"{t} ({why}), {_g(distinct)} distinct, {_nulls(nulls, n)}"
@@ -699,7 +709,8 @@ class _Inference:
             f"{' (all)' if n == total else ' (the first rows of every file, in proportion to its size)'}.",
             "# Kinds: strings -> categorical; integers -> categorical when the name looks like an id (or <= 2 "
             "values),",
-            "#   else numeric; floats -> numeric; list<string|int> -> multi_hot (--categorical / --numeric override).",
+            "#   else numeric; floats -> numeric; list<string|int> -> multi_hot (--categorical / --numeric override);",
+            "#   an integer slot column (position, pos, slot) -> categorical with serve_value = the top slot seen.",
             "# Numeric: fill = median when nulls exist; clip = [p01, p99] (or [min, max] when those meet);",
             "#   log1p when min >= 0, max > 1 and p99 > 10 x p50 or max > 100 x p50; standardize;",
             f"#   >= {PLE_MIN_DISTINCT} distinct values: also encoding piecewise_linear ({PLE_BINS} quantile bins, "

@@ -26,6 +26,8 @@ def serving_schema(spec: FeatureSpec, trained: pa.Schema | None) -> pa.Schema:
     are strings or integers (both hash alike), else as int64; lists of int64; numbers as float64."""
     fields = []
     for f in spec.features:
+        if f.name in spec.served_values:   # set by serving (with_served_values), never sent
+            continue
         if trained is not None and trained.get_field_index(f.name) >= 0:
             fields.append(pa.field(f.name, plain_type(trained.field(f.name).type), nullable=True))
         elif isinstance(f, NumericFeature):
@@ -68,6 +70,16 @@ def conform(table: pa.Table, schema: pa.Schema, source: str = "request") -> pa.T
                                     f"{col.type} values cannot be read as {f.type}, the type the model was "
                                     f"trained on, without changing them ({str(e).splitlines()[0]})") from None
     return pa.Table.from_arrays(columns, names=schema.names)
+
+
+def with_served_values(data: pa.Table | pa.RecordBatch, spec: FeatureSpec) -> pa.Table | pa.RecordBatch:
+    """`data` with every feature that has a `serve_value` set to it on every row: added, or replacing
+    the column a request or candidate file carries (e.g. the logged slot of a logged day)."""
+    for name, value in spec.served_values.items():
+        const = pa.repeat(value, data.num_rows)
+        i = data.schema.get_field_index(name)
+        data = data.set_column(i, name, const) if i >= 0 else data.append_column(name, const)
+    return data
 
 
 def check_serving_nulls(table: pa.Table, spec: FeatureSpec, source: str = "request") -> None:

@@ -98,12 +98,16 @@ def _kind_check(spec: FeatureSpec, labels: bool = True) -> dict[str, tuple[str, 
     return checks
 
 
-def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str, labels: bool = True) -> None:
+def check_schema(schema: pa.Schema, spec: FeatureSpec, source: str, labels: bool = True,
+                 serving: bool = False) -> None:
     """Raise BadInputError for the first missing or mistyped column of a file.
 
-    `labels=False` for rows that have no outcome yet (scoring candidates)."""
+    `labels=False` for rows that have no outcome yet; `serving` for rows ranked as serving ranks them
+    (scoring candidates, fusion tuning): a feature with a `serve_value` is set there, not read."""
     names = set(schema.names)
     for col, (expected, ok) in _kind_check(spec, labels).items():
+        if serving and col in spec.served_values:
+            continue
         if col not in names:
             raise BadInputError(source, col, MISSING_COLUMN, f"column is required by the FeatureSpec ({expected})")
         actual = schema.field(col).type

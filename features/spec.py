@@ -34,6 +34,10 @@ _Strict = StrictConfig
 
 _MIN_COUNT = ("ids seen fewer times in the training window share one extra 'rare' row of the table (ids never "
               "seen, at evaluation and scoring too); 1 = off: every id keeps its own row")
+_SERVE_VALUE = ("the value every scoring candidate and serving request gets for this feature, whatever its column "
+                "holds (there the column may be absent): a training-only input such as the slot an item was shown "
+                "in, whose effect (position bias) is learnt from the logs and held fixed when ranking; evaluation "
+                "reads the logged column; null = always read from the column")
 _L2 = "L2 on the table's rows, applied by the sparse optimizer to the rows a step touches (0 = off)"
 _DROPOUT = ("training only: probability that an id is replaced by the table's rare row (its null row without "
             "min_count); 0 = off")
@@ -80,6 +84,7 @@ class _HashedFeature(_IdRegularisation):
 
 class CategoricalFeature(_HashedFeature):
     kind: Literal["categorical"] = Field(description="one id per row (strings or integers), hashed")
+    serve_value: int | str | None = Field(default=None, description=_SERVE_VALUE)
 
 
 class MultiHotFeature(_HashedFeature):
@@ -93,6 +98,7 @@ class NumericFeature(_Strict):
     name: str = Field(description="column name in the logs and candidates")
     kind: Literal["numeric"] = Field(description="a number per row (integers or floats)")
     fill: float | None = Field(default=None, description="value for nulls; no fill = null is a bad row")
+    serve_value: float | None = Field(default=None, allow_inf_nan=False, description=_SERVE_VALUE)
     clip: tuple[float, float] | None = Field(default=None, description="[lower, upper] bounds, after fill")
     log1p: bool = Field(default=False, description="log1p of max(x, 0), after clip")
     standardize: bool = Field(default=False, description="subtract the mean and divide by the standard "
@@ -411,9 +417,25 @@ class FeatureSpec(_Strict):
         """The GAUC group column, if the spec names one (it is optional)."""
         return (self.group_key,) if self.group_key else ()
 
+    @cached_property
+    def served_values(self) -> dict[str, int | float | str]:
+        """feature -> the value scoring and serving give it (features with `serve_value` only)."""
+        return {f.name: f.serve_value for f in self.features if getattr(f, "serve_value", None) is not None}
+
+    @cached_property
+    def serving_columns(self) -> tuple[str, ...]:
+        """Columns a scoring candidate or serving request needs: the feature columns but those whose
+        value serving sets itself."""
+        return tuple(c for c in self.feature_columns if c not in self.served_values)
+
     def fingerprint(self) -> str:
-        """Stable content hash: two specs hash the same iff they hash and transform identically."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable content hash: two specs hash the same iff they hash and transform identically.
+        An unset `serve_value` is left out, so specs written before it existed keep their hash."""
+        d = self.model_dump(mode="json")
+        for f in d["features"]:
+            if f.get("serve_value", 0) is None:
+                del f["serve_value"]
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -6,7 +6,8 @@ the FeatureSpec (with its hash seed), the numeric statistics, the weights (a pla
 travels with the version (`code/`), so no mtrank install is needed where it loads.
 
 `predict` takes a DataFrame of raw feature columns — the same columns as the impression logs, other
-columns ignored, nulls allowed — and returns one column per output of the spec.
+columns ignored, nulls allowed; features with a `serve_value` (position) are set, not read — and
+returns one column per output of the spec.
 
 Requests of fewer than `serial_rows` rows (default 1,024; environment MTRANK_SERVING_SERIAL_ROWS at
 load, 0 = never) run the forward on one intra-op thread: at serving sizes the work per operator is
@@ -49,13 +50,14 @@ class RankerPyfunc(PythonModel):
         from mlflow.exceptions import MlflowException
 
         from mtrank.features.base import MtrankError
-        from mtrank.features.inputs import check_serving_nulls, conform
+        from mtrank.features.inputs import check_serving_nulls, conform, with_served_values
         from mtrank.pipeline.evaluate import predict_rows
 
         cols = [c for c in self.schema.names if c in model_input.columns]
         try:
             table = conform(pa.Table.from_pandas(model_input[cols], preserve_index=False), self.schema)
             check_serving_nulls(table, self.saved.spec)
+            table = with_served_values(table, self.saved.spec)
         except (MtrankError, pa.ArrowException) as e:   # the client's rows: HTTP 400, not 500
             raise MlflowException.invalid_parameter_value(str(e)) from None
         with torch.inference_mode(), _serial_forward(table.num_rows < self.serial_rows):

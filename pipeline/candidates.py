@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from mtrank.features import storage
 from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, WRONG_TYPE,
                             BadInputError, RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
+from mtrank.features.inputs import with_served_values
 from mtrank.features.spec import FeatureSpec, SpecError
 from mtrank.pipeline.output_files import write_atomic
 from mtrank.pipeline.reader import RowAccounting, open_parquet
@@ -109,11 +110,11 @@ class CandidateReader:
         except (OSError, pa.ArrowException) as e:
             raise BadInputError(file, None, UNREADABLE, f"cannot open ({e})") from None
         schema = pf.schema_arrow
-        check_schema(schema, self.spec, file, labels=False)
+        check_schema(schema, self.spec, file, labels=False, serving=True)
         for col, why in self.needed.items():
             if col not in schema.names:
                 raise BadInputError(file, col, MISSING_COLUMN, f"column is required by {why}")
-        cols = list(dict.fromkeys([*self.spec.feature_columns, *self.side_columns]))
+        cols = list(dict.fromkeys([*self.spec.serving_columns, *self.side_columns]))
         side = [c for c in self.side_columns if c in schema.names]
         return pf, [c for c in cols if c in schema.names], side
 
@@ -147,10 +148,12 @@ class CandidateReader:
             pf, cols, side = self._open(file)
             acc.row_groups += pf.metadata.num_row_groups
             rules = self._rules(pf.schema_arrow)
-            rule_cols = sorted({self.request_column, self.cfg.item_column, *self._rule_inputs()} & set(cols))
+            served = set(self.spec.served_values)
+            rule_cols = sorted({self.request_column, self.cfg.item_column, *self._rule_inputs()} & (set(cols) | served))
             try:
                 for i, rb in enumerate(pf.iter_batches(batch_size=self.chunk_rows, columns=cols)):
                     acc.rows_read += rb.num_rows
+                    rb = with_served_values(rb, self.spec)   # position and the like: as serving sets them
                     reason = pl.from_arrow(rb.select(rule_cols)).select(rules).to_series()
                     bad = reason.is_not_null()
                     if bad.any():

@@ -156,6 +156,9 @@ def test_generated_logs_propose_post_click_tasks(tmp_path, capsys):
     assert isinstance(by["user_id"], CategoricalFeature) and isinstance(by["category_id"], CategoricalFeature)
     assert isinstance(by["price"], NumericFeature) and by["price"].log1p
     assert isinstance(by["user_gender"], CategoricalFeature)
+    # the logged slot: hashed, and served at the top slot the logs show (position bias learnt in training only)
+    assert isinstance(by["position"], CategoricalFeature) and spec.served_values == {"position": 0}
+    assert "position" not in spec.serving_columns
     # never inputs: labels, post-click outcomes, the generator's truth, the request id and the time
     for c in ("click", "conversion", "cart", "collect", "stay_seconds", "true_p_click", "true_p_collect",
               "true_stay_seconds", "request_id", "ts"):

@@ -140,3 +140,40 @@ def test_quarantined_candidates_are_counted(base):
     assert s["rejected_by_reason"] == {"item_id:null": 1, "item_id:duplicate_in_request": 4}
     assert s["rows_read"] == s["rows_in"] + s["rows_rejected"] == pq.read_metadata(path).num_rows
     assert pq.read_metadata(out).num_rows == s["rows_in"]
+
+
+def test_position_is_set_by_serving_and_read_by_evaluation(base):
+    """The spec's `position` has `serve_value: 0`: candidates and serving requests need no position
+    column, and one they carry is overridden (every candidate is ranked as if in the top slot); the
+    training and evaluation path reads the logged slot, whose effect the model learnt."""
+    from mtrank.features.featurize import Featurizer
+    from mtrank.jobs.tracking import open_model
+    from mtrank.pipeline.evaluate import predict_rows
+
+    cand = pq.read_table(base / "cand")
+    assert set(cand["position"].to_pylist()) == {0}   # the generator's candidates: the top slot
+    at_seven = cand.set_column(cand.schema.get_field_index("position"), "position",
+                               pa.array(np.full(cand.num_rows, 7, np.int16)))
+    ranked = {}
+    for name, table in (("logged", cand), ("absent", cand.drop(["position"])), ("seventh", at_seven)):
+        pq.write_table(table, base / f"pos-{name}.parquet")
+        r = score(base, "--out", base / f"pos-{name}-out.parquet", "--no-track", candidates=base / f"pos-{name}.parquet")
+        assert r.returncode == 0, r.stderr
+        ranked[name] = pl.read_parquet(base / f"pos-{name}-out.parquet").sort("request_id", "item_id")
+    for name in ("absent", "seventh"):
+        assert ranked[name]["p_ctr"].equals(ranked["logged"]["p_ctr"]) and ranked[name]["rank"].equals(ranked["logged"]["rank"])
+
+    uri = f"sqlite:///{(base / 'work' / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/ranker@champion")
+    assert "position" not in pyfunc.metadata.get_input_schema().input_names()
+    sample = cand.slice(0, 200)
+    served = pyfunc.predict(sample.drop(["position"]).to_pandas())["p_ctr"].to_numpy()
+    np.testing.assert_array_equal(served, pyfunc.predict(at_seven.slice(0, 200).to_pandas())["p_ctr"].to_numpy())
+    # the evaluation path reads the column: the top slot gives the served predictions, slot 7 others
+    saved = open_model("models:/ranker@champion", uri)
+    feat = Featurizer(saved.spec, saved.stats)
+    np.testing.assert_allclose(predict_rows(saved.model, feat, sample)["p_ctr"], served, rtol=1e-6)
+    lower = predict_rows(saved.model, feat, at_seven.slice(0, 200))["p_ctr"]
+    assert np.abs(lower - served).max() > 1e-4

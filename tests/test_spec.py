@@ -54,6 +54,12 @@ def test_spec_roundtrips_through_yaml(tmp_path):
     # MLflow refuses '?' in a metric name: caught at load, not after training
     (lambda r: r["tasks"][0].update(name="ctr?"), "'ctr?' is not a task name: letters, digits"),
     (lambda r: r["tasks"][1].update(product="ct/cvr"), "'ct/cvr' is not a task name"),
+    # serve_value: an id for a categorical, a finite number for a numeric, nothing for a multi-hot
+    (lambda r: r["features"][3].update(serve_value=1.5), "user_level).serve_value"),
+    (lambda r: r["features"][3].update(serve_value=True), "serve_value: expected a number, got the boolean"),
+    (lambda r: r["features"][-1].update(serve_value="top"), "(discount_rate).serve_value: Input should be a valid number"),
+    (lambda r: r["features"][-1].update(serve_value=float("inf")), "serve_value: Input should be a finite number"),
+    (lambda r: r["features"][26].update(serve_value="a"), "(user_recent_categories).serve_value: unknown key"),
 ])
 def test_bad_specs_name_the_key(raw, mutate, message):
     bad = copy.deepcopy(raw)
@@ -61,6 +67,19 @@ def test_bad_specs_name_the_key(raw, mutate, message):
     with pytest.raises(SpecError) as e:
         parse_spec(bad, "my_spec.yaml")
     assert "my_spec.yaml" in str(e.value) and message in str(e.value)
+
+
+def test_serve_value_names_the_serving_columns_and_enters_the_hash_only_when_set(raw):
+    spec = parse_spec(raw, "default")
+    assert spec.served_values == {"position": 0}
+    assert "position" in spec.feature_columns and "position" not in spec.serving_columns
+    unset = copy.deepcopy(raw)
+    next(f for f in unset["features"] if f["name"] == "position").pop("serve_value")
+    explicit = copy.deepcopy(unset)
+    next(f for f in explicit["features"] if f["name"] == "position")["serve_value"] = None
+    # a spec written before serve_value existed keeps its hash (resumes, caches, warm starts)
+    assert parse_spec(unset, "a").fingerprint() == parse_spec(explicit, "b").fingerprint() != spec.fingerprint()
+    assert parse_spec(unset, "a").serving_columns == spec.feature_columns
 
 
 def test_unreadable_and_invalid_yaml(tmp_path):

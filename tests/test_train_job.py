@@ -175,5 +175,10 @@ def test_run_logged_and_registered_model_scores_raw_rows(job):
     out = pyfunc.predict(raw)
     assert {"p_ctr", "p_cvr", "p_ctcvr", "stay", "p_collect", "p_cart", "p_ctcart"} <= set(out.columns)
     _, pred = evaluate_model(load_model(run / "model"), str(job.parent / "logs"), dt.date(2026, 11, 3), max_rows=3000)
+    # the same rows as evaluation where the logged slot is the one serving sets (position: serve_value 0);
+    # on rows shown lower, evaluation reads the logged slot and serving the top one
+    top = (raw["position"] == 0).to_numpy()
+    assert 50 < top.sum() < len(top)
     for col in ("p_ctr", "p_ctcvr", "stay"):
-        np.testing.assert_allclose(out[col].to_numpy(), pred.outputs[col], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(out[col].to_numpy()[top], pred.outputs[col][top], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(out["p_ctr"].to_numpy()[~top], pred.outputs["p_ctr"][~top], rtol=1e-3)

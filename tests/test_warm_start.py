@@ -53,6 +53,9 @@ def test_compare_specs_names_what_changed(spec):
     ch = compare_specs(spec, _edit(spec, m=lambda r: _option(r, "item_id", min_count=5)))
     assert list(ch.tables) == ["item_id"] and not ch.blocking
     assert compare_specs(spec, _edit(spec, o=lambda r: _option(r, "item_id", l2=1e-5, dropout=0.1))).compatible
+    # a serving value (position) is never read in training: setting or changing it blocks nothing
+    assert compare_specs(spec, _edit(spec, p=lambda r: _option(r, "position", serve_value=3))).compatible
+    assert compare_specs(spec, _edit(spec, p=lambda r: _option(r, "position", serve_value=None))).compatible
 
 
 def _option(raw, feature, **kw):

@@ -83,6 +83,38 @@ def rule_columns_needed(cfg: ScoringConfig, request_column: str) -> dict[str, st
     return need
 
 
+def _plain(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(_plain(t)) or pa.types.is_floating(_plain(t))
+
+
+def _one_value(t: pa.DataType) -> bool:
+    return not pa.types.is_nested(_plain(t))
+
+
+def _flag(t: pa.DataType) -> bool:
+    return pa.types.is_boolean(_plain(t)) or pa.types.is_integer(_plain(t))
+
+
+def rule_column_kinds(cfg: ScoringConfig) -> dict[str, tuple[str, callable]]:
+    """column -> (what it must hold, test of its Arrow type), for the columns the fusion and the rules
+    read as values: checked on every file's schema before the forward, not found after it."""
+    kinds = {c: ("numbers (a fusion factor's column)", _number) for c in cfg.fusion.columns}
+    if cfg.window.enabled:
+        kinds[cfg.window.attribute] = ("one value per candidate (window.attribute: a category, brand or shop; "
+                                       "a list column cannot be the attribute)", _one_value)
+    if cfg.new_item.enabled:
+        kinds[cfg.new_item.column] = ("numbers (new_item.column: the item's age in days)", _number)
+    if cfg.low_quality.enabled:
+        kinds[cfg.low_quality.column] = ("numbers (low_quality.column: the item's quality)", _number)
+    if cfg.campaign.enabled and cfg.campaign.column:
+        kinds[cfg.campaign.column] = ("booleans or 0/1 integers (campaign.column)", _flag)
+    return kinds
+
+
 class CandidateReader:
     """Streams accepted candidate rows; `side` keeps the columns the rules need, `accounting` balances."""
 
@@ -96,6 +128,7 @@ class CandidateReader:
             raise SpecError("score.on_bad_row: quarantine needs a quarantine directory (set quarantine_dir in "
                             "the job config)")
         self.needed = rule_columns_needed(cfg, self.request_column)
+        self.kinds = rule_column_kinds(cfg)
         side = [*self.needed, spec.timestamp, cfg.campaign.column, *extra_columns]
         self.side_columns = [c for c in dict.fromkeys(side) if c]
         self.accounting = RowAccounting()
@@ -119,9 +152,10 @@ class CandidateReader:
         return pf, [c for c in cols if c in schema.names], side
 
     def _check_side_types(self) -> None:
-        """Before any forward: each side column (keys, rule inputs) holds one kind of value across the
-        files. Widths may differ (int32 ids in one file, int64 in the next: widened when the chunks
-        are stacked); kinds may not (ids as strings in one file, integers in another)."""
+        """Before any forward: each side column (keys, rule inputs) holds what the fusion and rules read
+        (numbers, one value per row, flags) and one kind of value across the files. Widths may differ
+        (int32 ids in one file, int64 in the next: widened when the chunks are stacked); kinds may
+        not (ids as strings in one file, integers in another)."""
         first: dict[str, tuple[pa.DataType, str]] = {}
         for file in self.files:
             try:
@@ -132,6 +166,9 @@ class CandidateReader:
                 if c not in schema.names:
                     continue
                 t = schema.field(c).type
+                what, ok = self.kinds.get(c, (None, None))
+                if ok is not None and not ok(t):
+                    raise BadInputError(file, c, WRONG_TYPE, f"must hold {what}, found {t}")
                 seen, where = first.setdefault(c, (t, file))
                 try:
                     pa.unify_schemas([pa.schema([pa.field(c, seen)]), pa.schema([pa.field(c, t)])],

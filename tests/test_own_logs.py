@@ -313,6 +313,26 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (base / "x.parquet").exists()
 
+    # rule and factor columns that hold the wrong kind of value: one line naming file, column and
+    # rule before any forward (they raised Arrow tracebacks after it)
+    day = pq.read_table(base / "logs" / f"dt={DAYS[4]}")
+    (base / "listy").mkdir()
+    pq.write_table(day.append_column("tags", pa.array([["a", "b"]] * day.num_rows)), base / "listy" / "part-0.parquet")
+    for name, score_cfg, column, what in (
+            ("factor", {"fusion": {"factors": [{"output": "p_high_income"}, {"column": "race", "offset": 1.0}]}},
+             "race", "must hold numbers (a fusion factor's column)"),
+            ("window", {"window": {"enabled": True, "attribute": "tags", "n": 3}}, "tags",
+             "must hold one value per candidate (window.attribute")):
+        job = yaml.safe_load((base / "job.yaml").read_text())
+        job["score"].update(score_cfg)
+        (base / f"{name}.yaml").write_text(yaml.safe_dump(job))
+        r = run("score", "--config", f"{name}.yaml", "--model", "models:/adult@champion", "--candidates", "listy",
+                "--date", DAYS[4], "--out", "x.parquet", "--no-track", cwd=base)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "score: 0 rows" in r.stderr, r.stderr[-2000:]
+        err = r.stderr.strip().splitlines()[-1]
+        assert f"part-0.parquet: column '{column}': rule wrong_type: {what}" in err, err
+        assert not (base / "x.parquet").exists()
+
 
 RENAMED_COLUMNS = {"click": "tap", "conversion": "buy", "cart": "basket", "collect": "fav",
                    "stay_seconds": "dwell", "user_id": "uid", "item_id": "sku", "request_id": "req"}

@@ -170,8 +170,15 @@ def _cmd_daily(a: argparse.Namespace) -> int:
     if d is not None:
         print(f"{cfg.name} v{d.version}: {'champion' if d.promoted else 'not promoted'} ({d.reason})")
     uri = tracking_uri(cfg)
-    print(f"MLflow store: {uri}\nopen the UI: mlflow ui --backend-store-uri {uri}")
+    print(f"MLflow store: {uri}\n{_ui_hint(uri)}")
     return 0
+
+
+def _ui_hint(uri: str) -> str:
+    """A server is its own UI; a local store (sqlite, PostgreSQL) is opened with `mlflow ui`."""
+    if uri.startswith(("http://", "https://")):
+        return f"open the UI: {uri}"
+    return f"open the UI: mlflow ui --backend-store-uri {uri}"
 
 
 def _cmd_lineage(a: argparse.Namespace) -> int:
@@ -203,7 +210,7 @@ def _track(cfg, out) -> str:
     run_id, version = reg.run_id, reg.version
     uri = tracking_uri(cfg)
     return (f"MLflow run {run_id}; registered {cfg.name} version {version} (alias challenger) in {uri}\n"
-            f"open the UI: mlflow ui --backend-store-uri {uri}")
+            f"{_ui_hint(uri)}")
 
 
 def _cmd_score(a: argparse.Namespace) -> int:

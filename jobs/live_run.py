@@ -120,7 +120,7 @@ class LiveRun(TrainingEvents):
     @classmethod
     def start(cls, cfg: JobConfig, date: dt.date, run_dir: Path, command: str,
               datasets: list[tuple[object, str]]) -> "LiveRun":
-        from mtrank.jobs.store import _client, _experiment, tracking_uri
+        from mtrank.jobs.store import TrackingRefused, _client, _experiment, refusal, refused_status, tracking_uri
 
         try:
             mlflow, client = _client(cfg)
@@ -138,7 +138,11 @@ class LiveRun(TrainingEvents):
                 client.log_inputs(run_id, datasets=[dataset_inputs(w, ctx) for w, ctx in datasets])
                 log.info("MLflow run %s opened in %s (live curves)", run_id, uri)
             return cls(client, run_id, _system_metrics(run_id, uri))
-        except Exception as e:  # noqa: BLE001 - tracking never stops training
+        except Exception as e:  # noqa: BLE001 - tracking never stops training, unless it refuses the job
+            status = refused_status(e)
+            if status is not None:   # credentials or permissions do not appear while it trains: stop now
+                raise TrackingRefused(f"{refusal(tracking_uri(cfg), 'opening the training run', status)}. "
+                                      "Nothing was trained.") from None
             log.warning("MLflow is not reachable, training goes on without live curves; the run is logged "
                         "when the model is registered (%s)", str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
             return cls()

@@ -5,6 +5,7 @@ Below `tracking` (registration) and `live_run` (the run open while training), wh
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,41 @@ def tracking_uri(cfg: JobConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{(Path(cfg.work_dir) / 'mlflow.db').resolve()}"
+
+
+class TrackingRefused(MtrankError, PermissionError):
+    """The tracking server answered, and refused: not authenticated (401) or not allowed (403)."""
+
+
+_REFUSED_CODE = re.compile(r"error code (401|403)\b")
+
+
+def refused_status(e: BaseException | None) -> int | None:
+    """401 or 403 when the server refused the request (anywhere in the chain), else None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "error_code", None)
+        if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            return 401 if code == "UNAUTHENTICATED" else 403
+        m = _REFUSED_CODE.search(str(e))
+        if m and "API request to" in str(e):
+            return int(m.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def refusal(uri: str, action: str, status: int) -> str:
+    """The one line for a refused request: what to set (401) or who lacks what (403)."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        how = ("the credentials given were not accepted" if user or os.environ.get("MLFLOW_TRACKING_TOKEN") else
+               "no credentials were given") + (": set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                                                "MLFLOW_TRACKING_TOKEN) for this server")
+        return f"tracking server {uri} refused the request while {action}: HTTP 401, not authenticated; {how}"
+    return (f"tracking server {uri} refused the request while {action}: HTTP 403, user {user or '(token)'} lacks "
+            "the permission; grant it on this job's experiment and registered model (MLflow's permission API or "
+            "UI), or run the job as a user who has it")
 
 
 _READY: set[str] = set()

@@ -19,8 +19,8 @@ from mtrank.features.base import MtrankError, failpoint
 from mtrank.jobs.config import JobConfig
 from mtrank.jobs.model_io import load_model, read_spec
 from mtrank.jobs.paths import run_dir
-from mtrank.jobs.store import (StoreNotFound, _client, _experiment, ensure_store, git_commit,  # noqa: F401
-                               require_store, tracking_uri)
+from mtrank.jobs.store import (StoreNotFound, TrackingRefused, _client, _experiment, ensure_store,  # noqa: F401
+                               git_commit, refusal, refused_status, require_store, tracking_uri)
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -85,19 +85,22 @@ def _unreachable(e: BaseException | None) -> bool:
     return False
 
 
+BACK = "once the server is back"                  # when a rerun succeeds, in the hints below
+ALLOWED = "once the server accepts the request"    # ... when the server refused (401/403)
+
+
 def _outcome_hint(run_dir: Path, date: str) -> str:
     return (f"The training outcome is kept in {run_dir} (metrics.json, model/, report/): rerunning "
-            f"`mtrank daily --date {date}` with the same config once the server is back logs and registers "
+            f"`mtrank daily --date {date}` with the same config {BACK} logs and registers "
             "it without retraining.")
 
 
 REGISTRY_HINT = ("Nothing half-registered was left: a version is registered only after its artifacts were "
-                 "logged, and `champion` moves only after a completed evaluation; rerun the same command once "
-                 "the server is back.")
+                 f"logged, and `champion` moves only after a completed evaluation; rerun the same command {BACK}.")
 
 
 DOWNLOAD_HINT = ("Nothing was changed in the registry (`champion` moves only after a completed evaluation); "
-                 "rerun the same command once the server is back.")
+                 f"rerun the same command {BACK}.")
 
 
 @contextmanager
@@ -105,10 +108,16 @@ def _reachable(uri: str, action: str, hint=REGISTRY_HINT):
     """Turn 'the server is not there' (after MLflow's bounded retries) into one clear TrackingUnavailable."""
     try:
         yield
-    except TrackingUnavailable:
+    except (TrackingUnavailable, TrackingRefused):
         raise
     except Exception as e:
-        if not uri.startswith(("http://", "https://")) or not _unreachable(e):
+        if not uri.startswith(("http://", "https://")):
+            raise
+        status = refused_status(e)
+        if status is not None:
+            h = (hint() if callable(hint) else hint).replace(BACK, ALLOWED)
+            raise TrackingRefused(f"{refusal(uri, action, status)}. {h}") from None
+        if not _unreachable(e):
             raise
         from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
                                                   MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)

@@ -23,20 +23,28 @@ class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (lean: one worker, no job execution, proxied artifacts),
     stopped and started again on the same port, store and artifacts."""
 
-    def __init__(self, root: Path, backend: str | None = None):
-        """`backend`: the backend store URI (default: sqlite in `root`; e.g. a PostgreSQL database)."""
+    def __init__(self, root: Path, backend: str | None = None, admin_password: str | None = None):
+        """`backend`: the backend store URI (default: sqlite in `root`; e.g. a PostgreSQL database).
+        `admin_password`: run MLflow's basic-auth app (users and permissions in `root`), user `admin`."""
         self.root, self.port, self.proc = root, free_port(), None
         self.backend = backend or f"sqlite:///{root / 'server.db'}"
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_password = admin_password
 
     def start(self) -> None:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
+        for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.pop(k, None)
+        auth = []
+        if self.admin_password:
+            auth = ["--app-name", "basic-auth"]
+            env.update(MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password, MLFLOW_FLASK_SERVER_SECRET_KEY="tests")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", self.backend,
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "a"), env=env, start_new_session=True)
+             "--artifacts-destination", str(self.root / "artifacts"), *auth],
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "a"), env=env, start_new_session=True,
+            cwd=self.root)   # the auth app keeps its users in ./basic_auth.db
         deadline = time.time() + 120
         while time.time() < deadline:
             try:

@@ -48,3 +48,60 @@ def test_daily_over_http_promotes_gates_and_reruns(server, tmp_path):
     # the artifacts went through the server into its artifacts destination, not the client's disk
     assert any((root / "artifacts").rglob("weights.pt"))
     assert not (tmp_path / "work" / "mlflow.db").exists()
+
+
+def test_an_authenticated_server_refuses_in_one_line_and_works_with_credentials(tmp_path_factory, tmp_path,
+                                                                                monkeypatch):
+    """MLflow's basic-auth app, as a team's server runs it: no credentials and a user without the
+    permission are each one line naming the status and what to set (they were MLflow tracebacks);
+    with credentials the job trains, registers and promotes."""
+    from mlflow.server import get_app_client
+
+    s = MlflowServer(tmp_path_factory.mktemp("auth-server"), admin_password="adm1n-Passw0rd!")
+    s.start()
+    try:
+        generate_demo_logs(tmp_path / "logs", days=3, rows=5_000, seed=6, users=500, items=300)
+        small_spec(tmp_path / "spec.yaml", max_buckets=2048)
+        write_job(tmp_path / "job.yaml", "ranker-auth", {"batch_size": 1024, "epochs": 1, "lr": 0.003},
+                  model={"experts": 2, "expert_mlp": [16], "tower_mlp": [8]}, tracking_uri=s.url)
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+            monkeypatch.delenv(k, raising=False)
+        r = daily(tmp_path / "job.yaml", "2026-11-03")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith(
+            f"mtrank daily: error: tracking server {s.url} refused the request while looking up the version "
+            "registered for this date: HTTP 401, not authenticated; no credentials were given: set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"), r.stderr[-2000:]
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "adm1n-Passw0rd!")
+        get_app_client("basic-auth", tracking_uri=s.url).create_user("bob", "b0b-Passw0rd!")
+        r = daily(tmp_path / "job.yaml", "2026-11-03")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "v1: champion" in r.stdout and f"open the UI: {s.url}" in r.stdout
+
+        # bob may read (MLflow's default permission) but not write to admin's experiment
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "b0b-Passw0rd!")
+        r = mtrank_in_process("generate", "--candidates", "--out", tmp_path / "cand", "--date", "2026-11-03",
+                              "--requests", 20, "--per-request", 10, "--seed", 1, "--users", 500, "--items", 300)
+        assert r.returncode == 0, r.stderr
+        out = tmp_path / "ranked.parquet"
+        r = mtrank_in_process("score", "--config", tmp_path / "job.yaml", "--model", "models:/ranker-auth@champion",
+                              "--candidates", tmp_path / "cand", "--date", "2026-11-03", "--out", out)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith(
+            f"mtrank score: error: tracking server {s.url} refused the request while logging the scoring run: "
+            "HTTP 403, user bob lacks the permission"), r.stderr[-2000:]
+        assert "The ranked lists and their summary are written" in r.stderr and out.exists()
+        # nor train into it: refused when the live run opens, before any training (it used to train
+        # first and fail only at registration)
+        r = mtrank_in_process("train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].endswith(
+            "refused the request while opening the training run: HTTP 403, user bob lacks the permission; grant it "
+            "on this job's experiment and registered model (MLflow's permission API or UI), or run the job as a "
+            "user who has it. Nothing was trained."), r.stderr[-2000:]
+        assert "epoch 1" not in r.stderr
+    finally:
+        s.stop()

@@ -88,21 +88,24 @@ def _plain(t: pa.DataType) -> pa.DataType:
 
 
 def _number(t: pa.DataType) -> bool:
-    return pa.types.is_integer(_plain(t)) or pa.types.is_floating(_plain(t))
+    t = _plain(t)
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t)
 
 
 def _one_value(t: pa.DataType) -> bool:
     return not pa.types.is_nested(_plain(t))
 
 
-def _flag(t: pa.DataType) -> bool:
-    return pa.types.is_boolean(_plain(t)) or pa.types.is_integer(_plain(t))
+def _flag(t: pa.DataType) -> bool:   # strings as Arrow reads flags: true / false / 1 / 0
+    t = _plain(t)
+    return pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def rule_column_kinds(cfg: ScoringConfig) -> dict[str, tuple[str, callable]]:
     """column -> (what it must hold, test of its Arrow type), for the columns the fusion and the rules
     read as values: checked on every file's schema before the forward, not found after it."""
-    kinds = {c: ("numbers (a fusion factor's column)", _number) for c in cfg.fusion.columns}
+    kinds = {c: ("numbers (a fusion factor's column; strings are not read as numbers)", _number)
+             for c in cfg.fusion.columns}
     if cfg.window.enabled:
         kinds[cfg.window.attribute] = ("one value per candidate (window.attribute: a category, brand or shop; "
                                        "a list column cannot be the attribute)", _one_value)
@@ -111,7 +114,7 @@ def rule_column_kinds(cfg: ScoringConfig) -> dict[str, tuple[str, callable]]:
     if cfg.low_quality.enabled:
         kinds[cfg.low_quality.column] = ("numbers (low_quality.column: the item's quality)", _number)
     if cfg.campaign.enabled and cfg.campaign.column:
-        kinds[cfg.campaign.column] = ("booleans or 0/1 integers (campaign.column)", _flag)
+        kinds[cfg.campaign.column] = ("booleans, 0/1 integers or 'true'/'false' (campaign.column)", _flag)
     return kinds
 
 

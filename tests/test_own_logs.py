@@ -320,7 +320,7 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     pq.write_table(day.append_column("tags", pa.array([["a", "b"]] * day.num_rows)), base / "listy" / "part-0.parquet")
     for name, score_cfg, column, what in (
             ("factor", {"fusion": {"factors": [{"output": "p_high_income"}, {"column": "race", "offset": 1.0}]}},
-             "race", "must hold numbers (a fusion factor's column)"),
+             "race", "must hold numbers (a fusion factor's column; strings are not read as numbers)"),
             ("window", {"window": {"enabled": True, "attribute": "tags", "n": 3}}, "tags",
              "must hold one value per candidate (window.attribute")):
         job = yaml.safe_load((base / "job.yaml").read_text())

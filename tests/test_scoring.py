@@ -514,3 +514,31 @@ def test_requests_served_in_time_order_for_caps():
     got = dict(zip(d["request_id"], d["rank"]))
     assert got == {"early": 1, "late": None}
     assert d["request_id"] == ["early", "late"]  # listing follows serving order
+
+
+def test_decimal_prices_and_string_campaign_flags_score_and_a_bad_flag_is_named():
+    """What the candidate reader's kind check lets through is what the stage can read: a decimal
+    price (warehouse exports) ranks as its float would, 'true'/'false' strings flag campaigns as
+    booleans do, and a flag Arrow cannot read is one ScoringError naming the column."""
+    import decimal
+
+    from mtrank.pipeline.candidates import rule_column_kinds
+
+    table, outputs = candidates(np.random.default_rng(3), 40, (5, 12), 200, 9)
+    table = table.set_column(table.schema.get_field_index("price"), "price",
+                             pa.array(np.nan_to_num(table["price"].to_numpy(), nan=1.0)))
+    cfg, plan = scoring(campaign={"column": "in_campaign"})
+    kinds = rule_column_kinds(cfg)
+    price = pa.array([decimal.Decimal(f"{p:.2f}") for p in table["price"].to_pylist()], pa.decimal128(12, 2))
+    flags = pa.array(["true" if f else "false" for f in table["in_campaign"].to_pylist()])
+    assert kinds["price"][1](price.type) and kinds["in_campaign"][1](flags.type)
+    assert not kinds["price"][1](pa.string()) and not kinds["category_id"][1](pa.list_(pa.int64()))
+    want = score_candidates(table, outputs, cfg, plan)
+    got = score_candidates(table.set_column(table.schema.get_field_index("price"), "price", price)
+                           .set_column(table.schema.get_field_index("in_campaign"), "in_campaign", flags),
+                           outputs, cfg, plan)
+    assert by_key(got.table) == by_key(want.table)
+    bad = table.set_column(table.schema.get_field_index("in_campaign"), "in_campaign",
+                           pa.array(["yes"] * table.num_rows))
+    with pytest.raises(ScoringError, match="column 'in_campaign': rule wrong_type: campaign.column must hold"):
+        score_candidates(bad, outputs, cfg, plan)

@@ -148,8 +148,12 @@ def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: Sc
     if cfg.campaign.enabled:
         in_campaign = np.zeros(n, dtype=bool)
         if cfg.campaign.column is not None and cfg.campaign.column in table.column_names:
-            in_campaign |= pc.fill_null(_plain(table[cfg.campaign.column]).cast(pa.bool_()), False).to_numpy(
-                zero_copy_only=False)
+            try:
+                flag = _plain(table[cfg.campaign.column]).cast(pa.bool_())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ScoringError(f"column {cfg.campaign.column!r}: rule wrong_type: campaign.column must hold "
+                                   f"booleans, 0/1 or 'true'/'false' ({str(e).splitlines()[0]})") from None
+            in_campaign |= pc.fill_null(flag, False).to_numpy(zero_copy_only=False)
         if campaign_items is not None and len(campaign_items):
             active = np.zeros(len(items), dtype=bool)
             code = _lookup(items, campaign_items)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mtrank.features.featurize import Featurizer
 from mtrank.jobs.model_io import SavedModel
-from mtrank.jobs.report import gauc_note, write_report
+from mtrank.jobs.report import gauc_note, served_note, write_report
 from mtrank.jobs.tracking import open_model
 from mtrank.pipeline.output_files import make_dirs
 from mtrank.pipeline.dataset import open_window
@@ -50,7 +50,8 @@ def evaluate(model: str | Path, data: str, date: dt.date, out_dir: str | Path, b
         base = evaluate_model(open_model(baseline, tracking_uri), data, date, max_rows,
                               quarantine_dir=quarantine_dir)[0]
     meta = {"model": str(model), "baseline": str(baseline) if baseline else None, "date": date.isoformat(),
-            "evaluation rows": ev.rows, "window": ev.window, "GAUC groups": gauc_note(group_key)}
+            "evaluation rows": ev.rows, "window": ev.window, "GAUC groups": gauc_note(group_key),
+            **served_note(saved.spec.served_values)}
     html, _ = write_report(out_dir, f"mtrank evaluation, {date}", meta, ev.metrics, ev.curves, ev.gates,
                            base.metrics if base else None, base.curves if base else None)
     return html, ev, base

@@ -344,6 +344,14 @@ def gauc_note(group_key: str | None) -> str:
     return group_key if group_key else "none: the spec has no group_key, so GAUC is omitted"
 
 
+def served_note(served: dict) -> dict:
+    """The report's line on features serving sets (`serve_value`), {} when there are none."""
+    if not served:
+        return {}
+    values = ", ".join(f"{k} = {v!r}" for k, v in served.items())
+    return {"set when ranking": f"{values} (serve_value); the figures here read the logged values"}
+
+
 def write_report(out_dir: str | Path, title: str, meta: dict, metrics: dict, curves: dict,
                  gates: dict | None, baseline: dict | None = None, baseline_curves: dict | None = None,
                  history: dict | None = None, labels: tuple[str, str] = ("model", "baseline"),

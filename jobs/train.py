@@ -23,7 +23,7 @@ from mtrank.jobs.model_io import SavedModel, save_model
 from mtrank.jobs.paths import quarantine_dir, run_dir
 from mtrank.models.ranker import check_tables
 from mtrank.models.warm_start import transfer_weights
-from mtrank.jobs.report import gauc_note, strict_json, undefined_figures, write_report
+from mtrank.jobs.report import gauc_note, served_note, strict_json, undefined_figures, write_report
 from mtrank.pipeline.checkpoint import CheckpointStore
 from mtrank.pipeline.output_files import write_atomic
 from mtrank.pipeline.dataset import check_labels, open_window
@@ -305,7 +305,7 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
     write_report(out / "report", f"{cfg.name}: trained on {window.start}..{window.end}, evaluated on {date}",
                  {"date": date.isoformat(), "train window": window.describe(), "rows": summary["rows"],
                   "evaluation rows": pred.rows, "GAUC groups": gauc_note(spec.group_key),
-                  "model": cfg.model.model_dump(mode="json")},
+                  **served_note(spec.served_values), "model": cfg.model.model_dump(mode="json")},
                  metrics, curves, {t: g.tolist() for t, g in pred.gate_means.items()}, history=summary.get("history"))
     undefined = undefined_figures(metrics)
     if undefined:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from mtrank.features import storage
 from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, WRONG_TYPE,
                             BadInputError, RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
-from mtrank.features.inputs import with_served_values
+from mtrank.features.inputs import plain_type, with_served_values
 from mtrank.features.spec import FeatureSpec, SpecError
 from mtrank.pipeline.output_files import write_atomic
 from mtrank.pipeline.reader import RowAccounting, open_parquet
@@ -83,21 +83,17 @@ def rule_columns_needed(cfg: ScoringConfig, request_column: str) -> dict[str, st
     return need
 
 
-def _plain(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t
-
-
 def _number(t: pa.DataType) -> bool:
-    t = _plain(t)
+    t = plain_type(t)
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t)
 
 
 def _one_value(t: pa.DataType) -> bool:
-    return not pa.types.is_nested(_plain(t))
+    return not pa.types.is_nested(plain_type(t))
 
 
 def _flag(t: pa.DataType) -> bool:   # strings as Arrow reads flags: true / false / 1 / 0
-    t = _plain(t)
+    t = plain_type(t)
     return pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 

@@ -37,8 +37,8 @@ import pyarrow as pa
 import yaml
 
 from mtrank.features import storage
-from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, UNREADABLE, WRONG_TYPE, BadInputError,
-                                   day_folder_hint)
+from mtrank.features.day_folders import LAYOUT, day_map, files_under, no_days_hint
+from mtrank.features.rules import MISSING_COLUMN, MISSING_PARTITION, UNREADABLE, WRONG_TYPE, BadInputError
 from mtrank.features.spec import SpecError, parse_spec
 
 DEFAULT_HASH_SEED = 20261121
@@ -61,7 +61,6 @@ COLUMNS_PER_QUERY = 6              # columns whose statistics one query computes
 SIGNIFICANCE = 1e-6                # chance that an implication seen in the sample is a coincidence
 MISSING_MARKERS = ("?", "", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "-")
 
-_PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 _DATE_TEXT = r"^\d{4}-\d{2}-\d{2}$"
 # Integer columns that are identifiers (hashed) rather than quantities (scaled).
 _ID_NAME = re.compile(r"(?:^|[_\-. ])(?:id|ids|key|code|hash|uuid|guid|sku|type|kind|level|bucket|band|class|"
@@ -131,7 +130,7 @@ class InputFiles:
     root: str
     files: list[str]
     rows: list[int]                 # rows per file (Parquet footers)
-    partitions: list[str]           # dt=YYYY-MM-DD names, empty for a plain folder or one file
+    partitions: list[str]           # day folder names (dt=YYYY-MM-DD, …), empty for a plain folder or one file
     layout: str                     # "partitions" | "folder" | "file"
 
 
@@ -145,9 +144,9 @@ def _remote_files(root: str) -> tuple[list[str], list[str], str]:
         if what != "dir":
             raise BadInputError(root, None, MISSING_PARTITION, "no such file or directory")
         entries = storage.list_dir(root)
-        days = [u for u, is_dir in entries if is_dir and _PARTITION.match(storage.name(u))]
+        days = list(day_map(root, [(storage.name(u), u) for u, is_dir in entries if is_dir]).values())
         if days:
-            files = [f for d in days for f, is_dir in storage.list_dir(d) if not is_dir and f.endswith(".parquet")]
+            files = [f for d in days for f in files_under(d)]
             return files, [storage.name(d) for d in days], "partitions"
         return [u for u, is_dir in entries if not is_dir and u.endswith(".parquet")], [], "folder"
     except OSError as e:
@@ -155,7 +154,7 @@ def _remote_files(root: str) -> tuple[list[str], list[str], str]:
 
 
 def find_files(root: str | Path) -> InputFiles:
-    """DIR/dt=YYYY-MM-DD/*.parquet, else DIR/*.parquet, else one .parquet file; footers read.
+    """DIR's day folders (dt=YYYY-MM-DD/ and the like), else DIR/*.parquet, else one .parquet file; footers read.
     `root` may be an object-store URI (s3://bucket/logs)."""
     p = Path(root)
     parts: list[str] = []
@@ -164,18 +163,18 @@ def find_files(root: str | Path) -> InputFiles:
     elif p.is_file():
         files, layout = [p], "file"
     elif p.is_dir():
-        days = sorted(d for d in p.iterdir() if d.is_dir() and _PARTITION.match(d.name))
+        days = list(day_map(str(p), [(d.name, d) for d in p.iterdir() if d.is_dir()]).values())
         if days:
-            files = [f for d in days for f in sorted(d.glob("*.parquet"))]
+            files = [f for d in days for f in files_under(d)]
             parts, layout = [d.name for d in days], "partitions"
         else:
             files, layout = sorted(p.glob("*.parquet")), "folder"
     else:
         raise BadInputError(str(p), None, MISSING_PARTITION, "no such file or directory")
     if not files:
-        hint = day_folder_hint([d.name for d in p.iterdir() if d.is_dir()]) if p.is_dir() else ""
+        hint = no_days_hint([d.name for d in p.iterdir() if d.is_dir()]) if p.is_dir() else ""
         raise BadInputError(str(root).rstrip("/") if storage.is_uri(root) else str(p), None, MISSING_PARTITION,
-                            "no Parquet files: expected DIR/dt=YYYY-MM-DD/*.parquet, "
+                            f"no Parquet files: expected {LAYOUT}, "
                             f"a folder of .parquet files, or one .parquet file{hint}")
     rows = []
     for f in files:
@@ -722,7 +721,7 @@ class _Inference:
             "#   task's positives with it as entire-space parent; a regression label non-zero only there likewise.",
         ]
         if inp.layout != "partitions":
-            lines.append("# Note: train and validate read DATA/dt=YYYY-MM-DD/*.parquet day partitions.")
+            lines.append(f"# Note: train and validate read day partitions: {LAYOUT}.")
         if n < total:
             lines.append("# Distinct counts are those of the sample: the full data (and later days) may hold more.")
         others = [x for x in self.stamps if x != self.timestamp]

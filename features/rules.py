@@ -8,7 +8,6 @@ rows read = rows accepted + sum(rows rejected by reason).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import polars as pl
@@ -31,20 +30,6 @@ WRONG_TYPE = "wrong_type"
 UNREADABLE = "unreadable_file"
 EMPTY_PARTITION = "empty_partition"
 MISSING_PARTITION = "missing_partition"
-
-
-_OTHER_DAY_FOLDER = re.compile(r"^([A-Za-z_]\w*)=(\d{4})-?(\d{2})-?(\d{2})$")
-
-
-def day_folder_hint(names: list[str]) -> str:
-    """What to say when a root holds no dt=YYYY-MM-DD folder but day folders of another Hive layout
-    (`ds=20240101`, `date=2024-01-01`, as warehouse exports name them): how to rename them."""
-    for name in sorted(names):
-        m = _OTHER_DAY_FOLDER.match(name)
-        if m and not name.startswith("dt="):
-            return (f"; found day folders such as {name!r}: mtrank reads dt=YYYY-MM-DD folders (rename or "
-                    f"copy them, e.g. dt={m.group(2)}-{m.group(3)}-{m.group(4)})")
-    return ""
 
 
 class BadInputError(MtrankError, ValueError):

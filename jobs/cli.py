@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--config", default=None, help="job YAML: its data and score.item_column are the defaults "
                    "(default: the embedded demo job)")
     x.add_argument("--data", default=None, help="root of the day partitions (default: the config's data)")
-    x.add_argument("--date", type=_date, required=True, help="the day D; reads DATA/dt=D/*.parquet")
+    x.add_argument("--date", type=_date, required=True, help="the day D; reads DATA/dt=D/ (or the root's own day folders)")
     x.add_argument("--out", required=True, help="output Parquet file: the item column, dt, exposures")
     x.add_argument("--item-column", default=None, help="item id column of the logs (default: the config's "
                    "score.item_column)")
@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_cmd_exposures)
 
     v = sub.add_parser("validate", help="check logs against a FeatureSpec; row accounting and collisions")
-    v.add_argument("--data", required=True, help="root of the day partitions (DIR/dt=YYYY-MM-DD/*.parquet)")
+    v.add_argument("--data", required=True, help="root of the day partitions (DIR/dt=YYYY-MM-DD/*.parquet, "
+                   "or ds=YYYYMMDD/ and the like)")
     v.add_argument("--spec", default=None, help="FeatureSpec YAML (default: the spec for generated logs)")
     v.add_argument("--from", dest="date_from", type=_date, default=None, help="first day (default: the first found)")
     v.add_argument("--to", dest="date_to", type=_date, default=None, help="last day (default: the last found)")
@@ -412,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_validate)
 
     isp = sub.add_parser("init-spec", help="propose a commented FeatureSpec YAML from Parquet logs")
-    isp.add_argument("--data", required=True, help="DIR/dt=YYYY-MM-DD/*.parquet, a folder of .parquet files, "
-                     "or one .parquet file")
+    isp.add_argument("--data", required=True, help="DIR/dt=YYYY-MM-DD/*.parquet (or ds=YYYYMMDD/ and the like), a "
+                     "folder of .parquet files, or one .parquet file")
     isp.add_argument("--label", dest="labels", action="append", type=lambda c: ("label", c), metavar="COL",
                      help="label column; its task is named after it (repeat for more tasks)")
     isp.add_argument("--task", dest="labels", action="append", type=lambda c: ("task", c), metavar="NAME=COL",
@@ -457,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ references (overrides the "
                    "config; default: the config's, else $MLFLOW_TRACKING_URI)")
     e.add_argument("--data", default=None, help="root of the day partitions (default: the config's data)")
-    e.add_argument("--date", type=_date, required=True, help="the day evaluated (DATA/dt=DATE/)")
+    e.add_argument("--date", type=_date, required=True, help="the day evaluated (DATA/dt=DATE/ or the root's own day folder)")
     e.add_argument("--baseline", default=None, help="second model to compare against (same forms as --model)")
     e.add_argument("--out", default=None, help="report directory (default: WORK_DIR/reports/DATE)")
     e.add_argument("--max-rows", type=_positive, default=None, help="evaluate the first N rows (default: all)")
@@ -470,8 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("score", help="rank one day's candidates: model -> fusion -> rules -> Parquet")
     sc.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/VERSION, runs:/ID/model, "
                     "or a saved model directory")
-    sc.add_argument("--candidates", required=True, help="candidate Parquet file, or a folder (its dt=DATE/ "
-                    "partition when present)")
+    sc.add_argument("--candidates", required=True, help="candidate Parquet file, or a folder (its folder of "
+                    "DATE, dt=DATE/ or ds=YYYYMMDD/ and the like, when present)")
     sc.add_argument("--date", type=_date, required=True, help="the serving day (caps, campaigns, new items)")
     sc.add_argument("--out", required=True, help="ranked lists Parquet file (written atomically)")
     sc.add_argument("--config", default=None, help="job YAML: the store, and its `score:` section (fusion and "
@@ -490,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "or a saved model directory")
     tf.add_argument("--data", default=None, help="root of the day partitions, impression logs with labels "
                     "(default: the config's data)")
-    tf.add_argument("--date", type=_date, required=True, help="the logged day D; reads DATA/dt=D/")
+    tf.add_argument("--date", type=_date, required=True, help="the logged day D; reads DATA/dt=D/ (or the root's own day folder)")
     tf.add_argument("--config", default=None, help="job YAML: the store, and score.fusion as the starting "
                     "point (default: the embedded demo job)")
     tf.add_argument("--k", type=_positive, default=10, help="cut-off of value@K and NDCG@K")

@@ -92,7 +92,7 @@ class JobConfig(StrictConfig):
 
     name: str = Field(default="mtrank-ranker", min_length=1, max_length=128, description="registered model "
                       "name; also names run directories and the lock file, so it must be a plain file name")
-    data: str = Field(description="root of dt=YYYY-MM-DD/ impression partitions")
+    data: str = Field(description="root of the day folders of impression logs (dt=YYYY-MM-DD/, ds=YYYYMMDD/, …)")
     spec: str | None = Field(default=None, description="FeatureSpec YAML; null = the embedded default")
     window_days: int = Field(default=7, gt=0, description="train on [D - window_days, D - 1], evaluate on D")
     work_dir: str = Field(default=".mtrank/work", description="run directories, checkpoints, locks and the "

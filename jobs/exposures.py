@@ -1,6 +1,6 @@
 """`mtrank exposures`: how often each item was shown on one day, for the scoring stage's traffic cap.
 
-Every row of the impression logs is one exposure. Input: the Hive partition DATA/dt=DAY/*.parquet.
+Every row of the impression logs is one exposure. Input: the day partition DATA/dt=DAY/ (or the root's own day layout: features/day_folders.py).
 Output: one Parquet file (the item column, dt, exposures), sorted by item, written atomically. DATA and
 the output may be object-store URIs (s3://...; features/storage.py).
 """
@@ -16,10 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtrank.features import storage
+from mtrank.features.day_folders import LAYOUT, no_days_hint
 from mtrank.features.rules import (EMPTY_PARTITION, MISSING_COLUMN, MISSING_PARTITION, NULL, UNREADABLE, WRONG_TYPE,
-                            BadInputError, day_folder_hint)
+                            BadInputError)
 from mtrank.pipeline.output_files import check_output, write_output
-from mtrank.pipeline.dataset import folder_names, list_partitions, partition_files
+from mtrank.pipeline.dataset import folder_names, list_partitions, missing_day, partition_files
 
 
 @dataclass
@@ -46,12 +47,12 @@ def _id_type(t: pa.DataType) -> pa.DataType:
 
 
 def _partition_files(data_dir: str | Path, day: dt.date,
-                     item_column: str) -> tuple[list[str], list[pa.Schema], pa.DataType]:
+                     item_column: str) -> tuple[str, list[str], list[pa.Schema], pa.DataType]:
     parts = list_partitions(data_dir)
     part = parts.get(day)
     if part is None:
-        hint = "" if parts else day_folder_hint(folder_names(data_dir))   # ds=20240101/ and the like
-        raise BadInputError(f"{data_dir}/dt={day}", None, MISSING_PARTITION, f"no partition for this day{hint}")
+        hint = "" if parts else f" (expected {LAYOUT}){no_days_hint(folder_names(data_dir))}"
+        raise BadInputError(missing_day(data_dir, parts, day), None, MISSING_PARTITION, f"no partition for this day{hint}")
     files = partition_files(part)
     if not files:
         raise BadInputError(str(part), None, EMPTY_PARTITION, "partition holds no Parquet files")
@@ -71,7 +72,7 @@ def _partition_files(data_dir: str | Path, day: dt.date,
         if item_type is not None and t != item_type:
             raise BadInputError(f, item_column, WRONG_TYPE, f"item ids are {t} here but {item_type} in {files[0]}")
         item_type = t
-    return files, schemas, item_type
+    return str(part), files, schemas, item_type
 
 
 def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
@@ -86,8 +87,7 @@ def count_exposures(data_dir: str | Path, day: dt.date, out: str | Path,
     """
     if storage.is_uri(out):
         check_output(out)   # a missing bucket fails before the logs are read
-    files, schemas, item_type = _partition_files(data_dir, day, item_column)
-    part = storage.parent(files[0])
+    part, files, schemas, item_type = _partition_files(data_dir, day, item_column)
     counts = (storage.scan_parquet_files(files, schemas).select(pl.col(item_column).alias("item_id"))
               .group_by("item_id").agg(pl.len().alias("exposures")).collect())   # renamed back when written
     rows = int(counts["exposures"].sum()) if counts.height else 0

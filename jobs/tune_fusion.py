@@ -28,7 +28,7 @@ from mtrank.jobs.tracking import log_tuning, model_version_of, open_model, track
 from mtrank.jobs.model_io import SavedModel
 from mtrank.pipeline.evaluate import FORWARD_ROWS, predict_rows
 from mtrank.pipeline.output_files import write_atomic
-from mtrank.pipeline.dataset import open_window
+from mtrank.pipeline.dataset import list_partitions, missing_day, open_window
 from mtrank.pipeline.reader import ImpressionReader, stack_batches
 from mtrank.pipeline.scoring import tuning
 from mtrank.pipeline.scoring.fusion import FusionPlan, resolve
@@ -90,22 +90,24 @@ def predict_day(saved: SavedModel, data: str | Path, day: dt.date, plan: FusionP
     extras = list(dict.fromkeys([spec.request_id, item_column, *plan.columns,
                                  *([value_column] if value_column else []), *(t.label for t in binary)]))
     window = open_window(data, spec, day, day)
+    parts = list_partitions(data)
+    where = str(parts.get(day) or missing_day(data, parts, day))   # the day's folder, in the logs' own layout
     reader = ImpressionReader(window, spec, quarantine_dir=quarantine_dir, progress=False, extra_columns=extras,
                               not_null=(spec.request_id,))
     featurizer = Featurizer(spec, saved.stats)
     need = set(plan.required_outputs(searching=True))
     outputs: dict[str, list[np.ndarray]] = {}
     sides: list[pa.RecordBatch] = []
-    for rb in _capped(reader.frames(), max_rows, spec.request_id, f"{data}/dt={day}"):
+    for rb in _capped(reader.frames(), max_rows, spec.request_id, where):
         for k, v in predict_rows(saved.model, featurizer, rb).items():
             if k in need:
                 outputs.setdefault(k, []).append(v)
         sides.append(rb.select(extras))
     acc = reader.accounting
     if not sides:
-        raise BadInputError(f"{data}/dt={day}", None, "no_rows", "no logged row passed validation",
+        raise BadInputError(where, None, "no_rows", "no logged row passed validation",
                             count=acc.rows_read)
-    side = stack_batches(sides, f"{data}/dt={day}")
+    side = stack_batches(sides, where)
     floats = lambda c: pc.cast(side[c], pa.float64()).to_numpy(zero_copy_only=False)  # noqa: E731
     cols = {"outputs": {k: np.concatenate(v) for k, v in outputs.items()},
             "columns": {c: floats(c) for c in plan.columns},

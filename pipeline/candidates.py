@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mtrank.features import storage
+from mtrank.features.day_folders import files_under, find_day
 from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, WRONG_TYPE,
                             BadInputError, RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
 from mtrank.features.inputs import plain_type, with_served_values
@@ -39,10 +40,9 @@ def _remote_candidate_files(uri: str, day: dt.date | None) -> list[str]:
             return [uri]
         if what != "dir":
             raise BadInputError(uri, None, MISSING_PARTITION, "candidates path does not exist")
-        if day is not None and storage.kind(storage.join(uri, f"dt={day:%Y-%m-%d}")) == "dir":
-            uri = storage.join(uri, f"dt={day:%Y-%m-%d}")
-        files = [f for f, is_dir in storage.list_dir(uri, recursive=True) if not is_dir and f.endswith(".parquet")
-                 and not any(part.startswith(".") for part in f.split("/")[-3:])]
+        if day is not None:
+            uri = find_day(uri, day) or uri
+        files = files_under(uri)
     except OSError as e:
         raise BadInputError(uri, None, UNREADABLE, f"cannot list the candidates ({storage.one_line(e)})") from None
     if not files:
@@ -51,7 +51,7 @@ def _remote_candidate_files(uri: str, day: dt.date | None) -> list[str]:
 
 
 def candidate_files(path: str | Path, day: dt.date | None = None) -> list[str]:
-    """A Parquet file; or a folder's Parquet files (its `dt=DAY/` partition when there is one).
+    """A Parquet file; or a folder's Parquet files (its folder of DAY, `dt=DAY/` or the like, when there is one).
     `path` may be an object-store URI (s3://bucket/candidates)."""
     if storage.is_uri(path):
         return _remote_candidate_files(str(path), day)
@@ -60,9 +60,9 @@ def candidate_files(path: str | Path, day: dt.date | None = None) -> list[str]:
         return [str(p)]
     if not p.is_dir():
         raise BadInputError(str(p), None, MISSING_PARTITION, "candidates path does not exist")
-    if day is not None and (p / f"dt={day:%Y-%m-%d}").is_dir():
-        p = p / f"dt={day:%Y-%m-%d}"
-    files = sorted(str(f) for f in p.rglob("*.parquet") if not any(part.startswith(".") for part in f.parts[-3:]))
+    if day is not None:
+        p = Path(find_day(p, day) or p)
+    files = files_under(p)
     if not files:
         raise BadInputError(str(p), None, MISSING_PARTITION, "no Parquet files of candidates here")
     return files

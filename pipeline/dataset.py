@@ -1,8 +1,9 @@
 """Finding the Parquet to read: day partitions, their files and row groups, and each rank's share.
 
-Layout: ROOT/dt=YYYY-MM-DD/*.parquet. Only directories that match that pattern exactly and resolve
-inside ROOT are read (a partition name or symlink cannot point the reader elsewhere). The unit of
-work is a row group: small enough to balance ranks, large enough to read efficiently.
+Layout: ROOT/dt=YYYY-MM-DD/*.parquet, or any one key and date style of day folders (`ds=YYYYMMDD`,
+sub-partitions inside a day; features/day_folders.py). Only day folders and files that resolve inside
+ROOT are read (a partition name or symlink cannot point the reader elsewhere). The unit of work is a
+row group: small enough to balance ranks, large enough to read efficiently.
 
 ROOT may be an object-store URI (`s3://bucket/logs`, see features/storage.py): the same listing,
 checks and messages, with files named by their URIs. A window is identified (training fingerprint,
@@ -13,18 +14,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
-from mtrank.features import storage
-from mtrank.features.rules import (EMPTY_PARTITION, MISSING_PARTITION, UNREADABLE, BadInputError,
-                            check_schema, day_folder_hint)
+from mtrank.features import day_folders, storage
+from mtrank.features.rules import EMPTY_PARTITION, MISSING_PARTITION, UNREADABLE, BadInputError, check_schema
 from mtrank.features.spec import FeatureSpec
 
-_PARTITION = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 log = logging.getLogger("mtrank.data")
 SKIP_HINT = "on_unreadable_file: skip (job config; validate --on-unreadable-file skip) goes on without it"
 
@@ -86,26 +84,12 @@ def _remote_partitions(root: str) -> dict[dt.date, str]:
         entries = storage.list_dir(root)
     except OSError as e:
         raise BadInputError(root, None, UNREADABLE, f"cannot list the data directory ({storage.one_line(e)})") from None
-    out: dict[dt.date, str] = {}
-    for uri, is_dir in entries:
-        m = _PARTITION.match(storage.name(uri))
-        if not m or not is_dir:
-            continue
-        try:
-            out[dt.date.fromisoformat(m.group(1))] = uri
-        except ValueError:
-            raise BadInputError(uri, None, UNREADABLE, "partition name is not a valid date") from None
-    return out
+    return day_folders.day_map(root, [(storage.name(uri), uri) for uri, is_dir in entries if is_dir])
 
 
 def partition_files(part: str | Path) -> list[str]:
-    """The Parquet files of one partition, in name order (local: as `glob("*.parquet")` finds them)."""
-    if not storage.is_uri(part):
-        return [str(f) for f in sorted(Path(part).glob("*.parquet"))]
-    try:
-        return [uri for uri, is_dir in storage.list_dir(str(part)) if not is_dir and uri.endswith(".parquet")]
-    except OSError as e:
-        raise BadInputError(str(part), None, UNREADABLE, f"cannot list the partition ({storage.one_line(e)})") from None
+    """The Parquet files of one day partition (sub-partitions included), in path order."""
+    return day_folders.files_under(part)
 
 
 def folder_names(root: str | Path) -> list[str]:
@@ -118,6 +102,12 @@ def folder_names(root: str | Path) -> list[str]:
         return []
 
 
+def missing_day(root: str | Path, parts: dict, day: dt.date) -> str:
+    """Where `day`'s folder would be, in the root's own naming (for a missing-day message)."""
+    like = [storage.name(p) for p in parts.values()]
+    return f"{str(root).rstrip('/')}/{day_folders.name_of(day, like)}"
+
+
 def list_partitions(root: str | Path) -> dict[dt.date, Path | str]:
     """date -> partition folder (a Path, or a URI for an object-store root)."""
     if storage.is_uri(root):
@@ -126,17 +116,10 @@ def list_partitions(root: str | Path) -> dict[dt.date, Path | str]:
     if not root.is_dir():
         raise BadInputError(str(root), None, MISSING_PARTITION, "data directory does not exist")
     base = root.resolve()
-    out: dict[dt.date, Path] = {}
-    for p in sorted(root.iterdir()):
-        m = _PARTITION.match(p.name)
-        if not m or not p.is_dir():
-            continue
+    out = day_folders.day_map(str(root), [(p.name, p) for p in sorted(root.iterdir()) if p.is_dir()])
+    for p in out.values():
         if not _inside(p, base):
             raise BadInputError(str(p), None, UNREADABLE, "partition resolves outside the data root")
-        try:
-            out[dt.date.fromisoformat(m.group(1))] = p
-        except ValueError:
-            raise BadInputError(str(p), None, UNREADABLE, "partition name is not a valid date") from None
     return out
 
 
@@ -156,14 +139,15 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
         for d in want:
             if d not in parts:
                 if not spec.allow_empty_partitions:
-                    raise BadInputError(f"{root}/dt={d}", None, MISSING_PARTITION,
+                    raise BadInputError(missing_day(root, parts, d), None, MISSING_PARTITION,
                                         "no partition for this day in the requested window "
                                         "(set allow_empty_partitions: true to train without it)")
-                empty.append(f"dt={d}")
+                empty.append(storage.name(missing_day(root, parts, d)))
     if not days and not empty:
-        hint = "" if parts else day_folder_hint(folder_names(root))
+        hint = "" if parts else day_folders.no_days_hint(folder_names(root))
         raise BadInputError(str(root), None, MISSING_PARTITION,
-                            f"no dt=YYYY-MM-DD partitions between {start or '-inf'} and {end or '+inf'}{hint}")
+                            f"no day partitions ({day_folders.LAYOUT}) between {start or '-inf'} and "
+                            f"{end or '+inf'}{hint}")
     remote = storage.is_uri(root)
     if remote:
         root = str(root).rstrip("/")

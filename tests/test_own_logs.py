@@ -134,21 +134,82 @@ def test_days_written_with_other_column_widths_read_as_one_window(adult, tmp_pat
     assert a.num_rows == b.num_rows > 0 and a.column("exposures").equals(b.column("exposures"))
 
 
-def test_a_warehouse_layout_of_day_folders_is_named_with_the_rename(adult, tmp_path):
-    """Days exported as ds=YYYYMMDD (a common warehouse layout): mtrank reads dt=YYYY-MM-DD, and the
-    one-line error says which folders it found and what to rename them to."""
+def warehouse_layout(src: Path, dst: Path, days: list[str]) -> None:
+    """The days of `src` (dt=YYYY-MM-DD/) as a Spark job writes them with partitionBy("ds", "hour"):
+    ds=YYYYMMDD/hour=HH/part-*.parquet, a _SUCCESS marker, checksum files and an aborted task's
+    leftovers under _temporary/ (not Parquet at all: reading it would fail)."""
+    for day in days:
+        t = pq.read_table(src / f"dt={day}")
+        part = dst / f"ds={day.replace('-', '')}"
+        for i, hour in enumerate(("00", "12")):
+            (part / f"hour={hour}").mkdir(parents=True)
+            half = t.slice(0, t.num_rows // 2) if i == 0 else t.slice(t.num_rows // 2)
+            pq.write_table(half, part / f"hour={hour}" / "part-00000.parquet")
+            (part / f"hour={hour}" / ".part-00000.parquet.crc").write_bytes(b"crc")
+        (part / "_SUCCESS").touch()
+        (part / "_temporary" / "0").mkdir(parents=True)
+        (part / "_temporary" / "0" / "part-00009.parquet").write_bytes(b"half a file")
+
+
+def test_a_warehouse_layout_of_day_folders_is_read_as_it_is(adult, tmp_path):
+    """Days exported as ds=YYYYMMDD/hour=HH/ (a Spark or MaxCompute export): validate, init-spec,
+    exposures, train, evaluate and score read them where they are, as the same rows as the dt= days
+    (before: one error asking to rename or copy every folder, a whole copy on an object store)."""
     base, _ = adult
-    for day in DAYS[:2]:
-        shutil.copytree(base / "logs" / f"dt={day}", tmp_path / "ds" / f"ds={day.replace('-', '')}")
-    for args in (("validate", "--data", tmp_path / "ds", "--spec", base / "spec.yaml"),
-                 ("init-spec", "--data", tmp_path / "ds", "--label", "high_income"),
-                 ("exposures", "--config", "job.yaml", "--data", tmp_path / "ds", "--date", DAYS[0],
+    ds = tmp_path / "ds"
+    warehouse_layout(base / "logs", ds, DAYS[:3])
+    rows = sum(pq.read_metadata(f).num_rows for d in DAYS[:3] for f in (base / "logs" / f"dt={d}").glob("*.parquet"))
+    ok(run("validate", "--data", ds, "--spec", base / "spec.yaml", "--json", tmp_path / "v.json", cwd=base))
+    report = json.loads((tmp_path / "v.json").read_text())
+    acc = report["accounting"]
+    assert acc["rows_read"] == rows and acc["rows_rejected"] == 0 and report["window"]["files"] == 6, report
+    ok(run("init-spec", "--data", ds, "--label", "high_income", "--out", tmp_path / "spec.yaml", cwd=base))
+    assert "read day partitions" not in (tmp_path / "spec.yaml").read_text()   # said only for a plain folder
+
+    for logs, out in ((base / "logs", tmp_path / "a.parquet"), (ds, tmp_path / "b.parquet")):
+        ok(run("exposures", "--config", "job.yaml", "--data", logs, "--date", DAYS[0], "--out", out, cwd=base))
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+
+    day_rows = {d: sum(pq.read_metadata(f).num_rows for f in (ds / f"ds={d.replace('-', '')}").glob("hour=*/*.parquet"))
+                for d in DAYS[:3]}
+    out = ok(run("train", "--config", "job.yaml", "--data", ds, "--date", DAYS[2], "--no-track",
+                 "--work-dir", tmp_path / "work", cwd=base))
+    n = day_rows[DAYS[0]] + day_rows[DAYS[1]]   # both hours of the window's two days, each of the 2 epochs
+    assert f"trained {TRAIN['epochs'] * n:,} rows (read {TRAIN['epochs'] * n:,}, rejected 0)" in out, out[-2000:]
+    model = tmp_path / "work" / "runs" / "adult" / DAYS[2] / "model"
+    ok(run("evaluate", "--config", "job.yaml", "--model", model, "--data", ds, "--date", DAYS[2],
+           "--out", tmp_path / "eval", cwd=base))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["tasks"]["high_income"]["rows"] == \
+        day_rows[DAYS[2]]
+    # candidates under the same layout: score finds the day's folder among ds= folders
+    ok(run("score", "--config", "job.yaml", "--model", model, "--candidates", ds, "--date", DAYS[1],
+           "--out", tmp_path / "ranked.parquet", "--no-track", cwd=base))
+    assert pq.read_metadata(tmp_path / "ranked.parquet").num_rows == day_rows[DAYS[1]]
+
+    # a missing day is named in the root's own layout; a root of two layouts is refused, naming both
+    r = run("exposures", "--config", "job.yaml", "--data", ds, "--date", "2024-01-09", "--out", tmp_path / "c.parquet",
+            cwd=base)
+    assert r.returncode == 2 and f"{ds}/ds=20240109: rule missing_partition" in r.stderr, r.stderr[-2000:]
+    shutil.copytree(base / "logs" / f"dt={DAYS[3]}", ds / f"dt={DAYS[3]}")
+    r = run("validate", "--data", ds, "--spec", base / "spec.yaml", cwd=base)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "day folders of two layouts ('dt=2024-01-04' and 'ds=20240101')" in r.stderr.strip().splitlines()[-1] \
+        or "day folders of two layouts ('ds=20240101' and 'dt=2024-01-04')" in r.stderr.strip().splitlines()[-1], \
+        r.stderr[-2000:]
+
+
+def test_nested_year_month_day_folders_are_named(adult, tmp_path):
+    base, _ = adult
+    part = tmp_path / "ymd" / "year=2024" / "month=01" / "day=01"
+    shutil.copytree(base / "logs" / f"dt={DAYS[0]}", part)
+    for args in (("validate", "--data", tmp_path / "ymd", "--spec", base / "spec.yaml"),
+                 ("exposures", "--config", "job.yaml", "--data", tmp_path / "ymd", "--date", DAYS[0],
                   "--out", tmp_path / "exposures.parquet")):
         r = run(*args, cwd=base)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         err = r.stderr.strip().splitlines()[-1]
-        assert "rule missing_partition" in err and "found day folders such as 'ds=20240101'" in err \
-            and "dt=2024-01-01" in err, err
+        assert "rule missing_partition" in err and "found 'year=2024': nested year=/month=/day= folders" in err \
+            and "dt=YYYY-MM-DD" in err, err
 
 
 def test_a_bf16_job_on_a_cpu_without_bf16_is_one_line(adult):

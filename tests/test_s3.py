@@ -152,6 +152,22 @@ def test_storage_reads_lists_and_writes_objects(s3, spec, tmp_path, monkeypatch)
     assert storage.read_table(f"s3://{BUCKET}/fast/exp.parquet").equals(pq.read_table(tmp_path / "exp.parquet"))
     with pytest.raises(BadInputError, match=r"^s3://no-such-bucket/logs: rule missing_partition: "):
         count_exposures("s3://no-such-bucket/logs", day, tmp_path / "e2.parquet")
+
+    # a Spark export's layout, read where it is: ds=YYYYMMDD/hour=HH/ with _SUCCESS and _temporary/
+    ds = f"s3://{BUCKET}/fast/ds"
+    for d in ("20261101", "20261102"):
+        data = (tmp_path / "logs" / f"dt={d[:4]}-{d[4:6]}-{d[6:]}" / "part-00000.parquet").read_bytes()
+        write_output(f"{ds}/ds={d}/hour=07/part-00000.parquet", data)
+        write_output(f"{ds}/ds={d}/_SUCCESS", b"")
+        write_output(f"{ds}/ds={d}/_temporary/0/part-00001.parquet", b"an aborted task's leftovers")
+    spark = open_window(ds, spec)
+    assert spark.files == [f"{ds}/ds=20261101/hour=07/part-00000.parquet", f"{ds}/ds=20261102/hour=07/part-00000.parquet"]
+    assert {k: v for k, v in spark.describe().items() if k != "root"} == \
+        {k: v for k, v in here.describe().items() if k != "root"}
+    count_exposures(ds, day, tmp_path / "exp-ds.parquet")
+    assert pq.read_table(tmp_path / "exp-ds.parquet").equals(pq.read_table(tmp_path / "exp.parquet"))
+    with pytest.raises(BadInputError, match=rf"^{ds}/ds=20261105: rule missing_partition: "):
+        count_exposures(ds, dt.date(2026, 11, 5), tmp_path / "e3.parquet")
     with pytest.raises(OutputError, match=r"^cannot write s3://no-such-bucket/x\.json: "):
         write_output("s3://no-such-bucket/x.json", b"{}")
 

@@ -51,7 +51,8 @@ def root(tmp_path, spec):
 
 
 def test_partition_discovery_ignores_names_that_are_not_days(root, spec):
-    for odd in ("dt=..", "dt=2026-11-02.bak", "xdt=2026-11-02", "dt=2026-11-02 ", "dt=2026-11-2"):
+    for odd in ("dt=..", "dt=2026-11-02.bak", "x-dt=2026-11-02", "dt=2026-11-02 ", "dt=2026-11-2", "dt=2026-1102",
+                "2026-11-02x", "dt=202611020"):
         (root / odd).mkdir()
         make_frame(spec, 5).write_parquet(root / odd / "part-0.parquet")
     assert list(list_partitions(root)) == [dt.date(2026, 11, 1)]

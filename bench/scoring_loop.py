@@ -77,6 +77,14 @@ def _factors(cfg: ScoringConfig, plan: FusionPlan, out: dict, row: dict, age, ca
     return score, weight, int(flags), eligible
 
 
+def _values(a) -> set:
+    """The attribute values of one candidate: a list attribute's distinct values, a single value, or
+    none (null shares nothing)."""
+    if isinstance(a, list):
+        return {x for x in a if x is not None}
+    return set() if a is None else {a}
+
+
 def score_loop(table: pa.Table, outputs: dict[str, np.ndarray], cfg: ScoringConfig, plan: FusionPlan, *,
                caps: dict | None = None, exposures: dict | None = None,
                campaign_items: set | None = None) -> tuple[list[int], list[int], list[float]]:
@@ -135,10 +143,9 @@ def score_loop(table: pa.Table, outputs: dict[str, np.ndarray], cfg: ScoringConf
         while len(placed) < size and remaining:
             pick = None
             if w.enabled and w.n > 1:
-                recent = [cols[w.attribute][j] for j in placed[max(0, len(placed) - (w.n - 1)):]]
+                recent = [_values(cols[w.attribute][j]) for j in placed[max(0, len(placed) - (w.n - 1)):]]
                 for i in remaining:
-                    a = cols[w.attribute][i]
-                    if a is None or sum(1 for x in recent if x == a) < w.k:
+                    if all(sum(1 for x in recent if a in x) < w.k for a in _values(cols[w.attribute][i])):
                         pick = i
                         break
                 if pick is None:

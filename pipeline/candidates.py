@@ -88,8 +88,11 @@ def _number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t)
 
 
-def _one_value(t: pa.DataType) -> bool:
-    return not pa.types.is_nested(plain_type(t))
+def _window_values(t: pa.DataType) -> bool:   # one value, or a list of values (genres, tags)
+    t = plain_type(t)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        t = plain_type(t.value_type)
+    return not pa.types.is_nested(t)
 
 
 def _flag(t: pa.DataType) -> bool:   # strings as Arrow reads flags: true / false / 1 / 0
@@ -103,8 +106,8 @@ def rule_column_kinds(cfg: ScoringConfig) -> dict[str, tuple[str, callable]]:
     kinds = {c: ("numbers (a fusion factor's column; strings are not read as numbers)", _number)
              for c in cfg.fusion.columns}
     if cfg.window.enabled:
-        kinds[cfg.window.attribute] = ("one value per candidate (window.attribute: a category, brand or shop; "
-                                       "a list column cannot be the attribute)", _one_value)
+        kinds[cfg.window.attribute] = ("one value per candidate, or a list of values (window.attribute: a "
+                                       "category, brand or shop; genres or tags)", _window_values)
     if cfg.new_item.enabled:
         kinds[cfg.new_item.column] = ("numbers (new_item.column: the item's age in days)", _number)
     if cfg.low_quality.enabled:

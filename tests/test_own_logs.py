@@ -378,12 +378,14 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
     # rule before any forward (they raised Arrow tracebacks after it)
     day = pq.read_table(base / "logs" / f"dt={DAYS[4]}")
     (base / "listy").mkdir()
-    pq.write_table(day.append_column("tags", pa.array([["a", "b"]] * day.num_rows)), base / "listy" / "part-0.parquet")
+    genres = pa.array([[w, o] for w, o in zip(day["workclass"].to_pylist(), day["occupation"].to_pylist())])
+    pq.write_table(day.append_column("tags", pa.array([[["a"], ["b"]]] * day.num_rows)).append_column("genres", genres),
+                   base / "listy" / "part-0.parquet")
     for name, score_cfg, column, what in (
             ("factor", {"fusion": {"factors": [{"output": "p_high_income"}, {"column": "race", "offset": 1.0}]}},
              "race", "must hold numbers (a fusion factor's column; strings are not read as numbers)"),
             ("window", {"window": {"enabled": True, "attribute": "tags", "n": 3}}, "tags",
-             "must hold one value per candidate (window.attribute")):
+             "must hold one value per candidate, or a list of values (window.attribute")):
         job = yaml.safe_load((base / "job.yaml").read_text())
         job["score"].update(score_cfg)
         (base / f"{name}.yaml").write_text(yaml.safe_dump(job))
@@ -393,6 +395,19 @@ def test_adult_daily_gate_evaluate_score_tune(adult):
         err = r.stderr.strip().splitlines()[-1]
         assert f"part-0.parquet: column '{column}': rule wrong_type: {what}" in err, err
         assert not (base / "x.parquet").exists()
+    # a list of values is an attribute: no two of 3 consecutive slots share a workclass or an occupation
+    job = yaml.safe_load((base / "job.yaml").read_text())
+    job["score"]["window"] = {"enabled": True, "attribute": "genres", "n": 3, "k": 1}
+    (base / "genres.yaml").write_text(yaml.safe_dump(job))
+    ok(run("score", "--config", "genres.yaml", "--model", "models:/adult@champion", "--candidates", "listy",
+           "--date", DAYS[4], "--out", "genres.parquet", "--no-track", cwd=base))
+    ranked = pl.read_parquet(base / "genres.parquet").join(pl.from_arrow(day.select(["person_id"]).append_column(
+        "genres", genres)), on="person_id").filter(pl.col("rank").is_not_null()).sort("request_id", "rank")
+    assert ranked["rules"].cast(pl.Utf8).str.contains("window_deferred").any()
+    for lists in ranked.group_by("request_id").agg("genres")["genres"].to_list():
+        for t in range(len(lists)):
+            held = [v for g in lists[max(0, t - 2):t] for v in set(g) if v is not None]
+            assert not {v for v in lists[t] if v is not None} & set(held), lists
 
 
 RENAMED_COLUMNS = {"click": "tap", "conversion": "buy", "cart": "basket", "collect": "fav",

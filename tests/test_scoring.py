@@ -427,6 +427,79 @@ def test_window_full_list_when_no_order_can_break_it(seed, n, k):
     assert not (res.flags & (Fate.WINDOW_DEFERRED | Fate.WINDOW_RELAXED)).any()
 
 
+def genre_lists(rng: np.random.Generator, n: int, values: int, longest: int) -> pa.Array:
+    """A list attribute as catalogues hold genres or tags: 0..longest values per row (repeats and
+    null values inside, some null lists), strings."""
+    lists = []
+    for _ in range(n):
+        u = rng.random()
+        if u < 0.05:
+            lists.append(None)
+        else:
+            vals = [f"g{v}" for v in rng.integers(0, values, int(rng.integers(0, longest + 1)))]
+            if vals and u > 0.9:
+                vals.append(None if u > 0.95 else vals[0])
+            lists.append(vals)
+    return pa.array(lists, pa.list_(pa.string()))
+
+
+def set_violations(seq: list[set], n: int, k: int) -> list[int]:
+    """window_violations for value sets: positions t holding a value more than k of the n slots
+    ending at t hold."""
+    return [t for t, vals in enumerate(seq)
+            if any(sum(v in x for x in seq[max(0, t - n + 1):t + 1]) > k for v in vals)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 100_000), n=st.integers(2, 5), k=st.integers(1, 2), values=st.integers(1, 8),
+       longest=st.integers(0, 4), fallback=st.sampled_from(["end", "relax"]), cap=st.integers(1, 6))
+def test_a_list_attribute_window_matches_the_loop(seed, n, k, values, longest, fallback, cap):
+    """window.attribute a list column (a film's genres): an item fits while none of its values is held
+    by k items of the window. Ranks and flags equal the per-request loop's, caps included; with
+    fallback end no window of a list holds any value more than k times."""
+    rng = np.random.default_rng(seed)
+    table, out = candidates(rng, int(rng.integers(1, 20)), (1, 14), 30, 4, coarse=bool(seed % 2))
+    table = table.append_column("genres", genre_lists(rng, table.num_rows, values, longest))
+    cfg, plan = scoring(traffic_cap={"default_cap": cap}, list_size=int(rng.integers(1, 10)),
+                        window={"attribute": "genres", "n": n, "k": k, "fallback": fallback})
+    res = score_candidates(table, out, cfg, plan)
+    rank, flags, _ = score_loop(table, out, cfg, plan)
+    assert by_key(res.table) == loop_by_key(table, rank, flags)
+    genres = dict(zip(zip(table["request_id"].to_pylist(), table["item_id"].to_pylist()), table["genres"].to_pylist()))
+    for r, items in shown_lists(res.table).items():
+        seq = [{g for g in (genres[(r, i)] or []) if g is not None} for i in items]
+        if fallback == "end":
+            assert not set_violations(seq, n, k)
+
+
+def test_one_value_lists_rank_as_the_plain_column():
+    """[category] lists and the category column itself give the same ranks and flags (nulls: a null
+    list and a null category share nothing)."""
+    rng = np.random.default_rng(4)
+    table, out = candidates(rng, 200, (10, 40), 300, 7)
+    cat = table["category_id"].to_pylist()
+    listed = table.append_column("category_list", pa.array([None if c is None else [c] for c in cat],
+                                                           pa.list_(pa.int64())))
+    for fallback in ("end", "relax"):
+        cfg, plan = scoring(traffic_cap={"default_cap": 10}, list_size=12, window={"n": 4, "k": 1, "fallback": fallback})
+        a = score_candidates(listed, out, cfg, plan)
+        b = score_candidates(listed, out, cfg.model_copy(update={"window": cfg.window.model_copy(
+            update={"attribute": "category_list"})}), plan)
+        assert by_key(a.table) == by_key(b.table) and a.summary["rules"] == b.summary["rules"]
+        assert a.summary["rules"]["window_deferred"] > 0
+
+
+def test_a_list_attribute_too_long_to_read_is_one_error():
+    rng = np.random.default_rng(1)
+    table, out = candidates(rng, 3, (2, 4), 10, 3)
+    long = [[f"t{i}" for i in range(70)]] + [["t1"]] * (table.num_rows - 1)
+    table = table.append_column("tags", pa.array(long, pa.list_(pa.string())))
+    cfg, plan = scoring(window={"attribute": "tags"})
+    with pytest.raises(ScoringError, match=r"^column 'tags': rule window_list: a candidate lists 70 values; the "
+                                           r"N-pick-1 rule reads at most 64"):
+        score_candidates(table, out, cfg, plan)
+
+
 # ------------------------------------------------------------------------------------------ caps
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -532,7 +605,8 @@ def test_decimal_prices_and_string_campaign_flags_score_and_a_bad_flag_is_named(
     price = pa.array([decimal.Decimal(f"{p:.2f}") for p in table["price"].to_pylist()], pa.decimal128(12, 2))
     flags = pa.array(["true" if f else "false" for f in table["in_campaign"].to_pylist()])
     assert kinds["price"][1](price.type) and kinds["in_campaign"][1](flags.type)
-    assert not kinds["price"][1](pa.string()) and not kinds["category_id"][1](pa.list_(pa.int64()))
+    assert not kinds["price"][1](pa.string()) and not kinds["category_id"][1](pa.list_(pa.list_(pa.int64())))
+    assert kinds["category_id"][1](pa.list_(pa.dictionary(pa.int32(), pa.string())))   # genres, tags
     want = score_candidates(table, outputs, cfg, plan)
     got = score_candidates(table.set_column(table.schema.get_field_index("price"), "price", price)
                            .set_column(table.schema.get_field_index("in_campaign"), "in_campaign", flags),

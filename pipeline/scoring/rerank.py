@@ -34,9 +34,71 @@ class Ranking:
     listing: np.ndarray  # row indices: requests in serving order, shown by rank, then the rest by score
 
 
+class _OneValue:
+    """Window counts for one attribute value per cell: cnt[r, c] = window items sharing cell c's value."""
+
+    def __init__(self, attr: np.ndarray):
+        self.attr = attr
+        self.cnt = np.zeros(attr.shape, dtype=np.int8)
+        self.buf = np.empty(attr.shape[0], dtype=attr.dtype)
+
+    def full(self, k: int) -> np.ndarray:
+        return self.cnt >= k
+
+    def add(self, r: np.ndarray, j: np.ndarray, sign: int) -> None:
+        self.buf.fill(_NONE)
+        self.buf[r] = self.attr[r, j]
+        if sign > 0:
+            self.cnt += self.attr == self.buf[:, None]
+        else:
+            self.cnt -= self.attr == self.buf[:, None]
+
+
+class _ValueSets:
+    """Window counts for a set of values per cell (a list attribute: genres, tags): a cell is full when
+    any of its values is held by k window items. Values are numbered per request (`local_sets`), so the
+    counts are [requests, values of the widest request]; -1 (no value) counts into a sink column kept 0."""
+
+    def __init__(self, sets: np.ndarray):
+        b, c, width = sets.shape
+        self.shape = (b, c, width)
+        self.sink = int(sets.max()) + 1 if sets.size else 0
+        self.sets = np.where(sets < 0, self.sink, sets)
+        self.flat = self.sets.reshape(b, c * width)
+        self.cnt = np.zeros((b, self.sink + 1), dtype=np.int16)
+
+    def full(self, k: int) -> np.ndarray:
+        return (np.take_along_axis(self.cnt, self.flat, axis=1) >= k).reshape(self.shape).any(axis=2)
+
+    def add(self, r: np.ndarray, j: np.ndarray, sign: int) -> None:
+        np.add.at(self.cnt, (r[:, None], self.sets[r, j]), sign)
+        self.cnt[:, self.sink] = 0
+
+
+def local_sets(sets: np.ndarray) -> np.ndarray:
+    """[requests, candidates, L] value codes (-1 = none) renumbered 0.. within each request, each value
+    once per cell: the window counts then need one column per value a request holds, not per value
+    of the whole day."""
+    b = sets.shape[0]
+    sets = np.sort(sets, axis=2)
+    sets[..., 1:][sets[..., 1:] == sets[..., :-1]] = -1   # a value listed twice counts once
+    valid = sets >= 0
+    out = np.full(sets.shape, -1, dtype=np.int64)
+    if not valid.any():
+        return out
+    width = int(sets.max()) + 1
+    key = (np.broadcast_to(np.arange(b, dtype=np.int64)[:, None, None], sets.shape) * width + sets)[valid]
+    uniq, inv = np.unique(key, return_inverse=True)
+    row_of = uniq // width
+    first = np.searchsorted(row_of, np.arange(b))
+    out[valid] = inv - first[row_of[inv]]
+    return out
+
+
 def _greedy(attr: np.ndarray | None, avail: np.ndarray, n: int, k: int, slots: int,
             relax: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(slot, relaxed) per cell; slot -1 = not placed. `avail` is consumed."""
+    """(slot, relaxed) per cell; slot -1 = not placed. `avail` is consumed. `attr`: [b, c] codes, or
+    [b, c, L] per-request value sets (`local_sets`) for a list attribute."""
     b, c = avail.shape
     slots = min(slots, c)
     if attr is None or n <= 1:  # no window: the first `slots` available cells in score order
@@ -45,15 +107,14 @@ def _greedy(attr: np.ndarray | None, avail: np.ndarray, n: int, k: int, slots: i
         return slot, np.zeros((b, c), dtype=bool)
     slot = np.full((b, c), -1, dtype=np.int32)
     relaxed = np.zeros((b, c), dtype=bool)
-    cnt = np.zeros((b, c), dtype=np.int8)         # window items sharing this cell's attribute
+    window = _ValueSets(attr) if attr.ndim == 3 else _OneValue(attr)
     hist = np.full((b, slots), -1, dtype=np.int64)  # column placed at each slot
     rows = np.arange(b)
-    a_new = np.empty(b, dtype=attr.dtype)
     live = avail.any(axis=1)
     for t in range(slots):
         if not live.any():
             break
-        feasible = avail & (cnt < k)
+        feasible = avail & ~window.full(k)
         j = feasible.argmax(axis=1)
         ok = feasible[rows, j] & live
         if relax:
@@ -69,15 +130,11 @@ def _greedy(attr: np.ndarray | None, avail: np.ndarray, n: int, k: int, slots: i
         slot[r, jj] = t
         avail[r, jj] = False
         hist[r, t] = jj
-        a_new.fill(_NONE)
-        a_new[r] = attr[r, jj]
-        cnt += attr == a_new[:, None]
+        window.add(r, jj, +1)
         if t >= n - 1:  # the item placed n-1 slots ago leaves the window of the next slot
             old = hist[:, t - n + 1]
             v = old >= 0
-            a_new.fill(_NONE)
-            a_new[v] = attr[rows[v], old[v]]
-            cnt -= attr == a_new[:, None]
+            window.add(rows[v], old[v], -1)
         live = ok & avail.any(axis=1)
     return slot, relaxed
 
@@ -106,7 +163,8 @@ def rerank(request: np.ndarray, score: np.ndarray, item: np.ndarray, *, eligible
 
     request: int codes 0..R-1, in the order requests are served (time order): earlier requests use
         cap budget first. item: int codes 0..I-1 ordered like the item ids (the tie-break).
-    attribute: int codes >= 0 for the window rule, -1 for null (a null shares nothing).
+    attribute: int codes >= 0 for the window rule, -1 for null (a null shares nothing); or [rows, L]
+        codes for a list attribute (-1 pads): an item fits while none of its values is held by k window items.
     budget: per item code, exposures still allowed today (None = uncapped).
     """
     n = len(request)
@@ -131,7 +189,10 @@ def rerank(request: np.ndarray, score: np.ndarray, item: np.ndarray, *, eligible
     elig = eligible[safe] & real
     use_window = window is not None and window.enabled and window.n > 1 and attribute is not None
     attr = None
-    if use_window:
+    if use_window and attribute.ndim == 2:   # several values per candidate: [rows, L], -1 = none
+        attr = local_sets(np.where(real[:, :, None], attribute[safe], -1))
+        wn, wk, relax = window.n, window.k, window.fallback == "relax"
+    elif use_window:
         attr = attribute[safe].astype(np.int64)
         null = attr < 0
         attr[null] = -3 - np.flatnonzero(null.ravel())  # unique per cell: equal to nothing else

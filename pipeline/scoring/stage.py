@@ -75,6 +75,33 @@ def serving_order(request_ids: pa.Array, ts: pa.Array | None,
     return position[rcode], runiq.take(pa.array(order))
 
 
+MAX_LIST_VALUES = 64   # values per candidate of a list attribute: [rows, L] codes stay a bounded size
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def window_codes(column: pa.ChunkedArray, name: str) -> np.ndarray:
+    """The window attribute as codes: one per row (-1 = null), or [rows, L] for a list column (genres,
+    tags: -1 pads; a null list or null value shares nothing)."""
+    arr = _plain(column)
+    if not _is_list(arr.type):
+        return pc.fill_null(pc.dictionary_encode(arr).indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+    width = int(lengths.max()) if len(lengths) else 0
+    if width > MAX_LIST_VALUES:
+        raise ScoringError(f"column {name!r}: rule window_list: a candidate lists {width} values; the N-pick-1 "
+                           f"rule reads at most {MAX_LIST_VALUES} per candidate (window.attribute)")
+    flat = _plain(pc.list_flatten(arr))   # null lists emit nothing, as their 0 length says
+    codes = pc.fill_null(pc.dictionary_encode(flat).indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    parents = np.repeat(np.arange(len(arr)), lengths)
+    pos = np.arange(len(parents)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out = np.full((len(arr), width), -1, dtype=np.int64)
+    out[parents, pos] = codes
+    return out
+
+
 def item_budget(uniques: pa.Array, n_requests: int, cfg: ScoringConfig, caps: pa.Table | None,
                 exposures: pa.Table | None) -> np.ndarray | None:
     """Exposures each item may still get today: cap minus existing exposures (never below 0)."""
@@ -166,8 +193,7 @@ def score_candidates(table: pa.Table, outputs: Mapping[str, np.ndarray], cfg: Sc
     if cfg.window.enabled:
         if cfg.window.attribute not in table.column_names:
             raise ScoringError(f"candidates have no column {cfg.window.attribute!r} (window.attribute)")
-        attribute = pc.fill_null(pc.dictionary_encode(_plain(table[cfg.window.attribute])).indices, -1) \
-            .to_numpy(zero_copy_only=False).astype(np.int64)
+        attribute = window_codes(table[cfg.window.attribute], cfg.window.attribute)
     budget = item_budget(items, len(requests), cfg, caps, exposures)
     ranking = rerank(request, cols["score"], item, eligible=rw.eligible & valued, window=cfg.window,
                      attribute=attribute, budget=budget, list_size=cfg.list_size)

@@ -29,7 +29,7 @@ from mtrank.jobs.config import JobConfig
 from mtrank.jobs.paths import quarantine_dir
 from mtrank.jobs.report import strict_json
 from mtrank.jobs.model_io import trained_keep_rate
-from mtrank.jobs.tracking import log_scoring, model_version_of, open_model, tracking_uri
+from mtrank.jobs.tracking import job_run, log_scoring, model_version_of, open_model, tracking_uri
 from mtrank.pipeline.evaluate import overlap_pays, predict_frames, predict_rows
 from mtrank.pipeline.candidates import CandidateReader, candidate_files
 from mtrank.pipeline.reader import stack_batches
@@ -150,77 +150,78 @@ def score(cfg: JobConfig, model_ref: str, candidates: str | Path, day: dt.date, 
     seen = read_exposures(exposures or sc.traffic_cap.exposures_file, sc.item_column, day) \
         if sc.traffic_cap.enabled else None
     timings["side_tables_s"] = time.perf_counter() - t_side
-    featurizer = Featurizer(saved.spec, saved.stats)
-    reader = CandidateReader(candidate_files(candidates, day), saved.spec, sc,
-                             quarantine_dir=quarantine_dir(cfg, "candidates")
-                             / f"dt={day}")
-    outputs: dict[str, list[np.ndarray]] = {}
-    sides: list[pa.RecordBatch] = []
-    inf = sc.inference
-    t1 = time.perf_counter()
-    with Progress("score", total=None, unit="rows", enabled=progress) as bar:
-        overlap = overlap_pays(saved.model) if inf.overlap == "auto" else inf.overlap
-        log.info("scoring with %s featurizing (score.inference.overlap: %s)",
-                 "background" if overlap else "inline", inf.overlap)
-        if overlap:   # reading, validating and featurizing chunk k+1 in the background during forward k
-            predicted = predict_frames(saved.model, featurizer, reader.frames(), lambda f: f[0], timings,
-                                       inf.forward_rows, inf.precision)
+    # the run opens before the candidates are read: a server that refuses this user stops the job here
+    with job_run(cfg, "score", str(day), model_ref, "scored", track) as run_id:
+        featurizer = Featurizer(saved.spec, saved.stats)
+        reader = CandidateReader(candidate_files(candidates, day), saved.spec, sc,
+                                 quarantine_dir=quarantine_dir(cfg, "candidates")
+                                 / f"dt={day}")
+        outputs: dict[str, list[np.ndarray]] = {}
+        sides: list[pa.RecordBatch] = []
+        inf = sc.inference
+        t1 = time.perf_counter()
+        with Progress("score", total=None, unit="rows", enabled=progress) as bar:
+            overlap = overlap_pays(saved.model) if inf.overlap == "auto" else inf.overlap
+            log.info("scoring with %s featurizing (score.inference.overlap: %s)",
+                     "background" if overlap else "inline", inf.overlap)
+            if overlap:   # reading, validating and featurizing chunk k+1 in the background during forward k
+                predicted = predict_frames(saved.model, featurizer, reader.frames(), lambda f: f[0], timings,
+                                           inf.forward_rows, inf.precision)
+            else:
+                predicted = (((rb, side), predict_rows(saved.model, featurizer, rb, timings, inf.forward_rows,
+                                                       inf.precision)) for rb, side in reader.frames())
+            with contextlib.closing(predicted):   # closed early on an error: the background thread stops
+                for (rb, side), preds in predicted:
+                    for k, v in preds.items():
+                        outputs.setdefault(k, []).append(v)
+                    sides.append(rb.select(side))
+                    bar.update(rb.num_rows)
+        loop_s = time.perf_counter() - t1
+        if overlap:   # read + validate ran in the background: its own time (overlapped with the forward)
+            timings["read_validate_s"] = timings.pop("source_s", 0.0)
         else:
-            predicted = (((rb, side), predict_rows(saved.model, featurizer, rb, timings, inf.forward_rows,
-                                                   inf.precision)) for rb, side in reader.frames())
-        with contextlib.closing(predicted):   # closed early on an error: the background thread stops
-            for (rb, side), preds in predicted:
-                for k, v in preds.items():
-                    outputs.setdefault(k, []).append(v)
-                sides.append(rb.select(side))
-                bar.update(rb.num_rows)
-    loop_s = time.perf_counter() - t1
-    if overlap:   # read + validate ran in the background: its own time (overlapped with the forward)
-        timings["read_validate_s"] = timings.pop("source_s", 0.0)
-    else:
-        timings["read_validate_s"] = loop_s - timings.get("forward_s", 0.0) - timings.get("featurize_s", 0.0)
-    timings["predict_s"] = loop_s   # wall time of reading + featurizing + forward together
-    acc = reader.accounting
-    if not sides:
-        raise BadInputError(str(candidates), None, "no_rows", "no candidate row passed validation", count=acc.rows_read)
-    t_assemble = time.perf_counter()
-    side_table = stack_batches(sides, str(candidates))
-    preds = {k: np.concatenate(v) for k, v in outputs.items()}
-    keep = reader.drop_duplicates(side_table)
-    if not keep.all():
-        side_table = side_table.filter(pa.array(keep))
-        preds = {k: v[keep] for k, v in preds.items()}
-    timings["assemble_s"] = time.perf_counter() - t_assemble
+            timings["read_validate_s"] = loop_s - timings.get("forward_s", 0.0) - timings.get("featurize_s", 0.0)
+        timings["predict_s"] = loop_s   # wall time of reading + featurizing + forward together
+        acc = reader.accounting
+        if not sides:
+            raise BadInputError(str(candidates), None, "no_rows", "no candidate row passed validation", count=acc.rows_read)
+        t_assemble = time.perf_counter()
+        side_table = stack_batches(sides, str(candidates))
+        preds = {k: np.concatenate(v) for k, v in outputs.items()}
+        keep = reader.drop_duplicates(side_table)
+        if not keep.all():
+            side_table = side_table.filter(pa.array(keep))
+            preds = {k: v[keep] for k, v in preds.items()}
+        timings["assemble_s"] = time.perf_counter() - t_assemble
 
-    t2 = time.perf_counter()
-    scored = score_candidates(side_table, preds, sc, plan, request_column=saved.spec.request_id,
-                              time_column=saved.spec.timestamp, campaign_items=campaign_items, caps=caps,
-                              exposures=seen)
-    timings["rules_s"] = time.perf_counter() - t2
-    t3 = time.perf_counter()
-    _write_parquet(scored.table, out)
-    timings["write_s"] = time.perf_counter() - t3
-    timings["total_s"] = time.perf_counter() - t0
-    summary = {"date": str(day), "model_uri": model_ref, "model_version": version,
-               "rows_read": acc.rows_read, "rows_rejected": acc.rows_rejected,
-               "rejected_by_reason": dict(acc.rejected), **scored.summary,
-               "rows_out": scored.table.num_rows, "output": str(out), "formula": plan.formula(),
-               "seconds": timings, "background_featurize": overlap,
-               "balanced": acc.rows_read == scored.summary["rows_in"] + acc.rows_rejected}
-    summary_path = f"{out}.summary.json" if remote else out.with_name(out.name + ".summary.json")
-    write_output(summary_path, strict_json(summary))
-    run_id = None
-    if track and remote:   # MLflow logs a local file: a copy under the same name, gone afterwards
-        import tempfile
+        t2 = time.perf_counter()
+        scored = score_candidates(side_table, preds, sc, plan, request_column=saved.spec.request_id,
+                                  time_column=saved.spec.timestamp, campaign_items=campaign_items, caps=caps,
+                                  exposures=seen)
+        timings["rules_s"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        _write_parquet(scored.table, out)
+        timings["write_s"] = time.perf_counter() - t3
+        timings["total_s"] = time.perf_counter() - t0
+        summary = {"date": str(day), "model_uri": model_ref, "model_version": version,
+                   "rows_read": acc.rows_read, "rows_rejected": acc.rows_rejected,
+                   "rejected_by_reason": dict(acc.rejected), **scored.summary,
+                   "rows_out": scored.table.num_rows, "output": str(out), "formula": plan.formula(),
+                   "seconds": timings, "background_featurize": overlap,
+                   "balanced": acc.rows_read == scored.summary["rows_in"] + acc.rows_rejected}
+        summary_path = f"{out}.summary.json" if remote else out.with_name(out.name + ".summary.json")
+        write_output(summary_path, strict_json(summary))
+        if track and remote:   # MLflow logs a local file: a copy under the same name, gone afterwards
+            import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="mtrank-score-") as tmp:
-            local = Path(tmp) / storage.name(summary_path)
-            local.write_bytes(strict_json(summary))
-            run_id = log_scoring(cfg, str(day), model_ref, summary, local)
-    elif track:
-        run_id = log_scoring(cfg, str(day), model_ref, summary, summary_path)
-    return ScoreOutcome(out, summary, scored.table, run_id, saved.spec.request_id,
-                        {f.column_name: f.term for f in plan.factors})
+            with tempfile.TemporaryDirectory(prefix="mtrank-score-") as tmp:
+                local = Path(tmp) / storage.name(summary_path)
+                local.write_bytes(strict_json(summary))
+                run_id = log_scoring(cfg, str(day), model_ref, summary, local, run_id)
+        elif track:
+            run_id = log_scoring(cfg, str(day), model_ref, summary, summary_path, run_id)
+        return ScoreOutcome(out, summary, scored.table, run_id, saved.spec.request_id,
+                            {f.column_name: f.term for f in plan.factors})
 
 
 def format_lists(table: pa.Table, requests: int = 3, top: int = 8, request_column: str = "request_id",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import os
 import platform
 import re
@@ -458,17 +459,74 @@ def model_version_of(ref: str, uri: str) -> str | None:
     return version or None
 
 
+def open_job_run(cfg: JobConfig, job: str, date: str, model_ref: str, nothing: str) -> str | None:
+    """Open the MLflow run of a scoring or tuning job before its work. A server that refuses this user
+    (credentials, permission) stops the job here, "Nothing was <nothing>", instead of after the ranked
+    lists are written; one that does not answer is tried again when the job logs (None here)."""
+    uri = tracking_uri(cfg)
+    tags = {"mtrank.job": job, "mtrank.date": date, "mtrank.model_uri": model_ref, "mtrank.git_commit": git_commit()}
+    try:
+        mlflow, client = _client(cfg)
+        exp_id = _experiment(mlflow, client, cfg)
+        return client.create_run(exp_id, run_name=f"{job}-{date}", tags=tags).info.run_id
+    except MtrankError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MlflowException and requests' errors alike
+        status = refused_status(e)
+        if status is not None:
+            raise TrackingRefused(f"{refusal(uri, f'opening the {job} run', status)}. Nothing was {nothing} "
+                                  "(--no-track runs the job without an MLflow run).") from None
+        if not (uri.startswith(("http://", "https://")) and _unreachable(e)):
+            raise
+        logging.getLogger("mtrank.tracking").warning(
+            "MLflow is not reachable; the %s job goes on and logs its run when it ends (%s)", job,
+            str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+        return None
+
+
+def fail_job_run(cfg: JobConfig, run_id: str | None) -> None:
+    """Mark a job's open run FAILED when the job stops with an error (best effort: the error is the news)."""
+    if run_id is None:
+        return
+    try:
+        _client(cfg)[1].set_terminated(run_id, "FAILED")
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@contextmanager
+def job_run(cfg: JobConfig, job: str, date: str, model_ref: str, nothing: str, track: bool = True):
+    """The run id of a tracked job's run (None untracked, or while the server does not answer),
+    opened before the work and marked FAILED if the job stops with an error."""
+    run_id = open_job_run(cfg, job, date, model_ref, nothing) if track else None
+    try:
+        yield run_id
+    except BaseException:
+        fail_job_run(cfg, run_id)
+        raise
+
+
+def _job_run(mlflow, cfg: JobConfig, run_id: str | None, job: str, date: str, tags: dict):
+    """The run opened by `open_job_run`, resumed; or a new one when the server did not answer then."""
+    if run_id is not None:
+        run = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags(tags)
+        return run
+    _, client = _client(cfg)
+    return mlflow.start_run(experiment_id=_experiment(mlflow, client, cfg), run_name=f"{job}-{date}",
+                            tags={"mtrank.job": job, "mtrank.date": date, "mtrank.git_commit": git_commit(), **tags})
+
+
 @_guarded("logging the scoring run", lambda cfg, *_: "The ranked lists and their summary are written; "
           "only the MLflow run of this scoring job is missing.")
-def log_scoring(cfg: JobConfig, date: str, model_ref: str, summary: dict, summary_path: Path) -> str:
+def log_scoring(cfg: JobConfig, date: str, model_ref: str, summary: dict, summary_path: Path,
+                run_id: str | None = None) -> str:
     """One MLflow run per scoring job: rows in/out, per-rule counts, the model it used."""
-    mlflow, client = _client(cfg)
-    exp_id = _experiment(mlflow, client, cfg)
-    tags = {"mtrank.job": "score", "mtrank.date": date, "mtrank.model_uri": model_ref,
-            "mtrank.git_commit": git_commit()}
+    mlflow, _ = _client(cfg)
+    tags = {"mtrank.model_uri": model_ref}
     if summary.get("model_version"):
         tags["mtrank.model_version"] = str(summary["model_version"])
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"score-{date}", tags=tags) as run:
+    with _job_run(mlflow, cfg, run_id, "score", date, tags) as run:
         mlflow.log_params(_params(flatten("score", cfg.score.model_dump(mode="json"), {})))
         flat = flatten("", {k: v for k, v in summary.items() if k not in ("model_version", "files", "output")}, {})
         mlflow.log_metrics(_finite(flat))
@@ -477,16 +535,15 @@ def log_scoring(cfg: JobConfig, date: str, model_ref: str, summary: dict, summar
 
 
 @_guarded("logging the fusion tuning run")
-def log_tuning(cfg: JobConfig, date: str, model_ref: str, result: dict, json_path: Path | None) -> str:
+def log_tuning(cfg: JobConfig, date: str, model_ref: str, result: dict, json_path: Path | None,
+               run_id: str | None = None) -> str:
     """One MLflow run per `mtrank tune-fusion`: start and best parameters, both objectives on the
     tuning and holdout halves, and the full result (every trial) as an artifact."""
-    mlflow, client = _client(cfg)
-    exp_id = _experiment(mlflow, client, cfg)
-    tags = {"mtrank.job": "tune-fusion", "mtrank.date": date, "mtrank.model_uri": model_ref,
-            "mtrank.objective": f"{result['objective']}@{result['k']}", "mtrank.git_commit": git_commit()}
+    mlflow, _ = _client(cfg)
+    tags = {"mtrank.model_uri": model_ref, "mtrank.objective": f"{result['objective']}@{result['k']}"}
     if result.get("model_version"):
         tags["mtrank.model_version"] = str(result["model_version"])
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"tune-fusion-{date}", tags=tags) as run:
+    with _job_run(mlflow, cfg, run_id, "tune-fusion", date, tags) as run:
         params = {**{f"start.{k}": v for k, v in result["start"]["params"].items()},
                   **{f"best.{k}": v for k, v in result["best"]["params"].items()},
                   **{k: result[k] for k in ("objective", "k", "trials", "trial_budget", "seed", "max_rows")}}

@@ -24,7 +24,7 @@ from mtrank.jobs.config import JobConfig
 from mtrank.jobs.paths import quarantine_dir
 from mtrank.jobs.report import strict_json
 from mtrank.jobs.model_io import trained_keep_rate
-from mtrank.jobs.tracking import log_tuning, model_version_of, open_model, tracking_uri
+from mtrank.jobs.tracking import job_run, log_tuning, model_version_of, open_model, tracking_uri
 from mtrank.jobs.model_io import SavedModel
 from mtrank.pipeline.evaluate import FORWARD_ROWS, predict_rows
 from mtrank.pipeline.output_files import write_atomic
@@ -149,8 +149,20 @@ def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, 
     if objective == "value" and not has_value:
         raise SpecError("objective value needs score.tune.value_column and score.tune.value_task")
     qdir = quarantine_dir(cfg, "tune-fusion")
-    cols, accounting = predict_day(saved, data, day, plan, tc.value_column, max_rows, qdir,
-                                   item_column=cfg.score.item_column)
+    with job_run(cfg, "tune-fusion", str(day), model_ref, "tuned", track) as run_id:   # refused: before the day is read
+        cols, accounting = predict_day(saved, data, day, plan, tc.value_column, max_rows, qdir,
+                                       item_column=cfg.score.item_column)
+        return _search(cfg, model_ref, day, saved, plan, cols, accounting, t0, version, k=k, gains=gains,
+                       objective=objective, trials=trials, seed=seed, max_rows=max_rows, has_value=has_value,
+                       json_path=json_path, track=track, run_id=run_id)
+
+
+def _search(cfg: JobConfig, model_ref: str, day: dt.date, saved: SavedModel, plan: FusionPlan, cols: dict,
+            accounting: dict, t0: float, version: str | None, *, k: int, gains: dict[str, float], objective: str,
+            trials: int, seed: int, max_rows: int | None, has_value: bool, json_path: str | Path | None,
+            track: bool, run_id: str | None) -> TuneOutcome:
+    """The search on the tune half, both halves evaluated at the start and best parameters, logged."""
+    tc = cfg.score.tune
     t1 = time.perf_counter()
 
     holdout = tuning.split_requests(cols["request_id"])
@@ -192,7 +204,7 @@ def tune_fusion(cfg: JobConfig, model_ref: str, data: str | Path, day: dt.date, 
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, strict_json(result))
-    run_id = log_tuning(cfg, str(day), model_ref, result, path) if track else None
+    run_id = log_tuning(cfg, str(day), model_ref, result, path, run_id) if track else None
     return TuneOutcome(result, run_id, path)
 
 

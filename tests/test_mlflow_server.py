@@ -2,6 +2,7 @@
 one worker, no job execution, artifacts proxied to a local folder), stopped afterwards."""
 import mlflow
 import pytest
+import yaml
 
 from tests.conftest import generate_demo_logs, mtrank_in_process, small_spec, write_job
 from tests.mlflow_server import MlflowServer
@@ -90,10 +91,23 @@ def test_an_authenticated_server_refuses_in_one_line_and_works_with_credentials(
         r = mtrank_in_process("score", "--config", tmp_path / "job.yaml", "--model", "models:/ranker-auth@champion",
                               "--candidates", tmp_path / "cand", "--date", "2026-11-03", "--out", out)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert r.stderr.strip().splitlines()[-1].startswith(
-            f"mtrank score: error: tracking server {s.url} refused the request while logging the scoring run: "
-            "HTTP 403, user bob lacks the permission"), r.stderr[-2000:]
-        assert "The ranked lists and their summary are written" in r.stderr and out.exists()
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"mtrank score: error: tracking server {s.url} refused the request while opening the score run: "
+            "HTTP 403, user bob lacks the permission; grant it on this job's experiment and registered model "
+            "(MLflow's permission API or UI), or run the job as a user who has it. Nothing was scored (--no-track "
+            "runs the job without an MLflow run)."), r.stderr[-2000:]
+        assert not out.exists() and "scoring with" not in r.stderr   # refused before any candidate was read
+        job = yaml.safe_load((tmp_path / "job.yaml").read_text())
+        job.setdefault("score", {})["fusion"] = {"factors": [{"output": "p_ctr"}, {"output": "p_cvr", "offset": 0.1,
+                                                                    "search": {"offset": {"lo": 0.01, "hi": 1.0}}}]}
+        (tmp_path / "tune.yaml").write_text(yaml.safe_dump(job))
+        r = mtrank_in_process("tune-fusion", "--config", tmp_path / "tune.yaml", "--model",
+                              "models:/ranker-auth@champion", "--date", "2026-11-03")
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+            "Nothing was tuned (--no-track runs the job without an MLflow run)."), r.stderr[-2000:]
+        r = mtrank_in_process("score", "--config", tmp_path / "job.yaml", "--model", "models:/ranker-auth@champion",
+                              "--candidates", tmp_path / "cand", "--date", "2026-11-03", "--out", out, "--no-track")
+        assert r.returncode == 0 and out.exists(), r.stderr[-2000:]   # reading the registry is all it needs
         # nor train into it: refused when the live run opens, before any training (it used to train
         # first and fail only at registration)
         r = mtrank_in_process("train", "--config", tmp_path / "job.yaml", "--date", "2026-11-03")

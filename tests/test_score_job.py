@@ -122,6 +122,42 @@ def test_bad_candidates_fail_naming_file_column_rule(base):
         assert not out.exists()  # nothing half-written under the final name
 
 
+def test_a_tracked_scoring_job_opens_its_run_first(base, tmp_path):
+    """The run opens before the candidates are read (a server that refuses the user stops the job
+    there: tests/test_mlflow_server.py): a job that then fails leaves its run FAILED, and a server that
+    does not answer lets the lists be made, then says only the run is missing."""
+    import socket
+
+    model = base / "work" / "runs" / "ranker" / DATE / "model"   # a saved model: no registry needed
+    cfg = yaml.safe_load((base / "job.yaml").read_text())
+    cfg["tracking"] = {"retries": 0, "timeout_seconds": 5}
+    (base / "fast.yaml").write_text(yaml.safe_dump(cfg))
+    uri = f"sqlite:///{tmp_path / 'own.db'}"
+    mlflow.MlflowClient(uri).search_experiments()   # this test's own empty store
+    null_item = _broken(base, "null_item_tracked", lambda t: t.set_column(
+        t.schema.get_field_index("item_id"), "item_id", pa.array([None] + t["item_id"].to_pylist()[1:], pa.int64())))
+    args = ["score", "--model", model, "--config", base / "fast.yaml", "--date", DATE]
+    r = mtrank_in_process(*args, "--tracking-uri", uri, "--candidates", null_item, "--out", tmp_path / "a.parquet")
+    assert r.returncode == 2 and "rule null" in r.stderr, r.stderr[-2000:]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ranker").experiment_id])
+    assert [(x.info.status, x.data.tags["mtrank.job"], x.info.run_name) for x in runs] == \
+        [("FAILED", "score", f"score-{DATE}")]
+
+    with socket.socket() as sock:   # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "b.parquet"
+    r = mtrank_in_process(*args, "--tracking-uri", f"http://127.0.0.1:{port}", "--candidates", base / "cand",
+                          "--out", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "MLflow is not reachable; the score job goes on" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"tracking server http://127.0.0.1:{port} is unavailable" in last and \
+        "The ranked lists and their summary are written" in last, last
+    assert pq.read_metadata(out).num_rows == sum(pq.read_metadata(f).num_rows for f in (base / "cand").rglob("*.parquet"))
+
+
 def test_quarantined_candidates_are_counted(base):
     cfg = yaml.safe_load((base / "job.yaml").read_text())
     cfg["score"]["on_bad_row"] = "quarantine"

@@ -9,6 +9,8 @@ rows read = rows scored + rows rejected.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -68,19 +70,15 @@ def candidate_files(path: str | Path, day: dt.date | None = None) -> list[str]:
     return files
 
 
-def rule_columns_needed(cfg: ScoringConfig, request_column: str) -> dict[str, str]:
-    """column -> what needs it, for the scoring keys and every enabled rule."""
-    need = {request_column: "the request key", cfg.item_column: "the item key (item_column)",
-            **{c: "a fusion factor (score.fusion.factors)" for c in cfg.fusion.columns}}
-    if cfg.window.enabled:
-        need[cfg.window.attribute] = "the N-pick-1 rule (window.attribute; disable with window.enabled: false)"
-    if cfg.new_item.enabled:
-        need[cfg.new_item.column] = "the new-item boost (new_item.column; disable with new_item.enabled: false)"
-    if cfg.low_quality.enabled:
-        need[cfg.low_quality.column] = "the low-quality rule (low_quality.column; disable with low_quality.enabled: false)"
-    if cfg.campaign.enabled and cfg.campaign.column and cfg.campaign.items_file is None:
-        need[cfg.campaign.column] = "the campaign boost (campaign.column, or give campaign.items_file)"
-    return need
+@dataclass(frozen=True)
+class RuleColumn:
+    """A candidate column the scoring stage reads: why, whether a file must have it, and (for a
+    column read as values) what it must hold, tested on each file's Arrow type before the forward."""
+    column: str
+    why: str
+    required: bool = True
+    holds: str | None = None
+    accepts: Callable[[pa.DataType], bool] | None = None
 
 
 def _number(t: pa.DataType) -> bool:
@@ -100,21 +98,41 @@ def _flag(t: pa.DataType) -> bool:   # strings as Arrow reads flags: true / fals
     return pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def rule_column_kinds(cfg: ScoringConfig) -> dict[str, tuple[str, callable]]:
+def rule_columns(cfg: ScoringConfig, request_column: str) -> list[RuleColumn]:
+    """Every column the keys, the fusion and the enabled rules read, one record each (a later record
+    of the same column wins, as a later rule's needs are the stricter ones)."""
+    cols = [RuleColumn(request_column, "the request key"), RuleColumn(cfg.item_column, "the item key (item_column)")]
+    cols += [RuleColumn(c, "a fusion factor (score.fusion.factors)",
+                        holds="numbers (a fusion factor's column; strings are not read as numbers)", accepts=_number)
+             for c in cfg.fusion.columns]
+    if cfg.window.enabled:
+        cols.append(RuleColumn(cfg.window.attribute, "the N-pick-1 rule (window.attribute; disable with "
+                               "window.enabled: false)", holds="one value per candidate, or a list of values "
+                               "(window.attribute: a category, brand or shop; genres or tags)", accepts=_window_values))
+    if cfg.new_item.enabled:
+        cols.append(RuleColumn(cfg.new_item.column, "the new-item boost (new_item.column; disable with "
+                               "new_item.enabled: false)", holds="numbers (new_item.column: the item's age in days)",
+                               accepts=_number))
+    if cfg.low_quality.enabled:
+        cols.append(RuleColumn(cfg.low_quality.column, "the low-quality rule (low_quality.column; disable with "
+                               "low_quality.enabled: false)", holds="numbers (low_quality.column: the item's quality)",
+                               accepts=_number))
+    if cfg.campaign.enabled and cfg.campaign.column:
+        cols.append(RuleColumn(cfg.campaign.column, "the campaign boost (campaign.column, or give campaign.items_file)",
+                               required=cfg.campaign.items_file is None,
+                               holds="booleans, 0/1 integers or 'true'/'false' (campaign.column)", accepts=_flag))
+    return cols
+
+
+def rule_columns_needed(cfg: ScoringConfig, request_column: str) -> dict[str, str]:
+    """column -> what needs it, for the columns every candidate file must have."""
+    return {r.column: r.why for r in rule_columns(cfg, request_column) if r.required}
+
+
+def rule_column_kinds(cfg: ScoringConfig, request_column: str = "request_id") -> dict[str, tuple[str, callable]]:
     """column -> (what it must hold, test of its Arrow type), for the columns the fusion and the rules
     read as values: checked on every file's schema before the forward, not found after it."""
-    kinds = {c: ("numbers (a fusion factor's column; strings are not read as numbers)", _number)
-             for c in cfg.fusion.columns}
-    if cfg.window.enabled:
-        kinds[cfg.window.attribute] = ("one value per candidate, or a list of values (window.attribute: a "
-                                       "category, brand or shop; genres or tags)", _window_values)
-    if cfg.new_item.enabled:
-        kinds[cfg.new_item.column] = ("numbers (new_item.column: the item's age in days)", _number)
-    if cfg.low_quality.enabled:
-        kinds[cfg.low_quality.column] = ("numbers (low_quality.column: the item's quality)", _number)
-    if cfg.campaign.enabled and cfg.campaign.column:
-        kinds[cfg.campaign.column] = ("booleans, 0/1 integers or 'true'/'false' (campaign.column)", _flag)
-    return kinds
+    return {r.column: (r.holds, r.accepts) for r in rule_columns(cfg, request_column) if r.accepts is not None}
 
 
 class CandidateReader:
@@ -130,7 +148,7 @@ class CandidateReader:
             raise SpecError("score.on_bad_row: quarantine needs a quarantine directory (set quarantine_dir in "
                             "the job config)")
         self.needed = rule_columns_needed(cfg, self.request_column)
-        self.kinds = rule_column_kinds(cfg)
+        self.kinds = rule_column_kinds(cfg, self.request_column)
         side = [*self.needed, spec.timestamp, cfg.campaign.column, *extra_columns]
         self.side_columns = [c for c in dict.fromkeys(side) if c]
         self.accounting = RowAccounting()

@@ -37,6 +37,7 @@ import pyarrow as pa
 import yaml
 
 from mtrank.features import storage
+from mtrank.features.inputs import is_list_type, plain_type
 from mtrank.features.day_folders import LAYOUT, day_map, files_under, no_days_hint
 from mtrank.features.rules import MISSING_COLUMN, MISSING_PARTITION, UNREADABLE, WRONG_TYPE, BadInputError
 from mtrank.features.spec import SpecError, parse_spec
@@ -221,18 +222,9 @@ def _sample(inp: InputFiles, max_rows: int) -> tuple[pl.LazyFrame, int]:
 # Column classes
 
 
-def _base(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t
-
-
 def _is_text(t: pa.DataType) -> bool:
-    t = _base(t)
+    t = plain_type(t)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t) \
-        or pa.types.is_large_list_view(t) or pa.types.is_fixed_size_list(t)
 
 
 def _is_temporal(t: pa.DataType) -> bool:
@@ -243,13 +235,13 @@ def _class(t: pa.DataType) -> str:
     """text | int | float | bool | list | temporal | other"""
     if _is_text(t):
         return "text"
-    if pa.types.is_integer(_base(t)):
+    if pa.types.is_integer(plain_type(t)):
         return "int"
     if pa.types.is_floating(t):
         return "float"
     if pa.types.is_boolean(t):
         return "bool"
-    if _is_list(t):
+    if is_list_type(t):
         return "list"
     if _is_temporal(t):
         return "temporal"
@@ -482,9 +474,9 @@ class _Inference:
             for c in cols[i:i + COLUMNS_PER_QUERY]:
                 t = self.types[c]
                 inner = None
-                if _is_list(t):
+                if is_list_type(t):
                     vt = t.value_type
-                    inner = "id" if (_is_text(vt) or pa.types.is_integer(_base(vt))) else None
+                    inner = "id" if (_is_text(vt) or pa.types.is_integer(plain_type(vt))) else None
                 exprs += _stat_exprs(c, _class(t), inner)
             self.stats.update(_unpack(_collect(self.lf, exprs)))
         self.bin_labels = [c for c in self.labels if self.stats[c].get("zero_one")]
@@ -638,7 +630,7 @@ class _Inference:
         if nulls == n:
             return "all null in the sample"
         if cls == "list":
-            if not (_is_text(t.value_type) or pa.types.is_integer(_base(t.value_type))):
+            if not (_is_text(t.value_type) or pa.types.is_integer(plain_type(t.value_type))):
                 return f"{t}: multi_hot needs a list of strings or integers"
             if not distinct:
                 return "lists are all empty or null in the sample"

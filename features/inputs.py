@@ -20,6 +20,12 @@ def plain_type(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
+def is_list_type(t: pa.DataType) -> bool:
+    """Every Arrow list layout a writer may choose for a multi-valued column."""
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t) \
+        or pa.types.is_large_list_view(t) or pa.types.is_fixed_size_list(t)
+
+
 def serving_schema(spec: FeatureSpec, trained: pa.Schema | None) -> pa.Schema:
     """The spec's feature columns, in spec order, typed as in the training logs. Without the training
     schema (a model saved before it was kept), types follow the feature kind: ids as given when they

@@ -51,8 +51,10 @@ def _schema(arrow_schema):
 
     import pyarrow as pa
 
+    from mtrank.features.inputs import plain_type
+
     def kind(t):
-        t = t.value_type if pa.types.is_dictionary(t) else t
+        t = plain_type(t)
         if pa.types.is_string(t) or pa.types.is_large_string(t):
             return DataType.string
         if pa.types.is_integer(t):

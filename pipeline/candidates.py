@@ -24,7 +24,7 @@ from mtrank.features import storage
 from mtrank.features.day_folders import files_under, find_day
 from mtrank.features.rules import (MISSING_COLUMN, MISSING_PARTITION, NULL, REASON, UNREADABLE, WRONG_TYPE,
                             BadInputError, RowRule, check_schema, float_columns, reject_reason_expr, row_rules)
-from mtrank.features.inputs import plain_type, with_served_values
+from mtrank.features.inputs import is_list_type, plain_type, with_served_values
 from mtrank.features.spec import FeatureSpec, SpecError
 from mtrank.pipeline.output_files import write_atomic
 from mtrank.pipeline.reader import RowAccounting, open_parquet
@@ -88,7 +88,7 @@ def _number(t: pa.DataType) -> bool:
 
 def _window_values(t: pa.DataType) -> bool:   # one value, or a list of values (genres, tags)
     t = plain_type(t)
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+    if is_list_type(t):
         t = plain_type(t.value_type)
     return not pa.types.is_nested(t)
 

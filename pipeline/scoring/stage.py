@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mtrank.features.inputs import is_list_type
 from mtrank.features.rules import is_time_type
 from mtrank.pipeline.scoring.boosts import rule_weights
 from mtrank.pipeline.scoring.config import ScoringConfig
@@ -78,15 +79,11 @@ def serving_order(request_ids: pa.Array, ts: pa.Array | None,
 MAX_LIST_VALUES = 64   # values per candidate of a list attribute: [rows, L] codes stay a bounded size
 
 
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
 def window_codes(column: pa.ChunkedArray, name: str) -> np.ndarray:
     """The window attribute as codes: one per row (-1 = null), or [rows, L] for a list column (genres,
     tags: -1 pads; a null list or null value shares nothing)."""
     arr = _plain(column)
-    if not _is_list(arr.type):
+    if not is_list_type(arr.type):
         return pc.fill_null(pc.dictionary_encode(arr).indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
     lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
     width = int(lengths.max()) if len(lengths) else 0

@@ -57,15 +57,19 @@ def _col_type(t: pa.DataType):
     return AnyType()   # integers, booleans, lists, times: see the module docstring
 
 
-def signature(spec: FeatureSpec, inputs: pa.Schema):
-    """Inputs: every feature column of the spec (required: the column; nulls: allowed). Outputs:
-    every output of the spec's task records, by its schema name."""
+def signature(spec: FeatureSpec, inputs: pa.Schema, trained: pa.Schema | None = None):
+    """Inputs: every feature column of the spec (required: the column; nulls: allowed), and the
+    columns serving sets (`serve_value`: optional; a client that still sends its logged slot is
+    accepted without MLflow's per-request "extra inputs" warning, and overridden). Outputs: every
+    output of the spec's task records, by its schema name."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, DataType, Schema
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
 
     outputs: OutputSchema = spec.outputs
+    served = [ColSpec(_col_type(trained.field(name).type) if trained is not None and name in trained.names
+                      else AnyType(), name, required=False) for name in spec.served_values]
     return ModelSignature(
-        inputs=Schema([ColSpec(_col_type(f.type), f.name) for f in inputs]),
+        inputs=Schema([ColSpec(_col_type(f.type), f.name) for f in inputs] + served),
         outputs=Schema([ColSpec(DataType.float, name) for name in outputs.names]))
 
 

@@ -252,13 +252,14 @@ def _log_model(mlflow, model_dir: Path, spec):
     from mtrank.jobs import packaging
     from mtrank.jobs.model_io import read_input_example, read_input_schema
 
-    schema = serving_schema(spec, read_input_schema(model_dir))
+    trained = read_input_schema(model_dir)
+    schema = serving_schema(spec, trained)
     example = read_input_example(model_dir)
     with tempfile.TemporaryDirectory(prefix="mtrank-code-") as tmp:
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_CODE), artifacts={"model": str(model_dir)},
             code_paths=[str(packaging.stage_code(Path(tmp)))], pip_requirements=packaging.requirements(),
-            signature=packaging.signature(spec, schema),
+            signature=packaging.signature(spec, schema, trained),
             input_example=packaging.example_frame(example) if example is not None else None)
 
 

@@ -203,10 +203,22 @@ def test_position_is_set_by_serving_and_read_by_evaluation(base):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     pyfunc = mlflow.pyfunc.load_model("models:/ranker@champion")
-    assert "position" not in pyfunc.metadata.get_input_schema().input_names()
+    schema = pyfunc.metadata.get_input_schema()   # optional: a client may send it (overridden) or not
+    assert schema.required_input_names() == [n for n in schema.input_names() if n != "position"]
+    assert "position" in schema.optional_input_names()
     sample = cand.slice(0, 200)
     served = pyfunc.predict(sample.drop(["position"]).to_pandas())["p_ctr"].to_numpy()
-    np.testing.assert_array_equal(served, pyfunc.predict(at_seven.slice(0, 200).to_pandas())["p_ctr"].to_numpy())
+    import logging
+
+    warned = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("mlflow.models.utils").addHandler(handler)
+    try:
+        np.testing.assert_array_equal(served, pyfunc.predict(at_seven.slice(0, 200).to_pandas())["p_ctr"].to_numpy())
+    finally:
+        logging.getLogger("mlflow.models.utils").removeHandler(handler)
+    assert not [w for w in warned if "position" in w], warned   # sent, accepted, overridden: no warning
     # the evaluation path reads the column: the top slot gives the served predictions, slot 7 others
     saved = open_model("models:/ranker@champion", uri)
     feat = Featurizer(saved.spec, saved.stats)

@@ -111,6 +111,21 @@ def find_day(root: str | Path, day: dt.date) -> str | None:
     return None
 
 
+def flat_hint(root: str | Path) -> str:
+    """What to add when a root holds Parquet files but no day folder: the command that lays them out."""
+    try:
+        if storage.is_uri(root):
+            flat = [u for u, is_dir in storage.list_dir(str(root).rstrip("/")) if not is_dir and u.endswith(".parquet")]
+        else:
+            flat = list(Path(root).glob("*.parquet")) if Path(root).is_dir() else []
+    except OSError:
+        return ""
+    if not flat:
+        return ""
+    return (f"; found {len(flat)} .parquet file(s) directly under it: lay them out by day with `mtrank partition "
+            f"--data {root} --time-column COLUMN --out DIR`")
+
+
 def no_days_hint(names: Iterable[str]) -> str:
     """What to add when a root holds no day folder but a nested year=/month=/day= layout ("" otherwise)."""
     nested = [n for n in sorted(names) if re.match(r"^(year|yyyy|y)=\d{4}$", n, re.IGNORECASE)]

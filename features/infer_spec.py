@@ -713,7 +713,8 @@ class _Inference:
             "#   task's positives with it as entire-space parent; a regression label non-zero only there likewise.",
         ]
         if inp.layout != "partitions":
-            lines.append(f"# Note: train and validate read day partitions: {LAYOUT}.")
+            lines.append(f"# Note: train and validate read day partitions: {LAYOUT};")
+            lines.append(f"#   mtrank partition --data {inp.root} --time-column COLUMN --out DIR lays this input out by day.")
         if n < total:
             lines.append("# Distinct counts are those of the sample: the full data (and later days) may hold more.")
         others = [x for x in self.stamps if x != self.timestamp]

@@ -69,6 +69,13 @@ def _cmd_exposures(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_partition(a: argparse.Namespace) -> int:
+    from mtrank.jobs.partition import partition
+
+    print(partition(a.data, a.time_column, a.out, timezone=a.timezone, unit=a.unit).line())
+    return 0
+
+
 def _cmd_validate(a: argparse.Namespace) -> int:
     from mtrank.jobs.validate import format_report, validate, write_json
 
@@ -384,6 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--requests", type=int, default=10_000, help="candidate requests (with --candidates)")
     g.add_argument("--per-request", type=int, default=100, help="candidates per request (with --candidates)")
     g.set_defaults(func=_cmd_generate)
+
+    pa_ = sub.add_parser("partition", help="lay out a flat export (a Parquet file or folder) as day folders "
+                         "by its time column")
+    pa_.add_argument("--data", required=True, help="a .parquet file, or a folder of them (local or s3://)")
+    pa_.add_argument("--time-column", required=True, help="timestamp, date or integer epoch column giving each "
+                     "row's day")
+    pa_.add_argument("--out", required=True, help="root to write OUT/dt=YYYY-MM-DD/part-00000.parquet under "
+                     "(days already there are refused)")
+    pa_.add_argument("--timezone", default=None, help="the day in this IANA time zone (e.g. Asia/Shanghai; "
+                     "naive times are taken as UTC); default: the column's own")
+    pa_.add_argument("--unit", default=None, choices=("s", "ms", "us", "ns"), help="epoch unit of an integer "
+                     "time column")
+    pa_.set_defaults(func=_cmd_partition)
 
     x = sub.add_parser("exposures", help="count each item's exposures on one day of the logs (traffic caps)")
     x.add_argument("--config", default=None, help="job YAML: its data and score.item_column are the defaults "

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtrank.features import storage
-from mtrank.features.day_folders import LAYOUT, no_days_hint
+from mtrank.features.day_folders import LAYOUT, flat_hint, no_days_hint
 from mtrank.features.rules import (EMPTY_PARTITION, MISSING_COLUMN, MISSING_PARTITION, NULL, UNREADABLE, WRONG_TYPE,
                             BadInputError)
 from mtrank.pipeline.output_files import check_output, write_output
@@ -51,7 +51,7 @@ def _partition_files(data_dir: str | Path, day: dt.date,
     parts = list_partitions(data_dir)
     part = parts.get(day)
     if part is None:
-        hint = "" if parts else f" (expected {LAYOUT}){no_days_hint(folder_names(data_dir))}"
+        hint = "" if parts else f" (expected {LAYOUT}){no_days_hint(folder_names(data_dir)) or flat_hint(data_dir)}"
         raise BadInputError(missing_day(data_dir, parts, day), None, MISSING_PARTITION, f"no partition for this day{hint}")
     files = partition_files(part)
     if not files:

@@ -144,7 +144,7 @@ def open_window(root: str | Path, spec: FeatureSpec, start: dt.date | None = Non
                                         "(set allow_empty_partitions: true to train without it)")
                 empty.append(storage.name(missing_day(root, parts, d)))
     if not days and not empty:
-        hint = "" if parts else day_folders.no_days_hint(folder_names(root))
+        hint = "" if parts else day_folders.no_days_hint(folder_names(root)) or day_folders.flat_hint(root)
         raise BadInputError(str(root), None, MISSING_PARTITION,
                             f"no day partitions ({day_folders.LAYOUT}) between {start or '-inf'} and "
                             f"{end or '+inf'}{hint}")

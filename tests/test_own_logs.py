@@ -198,6 +198,60 @@ def test_a_warehouse_layout_of_day_folders_is_read_as_it_is(adult, tmp_path):
         r.stderr[-2000:]
 
 
+def test_a_flat_export_is_laid_out_by_day(tmp_path):
+    """One Parquet table with a time column (a data set's single file): `mtrank partition` writes one
+    folder per day, every row once, the day in the column's own zone or in --timezone; integers as
+    epoch times with --unit; rows without a time, a column that holds no time and days already there
+    are one line each, before anything is written. validate pointed at the flat folder names the command."""
+    df = pl.read_parquet(ADULT)
+    n = df.height
+    secs = np.random.default_rng(0).integers(0, 4 * 86_400, n) + 1_704_067_200   # 2024-01-01 .. 04, UTC
+    df = df.with_columns(pl.Series("event_s", secs), pl.from_epoch(pl.Series("event_s", secs), time_unit="s")
+                         .dt.replace_time_zone("UTC").alias("event_time"),
+                         high_income=(pl.col("income") == ">50K").cast(pl.Int8))
+    (tmp_path / "flat").mkdir()
+    df.write_parquet(tmp_path / "flat" / "adult.parquet")
+    want = df.group_by(pl.col("event_time").dt.date().cast(pl.String).alias("d")).len()
+    want = dict(zip(want["d"].to_list(), want["len"].to_list()))
+    out = ok(run("partition", "--data", "flat", "--time-column", "event_time", "--out", "logs", cwd=tmp_path))
+    assert f"wrote {n:,} rows in 4 day folder(s)" in out, out
+    got = {p.name.removeprefix("dt="): pq.read_metadata(p / "part-00000.parquet").num_rows
+           for p in sorted((tmp_path / "logs").iterdir())}
+    assert got == want and sum(got.values()) == n
+    day1 = pl.read_parquet(tmp_path / "logs" / "dt=2024-01-01" / "part-00000.parquet")
+    assert day1.columns == df.columns and (day1["event_time"].dt.date() == dt.date(2024, 1, 1)).all()
+
+    ok(run("partition", "--data", "flat", "--time-column", "event_s", "--unit", "s", "--out", "epoch", cwd=tmp_path))
+    assert sorted(p.name for p in (tmp_path / "epoch").iterdir()) == sorted(p.name for p in (tmp_path / "logs").iterdir())
+    ok(run("partition", "--data", "flat/adult.parquet", "--time-column", "event_time", "--timezone", "Asia/Shanghai",
+           "--out", "shanghai", cwd=tmp_path))   # UTC+8: the last 8 hours of each UTC day are the next day there
+    assert [p.name for p in sorted((tmp_path / "shanghai").iterdir())][-1] == "dt=2024-01-05"
+
+    df.with_columns(pl.when(pl.int_range(0, n) < 3).then(None).otherwise(pl.col("event_time")).alias("event_time")) \
+        .write_parquet(tmp_path / "holes.parquet")
+    for args, line in (
+            (("--data", "holes.parquet", "--time-column", "event_time", "--out", "h"),
+             "holes.parquet: column 'event_time': rule null (3 rows): rows without a time cannot be placed"),
+            (("--data", "flat", "--time-column", "education", "--out", "h"),
+             "column 'education': rule wrong_type: expected a timestamp, a date or integer epoch times"),
+            (("--data", "flat", "--time-column", "event_s", "--out", "h"),
+             "column 'event_s': rule wrong_type: integers: give their epoch unit (--unit"),
+            (("--data", "flat", "--time-column", "event_time", "--out", "logs"),
+             "logs: rule day_exists: already holds a folder for 2024-01-01 (4 of the 4 days)")):
+        r = run("partition", *args, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert line in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert not (tmp_path / "h").exists()
+
+    ok(run("init-spec", "--data", "flat", "--label", "high_income", "--exclude", "income", "--out", "spec.yaml",
+           cwd=tmp_path))
+    r = run("validate", "--data", "flat", "--spec", "spec.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "found 1 .parquet file(s) directly under it: lay them out by day with `mtrank " \
+        "partition --data flat --time-column COLUMN --out DIR`" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    r = run("validate", "--data", "logs", "--spec", "spec.yaml", cwd=tmp_path)
+    assert r.returncode == 0 and f"rows read {n:,} = accepted {n:,}" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 def test_nested_year_month_day_folders_are_named(adult, tmp_path):
     base, _ = adult
     part = tmp_path / "ymd" / "year=2024" / "month=01" / "day=01"

@@ -168,6 +168,21 @@ def test_storage_reads_lists_and_writes_objects(s3, spec, tmp_path, monkeypatch)
     assert pq.read_table(tmp_path / "exp-ds.parquet").equals(pq.read_table(tmp_path / "exp.parquet"))
     with pytest.raises(BadInputError, match=rf"^{ds}/ds=20261105: rule missing_partition: "):
         count_exposures(ds, dt.date(2026, 11, 5), tmp_path / "e3.parquet")
+
+    # a flat export in the bucket, laid out by day into the bucket (`mtrank partition`)
+    from mtrank.jobs.partition import partition
+
+    both = pl.concat([pl.read_parquet(f).with_columns(day=pl.lit(dt.date(2026, 11, 1 + i)))
+                      for i, f in enumerate(here.files)])
+    write_output(f"s3://{BUCKET}/fast/flat/all.parquet", lambda f: both.write_parquet(f))
+    with pytest.raises(BadInputError, match=rf"^s3://{BUCKET}/fast/flat: rule missing_partition: .*found 1 "
+                                            r"\.parquet file\(s\) directly under it: lay them out by day"):
+        open_window(f"s3://{BUCKET}/fast/flat", spec)
+    s = partition(f"s3://{BUCKET}/fast/flat", "day", f"s3://{BUCKET}/fast/byday", progress=False)
+    assert s.rows == 80 and s.days == {"2026-11-01": 40, "2026-11-02": 40}, s
+    assert open_window(f"s3://{BUCKET}/fast/byday", spec).rows == 80
+    with pytest.raises(BadInputError, match="rule day_exists"):
+        partition(f"s3://{BUCKET}/fast/flat", "day", f"s3://{BUCKET}/fast/byday", progress=False)
     with pytest.raises(OutputError, match=r"^cannot write s3://no-such-bucket/x\.json: "):
         write_output("s3://no-such-bucket/x.json", b"{}")
 

@@ -6,8 +6,9 @@ OUT/dt=YYYY-MM-DD/part-00000.parquet per day, every column kept. The day is the 
 date: a timestamp's date in its time zone (naive: as written) or in `--timezone`, a date as is, an
 integer as epoch time in `--unit`. A row without a time cannot be placed: the job fails counting them
 before anything is written. Rows written = rows read. Each day is read from the input by a filtered
-scan (memory: one day at a time), written atomically; days already under OUT are refused, so a
-rerun cannot mix two exports.
+scan (memory: one day at a time; the input is read once per day, and an export sorted by time lets
+each scan skip the other days' row groups by their statistics), written atomically as one file of
+full-size row groups; days already under OUT are refused, so a rerun cannot mix two exports.
 """
 from __future__ import annotations
 

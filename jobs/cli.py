@@ -300,6 +300,10 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     html, ev, base = evaluate(a.model, cfg.data, a.date, out, a.baseline, a.max_rows, uri,
                               quarantine_dir=a.quarantine_dir or quarantine_dir(cfg, "evaluate"))
     print(format_metrics(ev.metrics))
+    if ev.as_served:
+        from mtrank.jobs.evaluate import format_as_served
+
+        print(format_as_served(ev.as_served))
     if base is not None:
         print("baseline:")
         print(format_metrics(base.metrics))

@@ -225,3 +225,27 @@ def test_position_is_set_by_serving_and_read_by_evaluation(base):
     np.testing.assert_allclose(predict_rows(saved.model, feat, sample)["p_ctr"], served, rtol=1e-6)
     lower = predict_rows(saved.model, feat, at_seven.slice(0, 200))["p_ctr"]
     assert np.abs(lower - served).max() > 1e-4
+
+
+def test_evaluate_reports_the_auc_as_served(base, tmp_path):
+    """With a serve_value feature the report also gives each binary figure's AUC on the same logged
+    rows and labels with the feature at its served value: what ranking by the served scores achieves
+    (the logged slot explains part of every logged click). Checked against the pyfunc, which serves."""
+    from mtrank.pipeline.metrics import auc
+
+    r = mtrank_in_process("evaluate", "--model", "models:/ranker@champion", "--config", base / "job.yaml",
+                          "--date", DATE, "--out", tmp_path / "ev")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "as served (position = 0 on every row" in r.stdout, r.stdout
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    served = report["meta"]["AUC as served"]
+    assert served["set"] == {"position": 0} and {"ctr", "cvr", "ctcvr"} <= set(served)
+    assert served["ctr"]["logged_auc"] == report["tasks"]["ctr"]["auc"]
+    assert abs(served["ctr"]["auc"] - served["ctr"]["logged_auc"]) > 1e-4   # the slot carried part of it
+    day = pq.read_table(base / "logs" / f"dt={DATE}")
+    uri = f"sqlite:///{(base / 'work' / 'mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    p_ctr = mlflow.pyfunc.load_model("models:/ranker@champion").predict(day.to_pandas())["p_ctr"].to_numpy()
+    assert served["ctr"]["auc"] == pytest.approx(auc(p_ctr, day["click"].to_numpy()), abs=1e-5)
+

@@ -350,7 +350,7 @@ def served_note(served: dict) -> dict:
         return {}
     values = ", ".join(f"{k} = {v!r}" for k, v in served.items())
     return {"set when ranking": f"{values} (serve_value); the figures here read the logged values "
-                                "(`mtrank evaluate` adds the AUC as served)"}
+                                "(AUC as served: beside them)"}
 
 
 def write_report(out_dir: str | Path, title: str, meta: dict, metrics: dict, curves: dict,

@@ -23,6 +23,7 @@ from mtrank.jobs.model_io import SavedModel, save_model
 from mtrank.jobs.paths import quarantine_dir, run_dir
 from mtrank.models.ranker import check_tables
 from mtrank.models.warm_start import transfer_weights
+from mtrank.jobs.evaluate import AS_SERVED, ServedFeaturizer, as_served_figures
 from mtrank.jobs.report import gauc_note, served_note, strict_json, undefined_figures, write_report
 from mtrank.pipeline.checkpoint import CheckpointStore
 from mtrank.pipeline.output_files import write_atomic
@@ -280,6 +281,7 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
     ev_accounting = RowAccounting.total(acc for _, acc in parts)
     metrics = task_metrics(pred, spec)
     curves = task_curves(pred, spec)
+    as_served = _as_served(model, spec, featurizer, eval_window, cfg, metrics) if spec.served_values else None
     if calibration:
         _uncalibrated_figures(metrics, curves, model, spec, featurizer, eval_window, cfg)
     summary = {"date": date.isoformat(), "train_window": window.describe(), "eval_window": eval_window.describe(),
@@ -305,7 +307,8 @@ def _train(cfg: JobConfig, date: dt.date, spec: FeatureSpec, reinit, window, val
     write_report(out / "report", f"{cfg.name}: trained on {window.start}..{window.end}, evaluated on {date}",
                  {"date": date.isoformat(), "train window": window.describe(), "rows": summary["rows"],
                   "evaluation rows": pred.rows, "GAUC groups": gauc_note(spec.group_key),
-                  **served_note(spec.served_values), "model": cfg.model.model_dump(mode="json")},
+                  **served_note(spec.served_values), **({AS_SERVED: as_served} if as_served else {}),
+                  "model": cfg.model.model_dump(mode="json")},
                  metrics, curves, {t: g.tolist() for t, g in pred.gate_means.items()}, history=summary.get("history"))
     undefined = undefined_figures(metrics)
     if undefined:
@@ -357,6 +360,15 @@ def _calibrate(cfg: JobConfig, spec: FeatureSpec, featurizer, model, val_window,
     model.set_calibration({t: (c["scale"], c["shift"]) for t, c in fitted.items()
                            if c["fitted"] or c["shift"] != 0.0})
     return fitted
+
+
+def _as_served(model, spec: FeatureSpec, featurizer, eval_window, cfg: JobConfig, logged: dict) -> dict:
+    """The evaluation day's binary figures with every serve_value feature at its served value (rank 0,
+    the whole day): what the served scores achieve on the logged rows, beside the logged-value figures."""
+    reader = ImpressionReader(eval_window, spec, ServedFeaturizer(featurizer), batch_size=cfg.eval.batch_size,
+                              quarantine_dir=quarantine_dir(cfg, "train"), with_eval=True, progress=False)
+    return as_served_figures(logged, task_metrics(predict(model, reader, cfg.eval.max_rows), spec),
+                             spec.served_values)
 
 
 def _uncalibrated_figures(metrics: dict, curves: dict, model, spec: FeatureSpec, featurizer, eval_window,

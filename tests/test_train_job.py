@@ -181,7 +181,11 @@ def test_run_logged_and_registered_model_scores_raw_rows(job):
     assert 50 < top.sum() < len(top)
     meta = json.loads((run / "report" / "metrics.json").read_text())["meta"]   # the report says so
     assert meta["set when ranking"] == ("position = 0 (serve_value); the figures here read the logged values "
-                                        "(`mtrank evaluate` adds the AUC as served)")
+                                        "(AUC as served: beside them)")
+    served = meta["AUC as served"]   # and the day's figures as serving ranks: every row in the top slot
+    tasks = json.loads((run / "report" / "metrics.json").read_text())["tasks"]
+    assert served["set"] == {"position": 0} and served["ctr"]["logged_auc"] == tasks["ctr"]["auc"]
+    assert 0.5 < served["ctr"]["auc"] != tasks["ctr"]["auc"]
     for col in ("p_ctr", "p_ctcvr", "stay"):
         np.testing.assert_allclose(out[col].to_numpy()[top], pred.outputs[col][top], rtol=1e-5, atol=1e-7)
     assert not np.allclose(out["p_ctr"].to_numpy()[~top], pred.outputs["p_ctr"][~top], rtol=1e-3)

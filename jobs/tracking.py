@@ -460,12 +460,16 @@ def model_version_of(ref: str, uri: str) -> str | None:
     return version or None
 
 
+def _job_tags(job: str, date: str) -> dict[str, str]:
+    return {"mtrank.job": job, "mtrank.date": date, "mtrank.git_commit": git_commit()}
+
+
 def open_job_run(cfg: JobConfig, job: str, date: str, model_ref: str, nothing: str) -> str | None:
     """Open the MLflow run of a scoring or tuning job before its work. A server that refuses this user
     (credentials, permission) stops the job here, "Nothing was <nothing>", instead of after the ranked
     lists are written; one that does not answer is tried again when the job logs (None here)."""
     uri = tracking_uri(cfg)
-    tags = {"mtrank.job": job, "mtrank.date": date, "mtrank.model_uri": model_ref, "mtrank.git_commit": git_commit()}
+    tags = {**_job_tags(job, date), "mtrank.model_uri": model_ref}
     try:
         mlflow, client = _client(cfg)
         exp_id = _experiment(mlflow, client, cfg)
@@ -515,7 +519,7 @@ def _job_run(mlflow, cfg: JobConfig, run_id: str | None, job: str, date: str, ta
         return run
     _, client = _client(cfg)
     return mlflow.start_run(experiment_id=_experiment(mlflow, client, cfg), run_name=f"{job}-{date}",
-                            tags={"mtrank.job": job, "mtrank.date": date, "mtrank.git_commit": git_commit(), **tags})
+                            tags={**_job_tags(job, date), **tags})
 
 
 @_guarded("logging the scoring run", lambda cfg, *_: "The ranked lists and their summary are written; "
